@@ -1,0 +1,1 @@
+"""lorakit: LoRA fine-tuning toolkit."""

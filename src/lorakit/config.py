@@ -1,0 +1,310 @@
+"""`LoraConfig`: the adapter's configuration, field for field the `adapter_config.json` file.
+
+Names, arguments and defaults follow PEFT 0.21, so code written for `peft.LoraConfig` runs
+unchanged and the JSON file loads in either library. Validation happens once, in
+``__post_init__``, and reports every bad field in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lorakit.errors import AdapterFormatError, ConfigError
+
+__all__ = ["LoraConfig", "TaskType", "PRESETS", "preset", "CONFIG_NAME", "SEVEN_PROJECTIONS"]
+
+CONFIG_NAME = "adapter_config.json"
+
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TaskType:
+    """PEFT's task types; the value is what `adapter_config.json` stores."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    ALL = (SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION)
+
+
+# init_lora_weights values this version of lorakit implements.
+SUPPORTED_INITS = (True, False, "gaussian")
+
+# PEFT fields lorakit keeps for a faithful round trip of the file but does not implement:
+# each must stay at its default value, or the config is refused with a clear message.
+UNSUPPORTED_AT_DEFAULT = {
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+}
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter: ``y = W x + scale * B A x`` with ``scale = alpha / r``.
+
+    LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes W and learns A (r x in) and
+    B (out x r). Field names, meanings and defaults are PEFT's (`peft.LoraConfig`, 0.21).
+    """
+
+    # --- bookkeeping PEFT writes into every adapter_config.json
+    task_type: Optional[str] = None
+    """CAUSAL_LM, SEQ_CLS, ... ; SEQ_CLS and TOKEN_CLS also save the classifier head."""
+    peft_type: Optional[str] = "LORA"
+    auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    """The base model this adapter was trained on; filled from the model on save."""
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    """True: adapter weights are frozen (what `from_pretrained` gives without is_trainable)."""
+
+    # --- the LoRA hyper-parameters
+    r: int = 8
+    """Rank of the update: A is (r x in), B is (out x r)."""
+    target_modules: Optional[Union[list[str], str]] = None
+    """List: a module matches if its name equals an entry or ends with "." + entry.
+    String: a full-match regular expression. "all-linear": every linear layer but the output head.
+    None: the default for the model's architecture (e.g. q_proj, v_proj for Llama)."""
+    exclude_modules: Optional[Union[list[str], str]] = None
+    """Modules never adapted, with the same matching rules as target_modules."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (or / sqrt(r) with rsLoRA)."""
+    lora_dropout: float = 0.0
+    """Dropout probability applied to the adapter's input during training."""
+    fan_in_fan_out: bool = False
+    """True for layers that store their weight as (in, out), such as GPT-2's Conv1D."""
+    bias: str = "none"
+    """Which biases train: "none", "all" (every bias in the model) or "lora_only"."""
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski 2023): scale = lora_alpha / sqrt(r), stable at high ranks."""
+    modules_to_save: Optional[list[str]] = None
+    """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
+    init_lora_weights: Union[bool, str] = True
+    """True: A kaiming-uniform, B zero (the update starts at 0). "gaussian": A ~ N(0, 1/r).
+    False: A and B random (for tests; the update is not zero)."""
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    """Only adapt these layer indices (with layers_pattern naming the layer list)."""
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict = field(default_factory=dict)
+    """Per-module rank: {pattern: r}; the most specific matching pattern wins."""
+    alpha_pattern: dict = field(default_factory=dict)
+    """Per-module alpha: {pattern: alpha}; the most specific matching pattern wins."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA). Not available in this version of lorakit."""
+
+    # --- PEFT fields lorakit stores but does not implement (must stay at their defaults)
+    megatron_config: Optional[dict] = None
+    megatron_core: Optional[str] = "megatron.core"
+    trainable_token_indices: Optional[Any] = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Optional[dict] = None
+    corda_config: Optional[dict] = None
+    lora_ga_config: Optional[dict] = None
+    velora_config: Optional[dict] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Optional[dict] = None
+    layer_replication: Optional[list] = None
+    lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
+    use_bdlora: Optional[dict] = None
+    arrow_config: Optional[dict] = None
+    kasa_config: Optional[dict] = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        # PEFT keeps list-valued targets as sets; so do we (saved sorted).
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        problems = list(self._problems())
+        if problems:
+            raise ConfigError("invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+
+    def _problems(self):
+        """Yield one message per invalid field; every message names the field and the fix."""
+        if self.peft_type not in ("LORA", None):
+            yield f"peft_type={self.peft_type!r}: lorakit reads LoRA adapters only (peft_type 'LORA')"
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            yield f"r={self.r!r}: the rank must be a positive integer, e.g. r=16"
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not math.isfinite(self.lora_alpha):
+            yield f"lora_alpha={self.lora_alpha!r}: must be a finite number, e.g. lora_alpha=16"
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            yield f"lora_dropout={self.lora_dropout!r}: must be a probability in [0, 1), e.g. 0.05"
+        if self.bias not in ("none", "all", "lora_only"):
+            yield f"bias={self.bias!r}: must be one of 'none', 'all', 'lora_only'"
+        if self.task_type is not None and self.task_type not in TaskType.ALL:
+            yield f"task_type={self.task_type!r}: must be one of {', '.join(TaskType.ALL)} or None"
+        yield from _pattern_problems("target_modules", self.target_modules)
+        yield from _pattern_problems("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, (list, tuple, set))
+            or not all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
+            yield f"modules_to_save={self.modules_to_save!r}: must be a list of module names"
+        yield from self._layer_problems()
+        yield from _mapping_problems("rank_pattern", self.rank_pattern, positive_int=True)
+        yield from _mapping_problems("alpha_pattern", self.alpha_pattern, positive_int=False)
+        init = self.init_lora_weights
+        if not any(init is v if isinstance(v, bool) else init == v for v in SUPPORTED_INITS):
+            yield (f"init_lora_weights={init!r}: lorakit supports True (PEFT's default), "
+                   "'gaussian' and False")
+        if self.use_dora:
+            yield ("use_dora=True: DoRA is not available in this version of lorakit; "
+                   "use plain LoRA (use_dora=False)")
+        for name, default in UNSUPPORTED_AT_DEFAULT.items():
+            value = getattr(self, name)
+            if value != default and not (default is None and value in ({}, [], False)):
+                yield (f"{name}={value!r}: lorakit does not implement this PEFT option; "
+                       f"leave it at {default!r}")
+
+    def _layer_problems(self):
+        layers = self.layers_to_transform
+        if layers is not None:
+            items = [layers] if isinstance(layers, int) else layers
+            if not isinstance(items, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+            ):
+                yield (f"layers_to_transform={layers!r}: must be a layer index or a list of "
+                       "non-negative layer indices")
+            if isinstance(self.target_modules, str):
+                yield ("layers_to_transform: cannot be combined with a regular-expression "
+                       "target_modules; put the layer indices into the expression instead")
+        if self.layers_pattern and layers is None:
+            yield ("layers_pattern: only has a meaning together with layers_to_transform; "
+                   "set layers_to_transform or remove layers_pattern")
+
+    # --- the file
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as PEFT writes it; sets become sorted lists."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, set):
+                value = sorted(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Build from a dict; keys this version does not know (a newer PEFT) are dropped
+        with a warning, as PEFT does."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"adapter config keys not known to this lorakit version were ignored: {unknown}",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **overrides: Any) -> Path:
+        """Write ``adapter_config.json`` (sorted keys, indent 2) into ``save_directory``."""
+        data = {**self.to_dict(), **overrides}
+        path = Path(save_directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
+        """Read ``adapter_config.json`` from an adapter directory."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise AdapterFormatError(
+                f"{path}: no {CONFIG_NAME} here; an adapter directory holds {CONFIG_NAME} and "
+                "adapter_model.safetensors (what save_pretrained writes)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
+        if data.get("peft_type", "LORA") != "LORA":
+            raise ConfigError(
+                f"{path}: peft_type is {data.get('peft_type')!r}; lorakit loads LoRA adapters only"
+            )
+        return cls.from_dict(data)
+
+
+def _pattern_problems(name: str, value: Any):
+    if value is None:
+        return
+    if isinstance(value, str):
+        if value.lower() == "all-linear":
+            return
+        try:
+            re.compile(value)
+        except re.error as err:
+            yield f"{name}={value!r}: not a valid regular expression ({err})"
+        return
+    if not value or not all(isinstance(v, str) and v for v in value):
+        yield (f"{name}={sorted(map(str, value))!r}: must be a non-empty list of module names, "
+               "a regular expression, or 'all-linear'")
+
+
+def _mapping_problems(name: str, mapping: Any, *, positive_int: bool):
+    if not isinstance(mapping, dict):
+        yield f"{name}={mapping!r}: must be a dict of {{module pattern: value}}"
+        return
+    for key, value in mapping.items():
+        try:
+            re.compile(key)
+        except (re.error, TypeError) as err:
+            yield f"{name}[{key!r}]: not a valid pattern ({err})"
+        if positive_int:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                yield f"{name}[{key!r}]={value!r}: a rank must be a positive integer"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            yield f"{name}[{key!r}]={value!r}: alpha must be a finite number"
+
+
+# The three configuration patterns of the LoRA lesson our users start from.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Initial experiments or small data sets: attention only, light regularisation.
+    "conservative": dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.05),
+    # Most production use: all seven projections at rank 16, no dropout.
+    "balanced": dict(r=16, lora_alpha=16, target_modules=SEVEN_PROJECTIONS, lora_dropout=0.0),
+    # Complex adaptations with abundant data.
+    "max_capacity": dict(r=64, lora_alpha=64, target_modules=SEVEN_PROJECTIONS, lora_dropout=0.0),
+}
+
+
+def preset(name: str, **overrides: Any) -> LoraConfig:
+    """A `LoraConfig` from one of `PRESETS` ("conservative", "balanced", "max_capacity")."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return LoraConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,318 @@
+"""Which modules an adapter targets, wrapping them, and which parameters train.
+
+Matching follows PEFT: a list entry matches a module whose name equals it or ends with
+``"." + entry``; a string is a full-match regular expression; ``"all-linear"`` is every linear
+layer except the output head. Unlike PEFT, a list entry that matches nothing is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import warnings
+from typing import Iterator
+
+import torch.nn as nn
+
+from lorakit.config import LoraConfig, TaskType
+from lorakit.errors import ConfigError
+from lorakit.layer import LoraLayer, is_conv1d, make_lora_layer, supported_layer
+
+__all__ = [
+    "ModulesToSave", "logical_modules", "resolve_targets", "inject_adapter", "mark_trainable",
+    "count_parameters", "lora_layers", "pattern_value", "replace_module",
+]
+
+# PEFT's defaults when target_modules is None, by `model.config.model_type`.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
+}
+# Classifier heads that PEFT trains and saves in full for classification tasks.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full for an adapter: the original stays frozen, each adapter gets a copy.
+
+    Parameter names are PEFT's (``original_module``, ``modules_to_save.<adapter>``)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def forward(self, *args, **kwargs):
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+
+def logical_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` as the user's model has them: a LoRA layer or a ModulesToSave wrapper
+    is reported under the wrapped module's name and not entered."""
+    yield prefix, model
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, (LoraLayer, ModulesToSave)):
+            yield path, child
+        else:
+            yield from logical_modules(child, path)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in logical_modules(model):
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, LoraLayer):
+        return not module.is_embedding
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is None and config.task_type == TaskType.SEQ_CLS:
+        out = next((getattr(model, n) for n in CLASSIFIER_HEADS if hasattr(model, n)), None)
+    for name, module in logical_modules(model):
+        if out is not None and (module is out or getattr(module, "base_layer", None) is out):
+            heads.add(name)
+    return heads
+
+
+def _minimal_suffixes(chosen: set[str], all_names: list[str]) -> set[str]:
+    """The shortest name suffixes that select exactly ``chosen`` among ``all_names``."""
+    others = [n for n in all_names if n and n not in chosen]
+    suffixes = set()
+    for name in sorted(chosen):
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(o == suffix or o.endswith("." + suffix) for o in others):
+                suffixes.add(suffix)
+                break
+    return suffixes
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """The config with ``target_modules`` made concrete: the architecture's default for None,
+    the linear layers for "all-linear"."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ConfigError(
+                f"target_modules is not set and lorakit has no default for model type "
+                f"{model_type!r}; pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
+            )
+        return dataclasses.replace(config, target_modules=list(DEFAULT_TARGETS[model_type]))
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        names = [n for n, _ in logical_modules(model)]
+        heads = _output_head_names(model, config)
+        linear = {n for n, m in logical_modules(model) if n and _is_linear(m) and n not in heads}
+        if not linear:
+            raise ConfigError("target_modules='all-linear': the model has no linear layers to adapt")
+        return dataclasses.replace(config, target_modules=_minimal_suffixes(linear, names))
+    return config
+
+
+def _name_matches(entry_or_regex, name: str) -> bool:
+    if isinstance(entry_or_regex, str):
+        return re.fullmatch(entry_or_regex, name) is not None
+    return name in entry_or_regex or any(name.endswith("." + e) for e in entry_or_regex)
+
+
+def _layer_index_ok(config: LoraConfig, name: str) -> bool:
+    layers = config.layers_to_transform
+    if layers is None:
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _excluded(config: LoraConfig, name: str) -> bool:
+    if config.exclude_modules and _name_matches(config.exclude_modules, name):
+        return True
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or ())
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """The value of the most specific pattern in ``patterns`` that matches module ``name``.
+
+    A pattern matches when it matches the whole name or a dot-separated tail of it (PEFT's rule).
+    Where several match, the one matching the longest tail wins, then the longer pattern, so the
+    answer never depends on the order of the dict (PEFT takes the first in dict order, which
+    changes meaning once the config is saved with sorted keys).
+    """
+    best, best_key = default, None
+    for key in patterns:
+        match = re.match(rf"(.*\.)?({key})$", name)
+        if match:
+            rank = (len(match.group(2)), len(key), key)
+            if best_key is None or rank > best_key:
+                best, best_key = patterns[key], rank
+    return best
+
+
+def _match_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    targets = config.target_modules
+    found, hit_entries = [], set()
+    for name, module in logical_modules(model):
+        if not name or _excluded(config, name) or not _name_matches(targets, name):
+            continue
+        if isinstance(targets, (set, list)):
+            hit_entries.update(e for e in targets if name == e or name.endswith("." + e))
+        if not _layer_index_ok(config, name):
+            continue
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not supported_layer(base):
+            raise ConfigError(
+                f"target_modules matched {name!r}, a {type(base).__name__}; LoRA applies to "
+                "Linear, Conv1D and Embedding layers only: name those layers instead"
+            )
+        found.append((name, module))
+    existing = sorted({n.rsplit(".", 1)[-1] for n, m in logical_modules(model)
+                       if n and supported_layer(getattr(m, "base_layer", m))})
+    if isinstance(targets, (set, list)):
+        missing = sorted(set(targets) - hit_entries)
+        if missing:
+            raise ConfigError(
+                f"target_modules entries matched no module: {missing}; "
+                f"the model's adaptable layers are named: {existing}"
+            )
+    if not found:
+        raise ConfigError(
+            f"target_modules={_shown(targets)} matched no module (after layers_to_transform and "
+            f"exclude_modules); the model's adaptable layers are named: {existing}"
+        )
+    return found
+
+
+def _shown(targets) -> str:
+    return repr(sorted(targets)) if isinstance(targets, (set, list)) else repr(targets)
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
+                   autocast_adapter_dtype: bool = True) -> LoraConfig:
+    """Add adapter ``adapter_name`` to every targeted module of ``model`` (in place).
+
+    Returns the config with concrete target_modules (what is saved)."""
+    config = resolve_targets(model, config)
+    for name, module in _match_targets(model, config):
+        layer = module
+        if not isinstance(layer, LoraLayer):
+            fan_in_fan_out = config.fan_in_fan_out
+            if is_conv1d(module) and not fan_in_fan_out:
+                warnings.warn(f"{name} is a Conv1D (weight stored (in, out)): using fan_in_fan_out=True",
+                              stacklevel=3)
+            elif isinstance(module, nn.Linear) and fan_in_fan_out:
+                warnings.warn(f"{name} is an nn.Linear: fan_in_fan_out=True does not apply to it; "
+                              "using False", stacklevel=3)
+                fan_in_fan_out = False
+            layer = make_lora_layer(module, fan_in_fan_out)
+            replace_module(model, name, layer)
+        layer.add_adapter(
+            adapter_name,
+            r=pattern_value(config.rank_pattern, name, config.r),
+            lora_alpha=pattern_value(config.alpha_pattern, name, config.lora_alpha),
+            lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+            init=config.init_lora_weights, autocast_fp32=autocast_adapter_dtype,
+        )
+    _wrap_modules_to_save(model, config, adapter_name)
+    return config
+
+
+def _wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    wanted = list(dict.fromkeys(config.modules_to_save or ()))
+    if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+        wanted += [h for h in CLASSIFIER_HEADS if h not in wanted]
+    hit = set()
+    for name, module in list(logical_modules(model)):
+        entry = next((e for e in wanted if name == e or name.endswith("." + e)), None)
+        if not name or entry is None:
+            continue
+        hit.add(entry)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            replace_module(model, name, module)
+        module.add_adapter(adapter_name)
+    missing = [e for e in config.modules_to_save or () if e not in hit and e not in CLASSIFIER_HEADS]
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in logical_modules(model) if n})
+        raise ConfigError(f"modules_to_save entries matched no module: {missing}; "
+                          f"the model's modules are named: {names}")
+
+
+def mark_trainable(model: nn.Module, adapter_names: list[str], config: LoraConfig | None) -> None:
+    """Freeze everything, then unfreeze the adapters in ``adapter_names`` (unless the config is
+    in inference mode), the biases that ``config.bias`` asks for, and their modules_to_save."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config is None or config.inference_mode:
+        return
+    for name, module in logical_modules(model):
+        if isinstance(module, LoraLayer):
+            for adapter in adapter_names:
+                if adapter in module.adapters:
+                    module.adapters[adapter].lora_A.requires_grad_(True)
+                    module.adapters[adapter].lora_B.requires_grad_(True)
+            if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                module.base_layer.bias.requires_grad_(True)
+        elif isinstance(module, ModulesToSave):
+            for adapter in adapter_names:
+                if adapter in module.modules_to_save:
+                    module.modules_to_save[adapter].requires_grad_(True)
+    if config.bias == "all":
+        for name, p in bias_parameters(model):
+            p.requires_grad_(True)
+
+
+def bias_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Every bias of the model, outside ModulesToSave wrappers (those save their own)."""
+    skip = [n + "." for n, m in logical_modules(model) if isinstance(m, ModulesToSave)]
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] == "bias" and not any(name.startswith(s) for s in skip):
+            yield name, p
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; shared parameters count once (PEFT's rule)."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

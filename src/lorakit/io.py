@@ -1,0 +1,196 @@
+"""The adapter directory: the one place that knows PEFT's file layout and key names.
+
+    <dir>/adapter_config.json         LoraConfig, sorted keys, inference_mode true
+    <dir>/adapter_model.safetensors   base_model.model.<module>.lora_A.weight        (r, in)
+                                      base_model.model.<module>.lora_B.weight        (out, r)
+                                      base_model.model.<module>.lora_embedding_A     (r, vocab)
+                                      base_model.model.<module>.lora_embedding_B     (dim, r)
+                                      base_model.model.<module>.base_layer.bias      bias modes
+                                      base_model.model.<module>.<param>              modules_to_save
+    An adapter not named "default" lives in <dir>/<name>/.
+
+Loading is strict: every missing, unexpected, mis-shaped, non-float or non-finite tensor is
+collected and reported in one error. Pickled ``adapter_model.bin`` files are refused unread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
+from lorakit.inject import ModulesToSave, bias_parameters, logical_modules
+
+__all__ = [
+    "WEIGHTS_NAME", "PREFIX", "adapter_tensors", "save_adapter", "read_adapter",
+    "load_adapter_tensors", "adapter_subdir", "check_adapter_name",
+]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become directory names and module keys: letters, digits, '_' and '-'."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise ConfigError(
+            f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' only "
+            "(it names a sub-directory and must stay inside the adapter directory)"
+        )
+    return name
+
+
+def adapter_subdir(directory: str | os.PathLike, adapter_name: str) -> Path:
+    """Where an adapter is stored: the directory itself for "default", else ``dir/<name>``."""
+    directory = Path(directory)
+    if adapter_name == "default":
+        return directory
+    return directory / check_adapter_name(adapter_name)
+
+
+def _embedding_targeted(config: LoraConfig, model: nn.Module) -> bool:
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return any(re.fullmatch(targets, n) for n, _ in logical_modules(model)
+                   if any(re.match(rf"(.*\.)?{e}$", n) for e in EMBEDDING_LAYER_NAMES))
+    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
+                    save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their file keys, as live parameters of ``model`` (the user's
+    model with LoRA layers injected). Saving reads them; loading copies into them."""
+    tensors: dict[str, torch.Tensor] = {}
+    lora_layer_names = []
+    for name, module in logical_modules(model):
+        if isinstance(module, ModulesToSave):
+            if adapter_name in module.modules_to_save:
+                for pname, p in module.modules_to_save[adapter_name].named_parameters():
+                    tensors[f"{PREFIX}{name}.{pname}"] = p
+        elif hasattr(module, "adapters") and adapter_name in module.adapters:
+            a = module.adapters[adapter_name]
+            lora_layer_names.append(name)
+            if module.is_embedding:
+                tensors[f"{PREFIX}{name}.lora_embedding_A"] = a.lora_A
+                tensors[f"{PREFIX}{name}.lora_embedding_B"] = a.lora_B
+            else:
+                tensors[f"{PREFIX}{name}.lora_A.weight"] = a.lora_A
+                tensors[f"{PREFIX}{name}.lora_B.weight"] = a.lora_B
+    if config.bias == "all":
+        for name, p in bias_parameters(model):
+            tensors[PREFIX + name] = p
+    elif config.bias == "lora_only":
+        for name in lora_layer_names:
+            bias = getattr(model.get_submodule(name).base_layer, "bias", None)
+            if bias is not None:
+                tensors[f"{PREFIX}{name}.base_layer.bias"] = bias
+    if save_embedding_layers == "auto":
+        save_embedding_layers = _embedding_targeted(config, model)
+    if save_embedding_layers:
+        # PEFT stores the base embedding tables of targeted embeddings beside the adapter.
+        for name in lora_layer_names:
+            layer = model.get_submodule(name)
+            if layer.is_embedding and name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES:
+                tensors[f"{PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight
+    return tensors
+
+
+def save_adapter(directory: str | os.PathLike, config: LoraConfig,
+                 tensors: dict[str, torch.Tensor]) -> Path:
+    """Write config and weights into ``directory`` atomically (a temporary directory beside it,
+    then renames), so a crash never leaves a half-written adapter."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=directory))
+    try:
+        data = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+        save_file(data, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(tmp, inference_mode=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory: its config and its tensors. Never unpickles."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFormatError(f"{directory}: no such adapter directory")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / PICKLE_NAME).is_file():
+            raise AdapterFormatError(
+                f"{directory / PICKLE_NAME}: lorakit does not load pickled weights (a pickle can "
+                "run code). If you trust the file, convert it once in Python: "
+                "safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                f"'{weights}', metadata={{'format': 'pt'}})"
+            )
+        raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME} (an adapter directory holds "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    config = LoraConfig.from_pretrained(directory)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a corrupt file
+        raise AdapterFormatError(f"{weights}: not a readable safetensors file ({err})") from None
+    return config, tensors
+
+
+def load_adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
+                         loaded: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Copy ``loaded`` (file keys) into the adapter's parameters, after checking all of it.
+
+    Raises AdapterFormatError for missing, unexpected, non-float and non-finite tensors and
+    CompatibilityError for shape mismatches, each listing every offending key."""
+    expected = adapter_tensors(model, adapter_name, config, save_embedding_layers=False)
+    optional = adapter_tensors(model, adapter_name, config, save_embedding_layers=True)
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(optional))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors (not part of this adapter on this model): {_listed(unexpected)}")
+    bad_dtype = sorted(k for k, t in loaded.items() if not t.is_floating_point())
+    if bad_dtype:
+        problems.append(f"tensors that are not floating point: "
+                        f"{_listed([f'{k} ({loaded[k].dtype})' for k in bad_dtype])}")
+    non_finite = sorted(k for k, t in loaded.items()
+                        if t.is_floating_point() and not torch.isfinite(t).all())
+    if non_finite:
+        problems.append(f"tensors with NaN or infinite values: {_listed(non_finite)}")
+    if problems:
+        raise AdapterFormatError(f"{source}: the adapter file does not fit adapter "
+                                 f"{adapter_name!r}:\n  - " + "\n  - ".join(problems))
+    mismatched = [f"{k}: file {tuple(t.shape)}, model {tuple(optional[k].shape)}"
+                  for k, t in sorted(loaded.items()) if tuple(t.shape) != tuple(optional[k].shape)]
+    if mismatched:
+        raise CompatibilityError(
+            f"{source}: tensor shapes do not match this base model (is the adapter for another "
+            f"model, or another rank?):\n  - " + "\n  - ".join(mismatched)
+        )
+    with torch.no_grad():
+        for key, tensor in loaded.items():
+            target = optional[key]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _listed(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -1,0 +1,39 @@
+"""Training data: JSONL records, chat rendering with assistant-only labels, batches, built-ins.
+
+Typical use::
+
+    from lorakit.data import load_data, Collator
+    splits = load_data("task-api", tokenizer=tokenizer, max_length=512)
+    print(splits.train.summary())
+    loader = DataLoader(splits.train, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
+"""
+
+from . import task_api
+from .collate import Collator, length_grouped_batches
+from .dataset import OVERLONG_POLICIES, TokenizedDataset, tokenize_records
+from .encode import IGNORE_INDEX, Example, assistant_spans, encode_record
+from .load import BUILTIN_DATASETS, DataSplits, load_data, split_records
+from .records import REASONS, ROLES, Record, parse_record, read_jsonl, records_from_dicts
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "IGNORE_INDEX",
+    "OVERLONG_POLICIES",
+    "REASONS",
+    "ROLES",
+    "Collator",
+    "DataSplits",
+    "Example",
+    "Record",
+    "TokenizedDataset",
+    "assistant_spans",
+    "encode_record",
+    "length_grouped_batches",
+    "load_data",
+    "parse_record",
+    "read_jsonl",
+    "records_from_dicts",
+    "split_records",
+    "task_api",
+    "tokenize_records",
+]

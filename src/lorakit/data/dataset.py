@@ -1,0 +1,112 @@
+"""Tokenized datasets: Records -> Examples under a max_length policy, with every drop counted."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, DataError
+from .encode import Example, encode_record
+from .records import Record, RecordError, reject
+
+__all__ = ["OVERLONG_POLICIES", "TokenizedDataset", "tokenize_records"]
+
+# What to do with an example longer than max_length tokens.
+OVERLONG_POLICIES = ("truncate", "drop", "error")
+
+
+@dataclass
+class TokenizedDataset:
+    """Examples ready for a collate function, and what was left out on the way, by reason.
+
+    Indexing gives an ``Example`` (``input_ids``, ``labels``, ``source``); ``skipped`` maps a
+    reason (a key of ``records.REASONS``) to how many records it removed; ``truncated`` counts
+    examples cut to ``max_length`` and kept.
+    """
+
+    examples: list[Example]
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of each example (for bucketing and memory planning)."""
+        return [len(e) for e in self.examples]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(e.num_loss_tokens for e in self.examples)
+
+    def summary(self) -> str:
+        """One line: ``name: 2,000 examples, 151,234 tokens; skipped 2 (invalid_json 1, ...)``."""
+        line = f"{self.name or 'data'}: {len(self):,} examples, {self.num_tokens:,} tokens"
+        if self.skipped:
+            parts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
+            line += f"; skipped {sum(self.skipped.values()):,} ({parts})"
+        if self.truncated:
+            line += f"; truncated {self.truncated:,} to max_length"
+        return line
+
+
+def tokenize_records(
+    records: Iterable[Record],
+    tokenizer,
+    *,
+    max_length: int | None = 1024,
+    overlong: str = "truncate",
+    skip_bad_records: bool = False,
+    skipped: Counter | None = None,
+    name: str = "",
+) -> TokenizedDataset:
+    """Tokenize ``records``; apply ``overlong`` to examples over ``max_length`` tokens.
+
+    ``overlong``: ``"truncate"`` keeps the first ``max_length`` tokens (counted in
+    ``truncated``), ``"drop"`` leaves the example out (counted as ``too_long``), ``"error"``
+    treats it as a bad record. An example with no loss tokens left (its answer truncated away)
+    is always left out and counted as ``no_loss_tokens``, so a batch can never give a NaN loss.
+    ``skipped`` carries counts from reading (``read_jsonl``) into the result.
+    """
+    if overlong not in OVERLONG_POLICIES:
+        raise ConfigError(f"overlong={overlong!r} is not a policy; use one of {', '.join(OVERLONG_POLICIES)}")
+    if max_length is not None and max_length < 2:
+        raise ConfigError(f"max_length={max_length} is too small; use at least 2 (a typical value is 1024)")
+    skipped = Counter(skipped or {})
+    count_into = skipped if skip_bad_records else None
+    examples, truncated = [], 0
+    for record in records:
+        try:
+            example = encode_record(record, tokenizer)
+        except RecordError as error:
+            reject(error, record.source, count_into)
+            continue
+        if max_length is not None and len(example) > max_length:
+            if overlong == "drop":
+                skipped["too_long"] += 1
+                continue
+            if overlong == "error":
+                detail = f"{len(example)} tokens, more than max_length={max_length}"
+                reject(RecordError("too_long", detail), record.source, count_into)
+                continue
+            example = Example(example.input_ids[:max_length], example.labels[:max_length], example.source)
+            if example.num_loss_tokens:
+                truncated += 1
+        if example.num_loss_tokens == 0:
+            skipped["no_loss_tokens"] += 1
+            continue
+        examples.append(example)
+    if not examples:
+        counts = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) or "no records"
+        raise DataError(f"{name or 'data'}: no usable examples ({counts}); fix the records or the max_length")
+    return TokenizedDataset(examples, dict(skipped), truncated, name)

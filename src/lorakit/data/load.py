@@ -1,0 +1,107 @@
+"""``load_data``: a training set and a held-out set from a JSONL file or a built-in dataset."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from . import task_api
+from .dataset import TokenizedDataset, tokenize_records
+from .records import Record, read_jsonl, records_from_dicts
+
+__all__ = ["BUILTIN_DATASETS", "DataSplits", "split_records", "load_data"]
+
+
+def _task_api() -> tuple[list[dict], list[dict]]:
+    splits = task_api.generate()
+    return [e.to_record() for e in splits.train], [e.to_record() for e in splits.val]
+
+
+# name -> () -> (train records, held-out records), as JSON-like dicts.
+BUILTIN_DATASETS: dict[str, Callable[[], tuple[list[dict], list[dict]]]] = {"task-api": _task_api}
+
+
+@dataclass
+class DataSplits:
+    """The training set and the held-out set (None when no held-out data was asked for)."""
+
+    train: TokenizedDataset
+    val: TokenizedDataset | None
+
+
+def split_records(
+    records: list[Record], val_fraction: float, seed: int = 0
+) -> tuple[list[Record], list[Record]]:
+    """(train, held-out): a seeded shuffle picks ``round(len * val_fraction)`` records (at least 1).
+
+    The same records, fraction and seed always give the same split; each part keeps file order.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (for example 0.1)")
+    n_val = max(1, round(len(records) * val_fraction))
+    if n_val >= len(records):
+        raise ConfigError(
+            f"val_fraction={val_fraction} of {len(records)} records leaves nothing to train on; "
+            "use a smaller fraction or more records"
+        )
+    picked = set(random.Random(seed).sample(range(len(records)), n_val))
+    train = [r for i, r in enumerate(records) if i not in picked]
+    val = [r for i, r in enumerate(records) if i in picked]
+    return train, val
+
+
+def _read(source: str | os.PathLike, skip: bool) -> tuple[list[Record], Counter, str]:
+    path = Path(source)
+    records, skipped = read_jsonl(path, skip_bad_records=skip)
+    return records, skipped, path.name
+
+
+def load_data(
+    train: str | os.PathLike = "task-api",
+    *,
+    tokenizer,
+    val: str | os.PathLike | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    max_length: int | None = 1024,
+    overlong: str = "truncate",
+    skip_bad_records: bool = False,
+) -> DataSplits:
+    """Read, check and tokenize training data, and its held-out part.
+
+    ``train`` is a built-in dataset name (``"task-api"``, which has a fixed held-out split) or a
+    JSONL file. The held-out set is the file ``val``, else a seeded ``val_fraction`` of the
+    training file, else the built-in split, else None. ``max_length``, ``overlong`` and
+    ``skip_bad_records`` are as in ``tokenize_records`` and ``read_jsonl``; what was skipped is
+    on each result's ``skipped`` counts.
+    """
+    if val is not None and val_fraction:
+        raise ConfigError("pass either val (a held-out file) or val_fraction, not both")
+    options = dict(max_length=max_length, overlong=overlong, skip_bad_records=skip_bad_records)
+
+    name = str(train)
+    if name in BUILTIN_DATASETS:
+        if val_fraction:
+            raise ConfigError(f"{name} has a fixed held-out split; drop val_fraction (or pass val=FILE)")
+        train_dicts, val_dicts = BUILTIN_DATASETS[name]()
+        train_records, train_skipped = records_from_dicts(train_dicts, f"{name}:train"), Counter()
+        val_records, val_skipped = records_from_dicts(val_dicts, f"{name}:val"), Counter()
+        val_name = f"{name} (held-out)"
+    else:
+        train_records, train_skipped, name = _read(train, skip_bad_records)
+        val_records, val_skipped, val_name = None, Counter(), f"{name} (held-out {val_fraction:g})"
+        if val_fraction:
+            train_records, val_records = split_records(train_records, val_fraction, seed)
+    if val is not None:
+        val_records, val_skipped, val_name = _read(val, skip_bad_records)
+
+    train_set = tokenize_records(train_records, tokenizer, skipped=train_skipped, name=name, **options)
+    val_set = None
+    if val_records is not None:
+        val_set = tokenize_records(val_records, tokenizer, skipped=val_skipped, name=val_name, **options)
+    return DataSplits(train_set, val_set)

@@ -21,7 +21,9 @@ from ..errors import ConfigError, ModelLoadError
 from .cache import cache_dir
 from .gguf import EMBEDDED_MODELS, convert_gguf, embedded_gguf_path, gguf_cache_name
 
-__all__ = ["DEFAULT_MODEL", "resolve_model_dir", "check_model_dir", "load_model", "load_tokenizer", "parse_dtype"]
+__all__ = [
+    "DEFAULT_MODEL", "resolve_model_dir", "check_model_dir", "load_model", "load_tokenizer", "parse_dtype",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 

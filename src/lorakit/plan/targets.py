@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from lorakit.errors import ConfigError
 from lorakit.plan.shapes import ModelShape, ModuleShape
 
-__all__ = ["LoraSpec", "TargetedModule", "resolve_targets"]
+__all__ = ["LoraSpec", "TargetedModule", "resolve_targets", "pattern_value"]
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,8 @@ def resolve_targets(shape: ModelShape, spec: LoraSpec) -> list[TargetedModule]:
             continue
         if not _layer_ok(spec, name):
             continue
-        r = _pattern_value(spec.rank_pattern, name, spec.r)
-        alpha = _pattern_value(spec.alpha_pattern, name, spec.lora_alpha)
+        r = pattern_value(spec.rank_pattern, name, spec.r)
+        alpha = pattern_value(spec.alpha_pattern, name, spec.lora_alpha)
         scale = alpha / math.sqrt(r) if spec.use_rslora else alpha / r
         found.append(TargetedModule(name, module, r, alpha, scale))
     if not isinstance(targets, str):
@@ -158,7 +158,9 @@ def _layer_ok(spec: LoraSpec, name: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def _pattern_value(patterns: dict, name: str, default):
+def pattern_value(patterns: dict, name: str, default):
+    """The value of the most specific key of ``patterns`` (rank_pattern, alpha_pattern) that
+    matches module ``name``, else ``default``."""
     best, best_rank = default, None
     for key, value in patterns.items():
         match = re.match(rf"(.*\.)?({key})$", name)

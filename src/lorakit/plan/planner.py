@@ -1,0 +1,67 @@
+"""`make_plan`: the recommendation for a task beside the lesson's three presets, all costed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.config import PRESETS
+from lorakit.plan.advice import Recommendation, recommend
+from lorakit.plan.estimate import Estimate, estimate
+from lorakit.plan.shapes import ModelShape
+from lorakit.plan.sources import load_shape
+
+__all__ = ["Plan", "make_plan", "preset_estimates"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `lorakit plan` shows: the model, the advice, and every option's cost."""
+
+    shape: ModelShape
+    recommendation: Recommendation
+    presets: dict[str, Estimate]  # "conservative", "balanced", "max_capacity"
+    memory_gb: float | None
+
+    @property
+    def options(self) -> dict[str, Estimate]:
+        """The recommendation first, then the presets: the columns of the table."""
+        return {"recommended": self.recommendation.estimate, **self.presets}
+
+    def to_dict(self) -> dict[str, Any]:
+        shape = self.shape
+        return {
+            "model": {"name": shape.name, "source": shape.source, "model_type": shape.model_type,
+                      "layers": shape.num_layers, "hidden_size": shape.hidden_size,
+                      "intermediate_size": shape.intermediate_size, "heads": shape.num_heads,
+                      "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+                      "vocab_size": shape.vocab_size, "tied_embeddings": shape.tie_word_embeddings,
+                      "params": shape.total_params},
+            "memory_gb": self.memory_gb,
+            "recommendation": self.recommendation.to_dict(),
+            "presets": {name: est.to_dict() for name, est in self.presets.items()},
+        }
+
+
+def preset_estimates(shape: ModelShape, **training: Any) -> dict[str, Estimate]:
+    """The lesson's presets (lorakit.config.PRESETS) on ``shape``, their targets translated to
+    the model's module names (Phi-3's qkv_proj stands for q/k/v)."""
+    out = {}
+    for name, settings in PRESETS.items():
+        settings = dict(settings, target_modules=shape.target_names(settings["target_modules"]))
+        out[name] = estimate(shape, **settings, **training)
+    return out
+
+
+def make_plan(model: str | os.PathLike | ModelShape | None, task: str, examples: int, *,
+              memory_gb: float | None = None, device: str = "cpu", dtype: str = "bfloat16",
+              seq_len: int = 512, batch_size: int = 4) -> Plan:
+    """Recommend settings for ``task`` with ``examples`` examples on ``model`` and cost the
+    recommendation and the three presets at the same sequence length, batch and dtype."""
+    shape = load_shape(model)
+    rec = recommend(task, examples, shape, memory_gb, device=device, dtype=dtype,
+                    seq_len=seq_len, batch_size=batch_size)
+    presets = preset_estimates(shape, device=device, dtype=dtype, seq_len=seq_len,
+                               batch_size=batch_size, memory_gb=memory_gb)
+    return Plan(shape=shape, recommendation=rec, presets=presets, memory_gb=memory_gb)

@@ -3,7 +3,8 @@
 Each command group lives beside the library code it calls, in a ``commands`` module with a
 ``register(subparsers)`` function that adds its sub-commands; each sub-command sets
 ``func(args) -> int``. This file only wires them up and turns errors into exit codes:
-2 for bad input (any ``LorakitError``), 1 for a failure while running, 130 when interrupted.
+2 for bad input (a ``LorakitError``), 1 for a failure while running (``TrainingError`` or any
+other exception), 130 when interrupted (``TrainingInterrupted``, after a checkpoint is saved).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import argparse
 import importlib
 import sys
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, TrainingError, TrainingInterrupted
 
 # Modules that contribute sub-commands, in the order `lorakit --help` lists them.
 COMMAND_MODULES = (
-    "lorakit.commands",
+    "lorakit.train.commands",
 )
 
 EXIT_BAD_INPUT = 2
@@ -44,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except LorakitError as err:
         if args.debug:
             raise

@@ -14,6 +14,8 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "ModelLoadError",
+    "TrainingError",
+    "TrainingInterrupted",
 ]
 
 
@@ -43,3 +45,11 @@ class DataError(LorakitError, ValueError):
 
 class ModelLoadError(LorakitError):
     """A base model cannot be found or loaded; the message gives the command that fixes it."""
+
+
+class TrainingError(LorakitError):
+    """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(LorakitError):
+    """Training was stopped by a signal after saving a checkpoint; `--resume` continues it."""

@@ -1,0 +1,104 @@
+"""`lorakit train`, `lorakit eval`, `lorakit generate`: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from lorakit.train.config import TrainConfig, field_docs, load_train_config
+
+__all__ = ["register"]
+
+# Flags with a shorter name than their TrainConfig field.
+ALIASES = {"learning_rate": "--lr"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a LoRA adapter (defaults: the embedded model on task-api)",
+                              description="Fine-tune a LoRA adapter. Flags override --config; "
+                                          "the resolved configuration is saved in the run directory.")
+    p.add_argument("--config", help="a YAML file of training options (e.g. a run's config.yaml)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser("eval", help="score an adapter on held-out data")
+    p.add_argument("--adapter", required=True, help="an adapter directory")
+    p.add_argument("--model", help="the base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--data", default="task-api", help="task-api (its held-out split) or a JSONL file")
+    p.add_argument("--examples", type=int, default=200, help="how many examples to score")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser("generate", help="complete a prompt with a base model and an adapter")
+    p.add_argument("--adapter", help="an adapter directory (default: the base model alone)")
+    p.add_argument("--model", help="the base model (default: the adapter's, else smollm2-135m)")
+    p.add_argument("--prompt", required=True, action="append", help="a user message (repeatable)")
+    p.add_argument("--system", help="a system message, e.g. the one the adapter was trained with")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=_generate)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    docs = field_docs(TrainConfig)
+    group = parser.add_argument_group("training options (TrainConfig fields)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = ALIASES.get(f.name, "--" + f.name.replace("_", "-"))
+        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "")}
+        if f.type in ("bool",):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "target_modules":
+            group.add_argument(flag, nargs="+", metavar="NAME", **kwargs)
+        else:
+            kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
+            group.add_argument(flag, type=kind, **kwargs)
+
+
+def _train(args) -> int:
+    from lorakit.train.loop import train
+
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    config_file = args.config
+    if args.resume:
+        config_file = config_file or str(Path(args.resume) / "config.yaml")
+        overrides["run_dir"] = args.resume
+    targets = overrides.get("target_modules")
+    if targets and len(targets) == 1 and targets[0] == "all-linear":
+        overrides["target_modules"] = "all-linear"
+    config = load_train_config(config_file, **overrides)
+    result = train(config, resume=bool(args.resume), progress=not args.no_progress)
+    print(f"adapter: {result.adapter_dir}")
+    print(f"report:  {result.run_dir / 'report.md'}")
+    if result.score_after:
+        before = result.score_before["exact"] if result.score_before else None
+        shown = "not measured" if before is None else f"{before:.1%}"
+        print(f"held-out exact match: {shown} untuned -> {result.score_after['exact']:.1%} with the adapter")
+    return 0
+
+
+def _eval(args) -> int:
+    from lorakit.train.evaluate import evaluate_adapter
+
+    result = evaluate_adapter(args.adapter, model=args.model, data=args.data, examples=args.examples,
+                              max_new_tokens=args.max_new_tokens)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def _generate(args) -> int:
+    from lorakit.infer import complete, load_adapted
+    from lorakit.models import load_model
+
+    if args.adapter:
+        model, tokenizer = load_adapted(args.adapter, model=args.model)
+    else:
+        model, tokenizer = load_model(args.model or "smollm2-135m")
+    for text in complete(model, tokenizer, args.prompt, system=args.system, max_new_tokens=args.max_new_tokens):
+        print(text)
+    return 0

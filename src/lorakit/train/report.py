@@ -1,0 +1,140 @@
+"""What a run leaves for people: metrics.jsonl, loss.png and report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLog", "read_metrics", "plot_losses", "write_report"]
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes it, so that an
+    interrupted run keeps every line it logged."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, kind: str, **values: Any) -> None:
+        record = {"kind": kind, **{k: _finite_or_none(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics: list[dict], path: Path, title: str = "") -> Path:
+    """Training loss (and held-out loss, if any) against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "train" and m.get("loss") is not None]
+    heldout = [(m["step"], m["eval_loss"]) for m in metrics if m["kind"] == "eval" and m.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
+    if heldout:
+        ax.plot(*zip(*heldout), label="held-out loss", color="tab:orange", marker="o", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per answer token")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _score_rows(before: dict | None, after: dict | None) -> list[str]:
+    if not after and not before:
+        return ["Task score: not measured (score_examples=0)."]
+    keys = list((after or before)["fields"])
+    rows = ["| | untuned model | with the adapter |", "|---|---|---|"]
+
+    def cell(result, key=None):
+        if not result:
+            return "not measured"
+        value = result["exact"] if key is None else result["fields"][key]
+        return f"{value:.1%}"
+
+    rows.append(f"| exact match | {cell(before)} | {cell(after)} |")
+    rows += [f"| {key} | {cell(before, key)} | {cell(after, key)} |" for key in keys]
+    n = (after or before)["n"]
+    rows.append(f"\nScored on {n} held-out examples by greedy generation.")
+    return rows
+
+
+def write_report(path: Path, *, config: dict, summary: dict, data: dict,
+                 score_before: dict | None, score_after: dict | None) -> Path:
+    """report.md: what was trained, on what, for how long, and how it scored before and after."""
+    lines = [
+        f"# LoRA run: {config['name']}",
+        "",
+        "## What was trained",
+        f"- Base model: `{config['model']}`",
+        f"- Adapter: r={summary['r']}, lora_alpha={summary['lora_alpha']}, dropout={summary['lora_dropout']}, "
+        f"targets {', '.join(summary['target_modules'])}"
+        + (" (rsLoRA)" if config.get("use_rslora") else ""),
+        f"- Trainable parameters: {summary['trainable']:,} of {summary['total']:,} "
+        f"({100 * summary['trainable'] / summary['total']:.4f}%)",
+        f"- Precision: {summary['precision']}",
+        "",
+        "## Data",
+        f"- Training: {data['train']}",
+        f"- Held-out: {data['val']}",
+    ]
+    for label, counts in (("training", data.get("train_skipped")), ("held-out", data.get("val_skipped"))):
+        if counts:
+            parts = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+            lines.append(f"- Left out of the {label} data: {parts}")
+    lines += [
+        "",
+        "## Training",
+        f"- Optimizer steps: {summary['steps']} (batch {config['batch_size']} x accumulation "
+        f"{config['grad_accum']}), epochs: {summary['epochs']:.2f}",
+        f"- Learning rate: {config['learning_rate']:g}, warm-up then cosine decay",
+        f"- Answer tokens trained on: {summary['loss_tokens']:,}; all tokens processed: {summary['tokens']:,}",
+        f"- Training time: {summary['train_seconds']:.0f} s ({summary['tokens_per_second']:.0f} tokens/s)",
+        f"- Final training loss: {_fmt(summary.get('final_loss'))}; held-out loss: "
+        f"{_fmt(summary.get('heldout_before'))} before, {_fmt(summary.get('heldout_after'))} after",
+        "",
+        "## Task score",
+        *_score_rows(score_before, score_after),
+        "",
+        "![loss](loss.png)",
+        "",
+    ]
+    samples = (score_after or {}).get("samples") or []
+    if samples:
+        lines += ["## Sample answers (held-out)", ""]
+        for s in samples:
+            lines += [f"- prediction: `{s['prediction']}`", f"  reference:  `{s['reference']}`"]
+        lines.append("")
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from lorakit.errors import DataError
-from lorakit.plan.diagnose import diagnose
+from lorakit.plan.diagnosis import diagnose
 from lorakit.plan.metrics import read_metrics
 from lorakit.plan.plot import plot_diagnosis
 

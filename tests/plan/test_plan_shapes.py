@@ -129,3 +129,19 @@ def test_target_names_translate_the_lessons_projections():
     assert load_shape("GPT-2").target_names(["o_proj", "down_proj"]) == ["attn.c_proj", "mlp.c_proj"]
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert load_shape("Llama-3-8B").target_names(seven) == seven
+
+
+def test_layering_core_never_imports_the_planner_and_the_planner_builds_no_model():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lorakit, lorakit.config, lorakit.layer, lorakit.inject, lorakit.model, lorakit.io\n"
+        "assert not any(m.startswith('lorakit.plan') for m in sys.modules), 'core imports plan'\n"
+        "from lorakit.plan import estimate\n"
+        "estimate('Qwen2.5-7B', r=16, target_modules='all-linear')\n"
+        "models = [m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m]\n"
+        "assert not models, models\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

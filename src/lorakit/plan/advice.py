@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import ConfigError
-from lorakit.plan.estimate import Estimate, estimate
+from lorakit.plan.estimation import Estimate, estimate
 from lorakit.plan.memory import GiB
 from lorakit.plan.shapes import ModelShape
 
@@ -143,7 +143,7 @@ def recommend(task: str, examples: int, shape: ModelShape, memory_gb: float | No
     est, batch, accumulation, checkpointing, roles, memory_why = fitted
     targets = tuple(shape.target_names(roles))
     reasons["target_modules"] = targets_why + memory_why.get("targets", "")
-    reasons["batch_size"] = memory_why.get("batch", "as given")
+    reasons["batch_size"] = memory_why["batch"]
     reasons["gradient_accumulation_steps"] = (
         f"keeps the effective batch at {batch * accumulation}" if accumulation > 1
         else "the batch is not split")
@@ -188,11 +188,14 @@ def _fit(shape, roles, lora, memory_gb, batch_size, training):
 
     est = run()
     if est.memory.fits is not False:
+        why["batch"] = (f"as asked; the plan fits {memory_gb:g} GiB" if memory_gb is not None
+                        else "as asked (give --memory-gb to check that it fits)")
         return est, batch, 1, checkpointing, roles, why
     budget = f"{memory_gb:g} GiB"
     checkpointing = True
     why["checkpointing"] = f"without it the plan needs more than {budget}"
     est = run()
+    why["batch"] = f"as asked; fits {budget} with gradient checkpointing"
     while est.memory.fits is False and batch > 1:
         batch //= 2
         why["batch"] = f"lowered from {batch_size} to fit {budget}"
@@ -210,7 +213,7 @@ def _fit(shape, roles, lora, memory_gb, batch_size, training):
             why.pop("targets")
             est = run()
         m = est.memory
-        why["batch"] = why.get("batch", "as given") + (
+        why["batch"] = ("as asked" if batch == batch_size else why["batch"].split(" to fit")[0]) + (
             f"; still needs {m.total / GiB:.1f} GiB of {budget} (frozen weights alone "
             f"{m.weights / GiB:.1f} GiB): use a smaller model, more memory or a shorter --seq-len")
     accumulation = max(1, math.ceil(batch_size / batch))

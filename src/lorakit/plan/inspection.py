@@ -191,7 +191,7 @@ def _module_update(name: str, ab: dict[str, torch.Tensor], config: dict, weights
                         lora_alpha=alpha, scale=scale, in_features=a.shape[1],
                         out_features=b.shape[0], params=a.numel() + b.numel(),
                         update_norm=norm,
-                        zero_update=not (bool(a.abs().sum() > 0) and bool(b.abs().sum() > 0)))
+                        zero_update=bool((a == 0).all() or (b == 0).all()))
 
 
 def _rank_mismatches(modules: list[ModuleUpdate], config: dict):

@@ -8,7 +8,7 @@ from typing import Any
 
 from lorakit.config import PRESETS
 from lorakit.plan.advice import Recommendation, recommend
-from lorakit.plan.estimate import Estimate, estimate
+from lorakit.plan.estimation import Estimate, estimate
 from lorakit.plan.shapes import ModelShape
 from lorakit.plan.sources import load_shape
 

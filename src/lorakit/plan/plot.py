@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from lorakit.plan.diagnose import Diagnosis
+from lorakit.plan.diagnosis import Diagnosis
 
 __all__ = ["plot_diagnosis"]
 

@@ -6,18 +6,20 @@ the same thing is its ``to_dict()``. Nothing here computes anything new.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from lorakit.plan.advice import TASKS, data_tier
 from lorakit.plan.memory import GiB
 
 if TYPE_CHECKING:
-    from lorakit.plan.diagnose import Diagnosis
-    from lorakit.plan.estimate import Estimate
+    from lorakit.plan.diagnosis import Diagnosis
+    from lorakit.plan.estimation import Estimate
     from lorakit.plan.inspection import Inspection
     from lorakit.plan.planner import Plan
 
-__all__ = ["format_plan", "format_inspection", "format_diagnosis", "human_bytes"]
+__all__ = ["format_plan", "format_estimate", "format_inspection", "format_diagnosis",
+           "human_bytes"]
 
 _FIELD_LABELS = {
     "r": "rank", "lora_alpha": "lora_alpha", "use_rslora": "use_rslora",
@@ -69,7 +71,9 @@ def format_plan(plan: "Plan") -> str:
             lines.append(f"  {'':<19} {why}")
         else:
             lines.append(f"  {_FIELD_LABELS[key]:<19} {value:<8} {why}")
-    lines += ["", *_cost_table(plan), "", f"  {rec.estimate.peft_line()}  (recommended)"]
+    lines += ["", *_cost_table(plan),
+              "  (rs = rsLoRA, ckpt = gradient checkpointing; memory formula: lorakit.plan.memory)",
+              "", f"  recommended: {rec.estimate.peft_line()}"]
     return "\n".join(lines)
 
 
@@ -118,3 +122,75 @@ def format_estimate(est: "Estimate") -> str:
         f"{human_bytes(est.adapter_bytes_bf16)} bf16",
         f"training memory: {human_bytes(m.total)} ({parts})",
     ])
+
+
+def format_inspection(ins: "Inspection", bar_width: int = 30) -> str:
+    c = ins.config
+    scale = "alpha/sqrt(r)" if c.get("use_rslora") else "alpha/r"
+    targets = c.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+    pairs = 2 * len(ins.modules)
+    lines = [
+        f"Adapter     {ins.directory}",
+        f"Base model  {ins.base_model or 'not recorded (base_model_name_or_path is empty)'}",
+        f"Config      r={c['r']}, lora_alpha={c['lora_alpha']:g} (scale = {scale}), "
+        f"lora_dropout={c.get('lora_dropout', 0):g}, rsLoRA {'on' if c.get('use_rslora') else 'off'}, "
+        f"DoRA {'on' if c.get('use_dora') else 'off'}",
+        f"Targets     {targets}",
+        f"Tensors     {pairs} LoRA tensors for {len(ins.modules)} modules; {ins.params:,} "
+        f"parameters ({', '.join(ins.dtypes)}); file {human_bytes(ins.file_bytes)}",
+    ]
+    if ins.other_tensors:
+        lines.append(f"            and {len(ins.other_tensors)} other tensors "
+                     "(DoRA magnitudes, saved embedding tables, biases)")
+    lines += ["", "Modules", f"  {'module':<24} {'count':>5} {'r':>4} {'alpha':>6} {'scale':>7} "
+              f"{'in -> out':>15} {'params':>12}"]
+    for row in _module_rows(ins):
+        lines.append(f"  {row['module']:<24} {row['count']:>5} {row['r']:>4} {row['alpha']:>6g} "
+                     f"{row['scale']:>7.3g} {row['shape']:>15} {row['params']:>12,}")
+    norms = ins.layer_norms
+    if norms:
+        top = max(norms.values())
+        ranked = sorted(norms, key=norms.get, reverse=True)[:3]
+        lines += ["", "Learned update per layer, ||scale * B @ A|| (Frobenius)"]
+        for layer, norm in norms.items():
+            bar = "#" * (round(bar_width * norm / top) if top > 0 and math.isfinite(norm) else 0)
+            mark = "  <- most" if layer == ranked[0] and top > 0 else ""
+            lines.append(f"  layer {layer:>3}  {norm:10.4g}  {bar}{mark}")
+        biggest = max(ins.modules, key=lambda m: m.update_norm if math.isfinite(m.update_norm) else -1)
+        lines.append(f"  changed most: layers {', '.join(map(str, ranked))}; module "
+                     f"{biggest.name} ({biggest.update_norm:.4g})")
+    outside = [m for m in ins.modules if m.layer is None]
+    for m in outside:
+        lines.append(f"  outside the blocks: {m.name} ({m.update_norm:.4g})")
+    if ins.warnings:
+        lines += ["", "Warnings", *(f"  ! {w}" for w in ins.warnings)]
+    return "\n".join(lines)
+
+
+def _module_rows(ins: "Inspection") -> list[dict]:
+    rows: dict[tuple, dict] = {}
+    for m in ins.modules:
+        local = m.name.split(f".{m.layer}.", 1)[1] if m.layer is not None else m.name
+        key = (local, m.r, m.lora_alpha)
+        row = rows.setdefault(key, dict(module=local, count=0, r=m.r, alpha=m.lora_alpha,
+                                        scale=m.scale, params=0,
+                                        shape=f"{m.in_features} -> {m.out_features}"))
+        row["count"] += 1
+        row["params"] += m.params
+    return list(rows.values())
+
+
+def format_diagnosis(d: "Diagnosis", plot_path: str | None = None) -> str:
+    s = d.stats
+    evals = f"; {s['eval_points']} evaluations" if s["eval_points"] else "; no evaluations"
+    steps = f", steps {s['first_step']}-{s['last_step']}" if s["train_points"] else ""
+    lines = [
+        f"Run      {d.metrics.path} ({s['train_points']} training points{steps}{evals})",
+        f"Verdict  {d.verdict.replace('_', ' ').upper()}: {d.summary}",
+        "Evidence", *(f"  - {e}" for e in d.evidence),
+        "Change", *(f"  - {c}" for c in d.changes),
+    ]
+    if plot_path:
+        lines.append(f"Plot     {plot_path}")
+    return "\n".join(lines)

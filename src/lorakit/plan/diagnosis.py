@@ -2,17 +2,19 @@
 
 The verdicts follow the LoRA lesson's troubleshooting, checked in this order:
 
-- diverging: a NaN/Inf loss or gradient norm, a spike (a loss over `SPIKE_FACTOR` x the median
-  of the steps before it), or a loss that ends above where it started
+- diverging: a NaN/Inf loss or gradient norm, a spike (a loss over 2.5x the median of the steps
+  before it), or a loss that ends 10% above where it started
   -> lower the learning rate, add warm-up, clip gradients.
-- not learning: training loss fell less than `FLAT_DROP` from the first tenth of the steps to
-  the last -> raise the learning rate or the rank, check the labels.
-- overfitting: held-out loss rose `RISE` above its best while training loss kept falling
+- not learning: training loss fell less than 5% from the first tenth of the steps to the last
+  -> raise the learning rate or the rank, check the labels.
+- overfitting: held-out loss rose 5% above its best while training loss kept falling
   -> lower rank, more dropout, fewer epochs (stop at the best step), more data.
-- underfitting: training loss levelled off (changed less than `PLATEAU_CHANGE` over the last
-  quarter) above ``high_loss``, held-out loss likewise -> raise rank, add MLP targets.
-- healthy: none of the above. With fewer than `MIN_POINTS` training points: inconclusive.
-"""
+- underfitting: training loss levelled off (changed less than 2% over the last quarter) above
+  --high-loss (1.0), held-out loss likewise -> raise rank, add MLP targets.
+- healthy: none of the above. With fewer than 8 training points: inconclusive.
+
+(The thresholds are the constants below: SPIKE_FACTOR, FLAT_DROP, RISE, PLATEAU_CHANGE,
+HIGH_LOSS, MIN_POINTS.)"""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ runs code written for ``peft`` unchanged, and the adapter directories it writes 
 from lorakit.config import PRESETS, LoraConfig, TaskType, preset
 from lorakit.errors import (
     AdapterFormatError, CheckpointError, CompatibilityError, ConfigError, DataError,
-    LorakitError, ModelLoadError,
+    LorakitError, ModelLoadError, TrainingError, TrainingInterrupted,
 )
 from lorakit.model import LoraModel, PeftModel, get_peft_model
 
@@ -18,6 +18,6 @@ __all__ = [
     "LoraConfig", "TaskType", "PRESETS", "preset",
     "get_peft_model", "PeftModel", "LoraModel",
     "LorakitError", "ConfigError", "AdapterFormatError", "CompatibilityError", "CheckpointError",
-    "DataError", "ModelLoadError",
+    "DataError", "ModelLoadError", "TrainingError", "TrainingInterrupted",
     "__version__",
 ]

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
 from lorakit.inject import ModulesToSave, bias_parameters, logical_modules
+from lorakit.layer import LoraLayer
 
 __all__ = [
     "WEIGHTS_NAME", "PREFIX", "adapter_tensors", "save_adapter", "read_adapter",
@@ -92,19 +94,67 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
     if config.bias == "all":
         for name, p in bias_parameters(model):
             tensors[PREFIX + name] = p
+        # PEFT saves every bias of the state dict, the frozen original of a modules_to_save
+        # wrapper included.
+        for name, module in _modules_to_save(model, adapter_name):
+            for pname, p in module.original_module.named_parameters():
+                if pname.rsplit(".", 1)[-1] == "bias":
+                    tensors[f"{PREFIX}{name}.original_module.{pname}"] = p
     elif config.bias == "lora_only":
         for name in lora_layer_names:
             bias = getattr(model.get_submodule(name).base_layer, "bias", None)
             if bias is not None:
                 tensors[f"{PREFIX}{name}.base_layer.bias"] = bias
+    targeted = _embedding_targeted(config, model)
     if save_embedding_layers == "auto":
-        save_embedding_layers = _embedding_targeted(config, model)
+        save_embedding_layers = targeted
     if save_embedding_layers:
-        # PEFT stores the base embedding tables of targeted embeddings beside the adapter.
-        for name in lora_layer_names:
-            layer = model.get_submodule(name)
-            if layer.is_embedding and name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES:
-                tensors[f"{PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight
+        tensors.update(_embedding_tensors(model, targeted))
+    return tensors
+
+
+def _modules_to_save(model: nn.Module, adapter_name: str):
+    for name, module in logical_modules(model):
+        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            yield name, module
+
+
+def _tolerated_on_load(model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
+    """Keys PEFT writes but cannot load itself, accepted (and loaded) from PEFT's files: with
+    bias="all", the trained copy's biases of a modules_to_save wrapper, under
+    "<module>.modules_to_save.<bias>" (the same values as "<module>.<bias>")."""
+    if config.bias != "all":
+        return {}
+    return {f"{PREFIX}{name}.modules_to_save.{pname}": p
+            for name, module in _modules_to_save(model, adapter_name)
+            for pname, p in module.modules_to_save[adapter_name].named_parameters()
+            if pname.rsplit(".", 1)[-1] == "bias"}
+
+
+def _embedding_tensors(model: nn.Module, targeted: bool) -> dict[str, torch.Tensor]:
+    """The input and output embedding tables, saved beside the adapter as PEFT does: the base
+    tables of targeted (wrapped) embeddings, or whole tables when none is targeted (a resized
+    vocabulary)."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        layer = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+        if layer is not None:
+            layers.append(layer)
+    if not layers:
+        warnings.warn("save_embedding_layers: the model has no get_input_embeddings(); no embedding saved",
+                      stacklevel=3)
+    names = {id(m): n for n, m in logical_modules(model)}
+    tensors = {}
+    for layer in layers:
+        name = names.get(id(layer))
+        if name is None:
+            continue
+        if targeted and isinstance(layer, LoraLayer):
+            for pname, p in layer.base_layer.named_parameters():
+                tensors[f"{PREFIX}{name}.base_layer.{pname}"] = p
+        elif not targeted:
+            for pname, p in layer.named_parameters():
+                tensors[f"{PREFIX}{name}.{pname}"] = p
     return tensors
 
 
@@ -117,7 +167,8 @@ def save_adapter(directory: str | os.PathLike, config: LoraConfig,
     directory.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=directory))
     try:
-        data = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+        # clone: tied tables share storage, which safetensors refuses to write twice
+        data = {k: t.detach().to("cpu").clone().contiguous() for k, t in tensors.items()}
         save_file(data, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(tmp, inference_mode=True)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -159,7 +210,8 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig
     Raises AdapterFormatError for missing, unexpected, non-float and non-finite tensors and
     CompatibilityError for shape mismatches, each listing every offending key."""
     expected = adapter_tensors(model, adapter_name, config, save_embedding_layers=False)
-    optional = adapter_tensors(model, adapter_name, config, save_embedding_layers=True)
+    optional = {**adapter_tensors(model, adapter_name, config, save_embedding_layers=True),
+                **_tolerated_on_load(model, adapter_name, config)}
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(optional))
     problems = []

@@ -179,16 +179,9 @@ VARIANTS: dict[str, dict | Callable[[Arch], dict]] = {
     "bias_lora_only": {"bias": "lora_only"},
 }
 
-# Core bugs found by these tests: (arch, variant) -> {test key: reason}. The listed tests are
-# marked xfail(strict=True) until the core is fixed, so a fix shows up as XPASS -> failure.
-BIAS_ALL_MTS = (
-    "core bug (io.py): with bias='all' and modules_to_save, PEFT also writes "
-    "<module>.original_module.bias and <module>.modules_to_save.bias; lorakit neither writes "
-    "them nor accepts them on load (AdapterFormatError: unexpected tensors)"
-)
-KNOWN_BUGS: dict[tuple[str, str], dict[str, str]] = {
-    ("bert", "bias_all"): {"same_files": BIAS_ALL_MTS, "peft_to_lorakit": BIAS_ALL_MTS},
-}
+# Core bugs found by these tests and not fixed yet: (arch, variant) -> {test key: reason}. The
+# listed tests are marked xfail(strict=True), so a fix shows up as XPASS -> failure.
+KNOWN_BUGS: dict[tuple[str, str], dict[str, str]] = {}
 
 
 def cases(test_key: str) -> list:

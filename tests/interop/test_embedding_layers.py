@@ -14,26 +14,12 @@ from .conftest import (
 
 pytestmark = [pytest.mark.filterwarnings(w) for w in HARMLESS_WARNINGS]
 
-LM_HEAD = (
-    "core bug (io.py adapter_tensors): PEFT saves base_model.model.lm_head.base_layer.weight when "
-    "lm_head is targeted; lorakit saves base weights only for nn.Embedding layers "
-    "(`layer.is_embedding and ...`), and refuses PEFT's file (unexpected tensors)"
-)
-UNTARGETED = (
-    "core bug (io.py adapter_tensors): with save_embedding_layers=True and no embedding targeted, "
-    "PEFT saves model.embed_tokens.weight and lm_head.weight (resized vocabularies); lorakit "
-    "saves neither and refuses PEFT's file (unexpected tensors)"
-)
-
 CASES = [
-    pytest.param(dict(target_modules=["q_proj", "lm_head"]), {}, id="lm_head-targeted",
-                 marks=pytest.mark.xfail(strict=True, reason=LM_HEAD)),
+    pytest.param(dict(target_modules=["q_proj", "lm_head"]), {}, id="lm_head-targeted"),
     pytest.param(dict(target_modules=["q_proj", "embed_tokens", "lm_head"]), {},
-                 id="embed_tokens-and-lm_head-targeted",
-                 marks=pytest.mark.xfail(strict=True, reason=LM_HEAD)),
+                 id="embed_tokens-and-lm_head-targeted"),
     pytest.param(dict(target_modules=["q_proj"]), dict(save_embedding_layers=True),
-                 id="untargeted-save_embedding_layers-True",
-                 marks=pytest.mark.xfail(strict=True, reason=UNTARGETED)),
+                 id="untargeted-save_embedding_layers-True"),
 ]
 
 

@@ -30,8 +30,13 @@ def test_same_tensor_keys_shapes_and_metadata(arch_name, variant, tmp_path):
     assert lk_meta == {"format": "pt"}
     assert pf_meta == {"format": "pt"}
     assert sorted(set(lk_keys) - set(pf_keys)) == [], "keys only lorakit writes"
-    assert sorted(set(pf_keys) - set(lk_keys)) == [], "keys only PEFT writes"
-    assert lk_keys == pf_keys
+    # PEFT also writes the trained copy's biases of a modules_to_save wrapper under
+    # "<module>.modules_to_save.bias" with bias="all", a key PEFT itself reports as unexpected on
+    # load; lorakit writes them once, as "<module>.bias", and accepts PEFT's extra key on load.
+    peft_only = sorted(set(pf_keys) - set(lk_keys))
+    assert all(k.endswith(".modules_to_save.bias") for k in peft_only), "keys only PEFT writes"
+    assert bool(peft_only) == (arch_name == "bert" and variant == "bias_all")
+    assert {k: v for k, v in pf_keys.items() if k not in peft_only} == lk_keys
     if variant == "patterns":
         for key, shape in arch.pattern_shapes.items():
             assert lk_keys[key] == shape, key

@@ -66,7 +66,7 @@ def _dims(cfg) -> tuple[int, int, int, int, int, int, int]:
 
 
 def _llama_like(cfg, *, name: str, source: str, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                norms: int, qk_norm: bool) -> ModelShape:
+                norms: int, qk_norm: bool, scores_bytes: int = 0) -> ModelShape:
     """Llama's block and its relatives: q/k/v/o attention (grouped KV heads) and a gated MLP."""
     h, i, layers, heads, kv_heads, hd, vocab = _dims(cfg)
     q, kv = heads * hd, kv_heads * hd
@@ -90,6 +90,7 @@ def _llama_like(cfg, *, name: str, source: str, qkv_bias: bool, o_bias: bool, ml
         other_params=h,  # the final norm
         default_targets=_PEFT_DEFAULT_TARGETS[cfg.model_type],
         max_positions=getattr(cfg, "max_position_embeddings", None),
+        norms_per_block=norms, qk_norm=qk_norm, attention_scores_bytes=scores_bytes,
     )
 
 
@@ -134,6 +135,7 @@ def _gpt2(cfg, *, name: str, source: str) -> ModelShape:
         head=ModuleShape("lm_head", h, vocab, group="head"),
         other_params=cfg.n_positions * h + 2 * h,  # wpe and ln_f
         default_targets=_PEFT_DEFAULT_TARGETS["gpt2"], max_positions=cfg.n_positions,
+        mlp_saved=2,  # c_fc's output and the GELU's
     )
 
 
@@ -155,8 +157,10 @@ _BUILDERS: dict[str, Callable[..., ModelShape]] = {
                      norms=2, qk_norm=True),
     "gemma": _family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False,
                      norms=2, qk_norm=False),
+    # Gemma 2's soft-capped attention runs eagerly: it keeps its scores (measured 8 bytes per
+    # head and key position).
     "gemma2": _family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False,
-                      norms=4, qk_norm=False),
+                      norms=4, qk_norm=False, scores_bytes=8),
     "gemma3_text": _family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False,
                            norms=4, qk_norm=True),
     "phi3": _phi3,

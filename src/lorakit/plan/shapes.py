@@ -60,6 +60,11 @@ class ModelShape:
     other_params: int  # parameters outside blocks, embedding and head (final norm, positions)
     default_targets: tuple[str, ...]  # PEFT's default target_modules for this model_type
     max_positions: int | None = None
+    # What a block keeps for backward beyond its shapes (see lorakit.plan.memory):
+    mlp_saved: int = 3  # intermediate-sized tensors the MLP keeps (gated MLP: 3)
+    norms_per_block: int = 2  # RMSNorms in a block (Gemma 2/3: 4)
+    qk_norm: bool = False  # per-head norms of q and k (Qwen3, Gemma 3)
+    attention_scores_bytes: int = 0  # per head and key, when attention materialises its scores
     extra: dict = field(default_factory=dict, compare=False)  # facts for display only
 
     # -- counts ---------------------------------------------------------------------------

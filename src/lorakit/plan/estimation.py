@@ -89,9 +89,19 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
 
     Trainable parameters: sum over targeted modules of ``r * (in + out)`` (plus ``out`` for
     DoRA), exactly what ``get_peft_model`` makes trainable. Adapter size: the exact byte size of
-    ``adapter_model.safetensors`` (see `costs`). Memory: ``weights + adapter + activations +
-    logits + overhead`` (formula in `lorakit.plan.memory`); ``memory_gb`` is the budget
-    (in GiB) that ``memory.fits`` is checked against.
+    ``adapter_model.safetensors`` (see `costs`). Training memory, in bytes (b: bytes per value of
+    ``dtype``; every term in full in `lorakit.plan.memory`):
+
+        total       = weights + adapter + activations + logits + overhead
+        weights     = base_params * b
+        adapter     = trainable_params * 16        fp32 weights, gradients, AdamW's two moments
+        activations = batch_size * seq_len * per_token   what autograd keeps (per block: fp32
+                                                   norm inputs, attention q/k/v/out, MLP outputs;
+                                                   per adapted module: its fp32 input and x·A)
+        logits      = batch_size * seq_len * vocab * (b + 12)
+        overhead    = 0.5 GiB (cpu) or 1 GiB (cuda)
+
+    ``memory.fits`` compares the total with ``memory_gb`` (GiB), when given.
     """
     known = {f.name for f in fields(LoraSpec)}
     unknown = sorted(set(lora) - known)

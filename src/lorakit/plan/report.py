@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     from lorakit.plan.inspection import Inspection
     from lorakit.plan.planner import Plan
 
-__all__ = ["format_plan", "format_estimate", "format_inspection", "format_diagnosis",
-           "human_bytes"]
+__all__ = ["format_plan", "format_inspection", "format_diagnosis", "human_bytes"]
 
 _FIELD_LABELS = {
     "r": "rank", "lora_alpha": "lora_alpha", "use_rslora": "use_rslora",
@@ -110,18 +109,6 @@ def _cost_table(plan: "Plan") -> list[str]:
         out.append("  " + label.ljust(label_width) + "  "
                    + "  ".join(c.rjust(w) for c, w in zip(cells, widths)))
     return out
-
-
-def format_estimate(est: "Estimate") -> str:
-    """A one-configuration summary (used by `lorakit plan` when no task is given)."""
-    m = est.memory
-    parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in m.parts().items())
-    return "\n".join([
-        est.peft_line(),
-        f"adapter file: {human_bytes(est.adapter_bytes_fp32)} fp32, "
-        f"{human_bytes(est.adapter_bytes_bf16)} bf16",
-        f"training memory: {human_bytes(m.total)} ({parts})",
-    ])
 
 
 def format_inspection(ins: "Inspection", bar_width: int = 30) -> str:

@@ -35,10 +35,22 @@ def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[i
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every token whose text contains a line break (computed once per tokenizer)."""
+    cached = getattr(tokenizer, "_lorakit_newline_ids", None)
+    if cached is None:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        cached = [i for i, text in enumerate(texts) if "\n" in text]
+        tokenizer._lorakit_newline_ids = cached
+    return cached
+
+
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int,
-                   batch_size: int = 32, autocast: Callable | None = None) -> list[str]:
-    """Greedy completions of token-id prompts, batched with left padding."""
+                   batch_size: int = 32, autocast: Callable | None = None,
+                   one_line: bool = False) -> list[str]:
+    """Greedy completions of token-id prompts, batched with left padding. With ``one_line``,
+    a row stops at its first line break and the text is cut there (for one-line answers)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -46,6 +58,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[list[int]], *, max_new_to
     # Longest first so each batch pads little; results are put back in order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: dict[int, str] = {}
+    stop = [tokenizer.eos_token_id] + (newline_token_ids(tokenizer) if one_line else [])
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
@@ -58,9 +71,10 @@ def generate_texts(model, tokenizer, prompts: Sequence[list[int]], *, max_new_to
         with autocast() if autocast else contextlib.nullcontext():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=pad, eos_token_id=stop)
         for row, i in enumerate(chunk):
-            texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            texts[i] = (text.strip().split("\n", 1)[0] if one_line else text).strip()
     model.train(was_training)
     return [texts[i] for i in range(len(prompts))]
 

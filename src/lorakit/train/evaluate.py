@@ -116,8 +116,9 @@ def score_examples(model, tokenizer, examples: Sequence[Example], *, scorer: str
                    batch_size: int = 32, autocast: Callable | None = None, keep_samples: int = 5) -> ScoreResult:
     """Greedy-generate an answer for each example's prompt and score it against the reference."""
     pairs = [split_prompt(e, tokenizer) for e in examples]
+    # task-api answers are one line of JSON: a row can stop at its first line break
     predictions = generate_texts(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, autocast=autocast)
+                                 batch_size=batch_size, autocast=autocast, one_line=scorer == "task-api")
     references = [r for _, r in pairs]
     exact, fields = SCORERS[scorer](predictions, references)
     samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "prediction": pred, "reference": ref}

@@ -34,7 +34,7 @@ def test_train_flags_win_over_the_config_file_and_the_resolved_config_is_saved(t
     code = main(["generate", "--adapter", str(run_dir / "adapter"), "--prompt", "hello",
                  "--prompt", "remind me to call mom", "--max-new-tokens", "3"])
     assert code == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) >= 1
+    assert capsys.readouterr().out.count("\n") >= 2  # one completion per prompt (a random model's may be empty)
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):

@@ -21,7 +21,7 @@ from lorakit.layer import LoraLayer, is_conv1d, make_lora_layer, supported_layer
 
 __all__ = [
     "ModulesToSave", "logical_modules", "resolve_targets", "inject_adapter", "mark_trainable",
-    "count_parameters", "lora_layers", "pattern_value", "replace_module",
+    "count_parameters", "lora_layers", "pattern_value", "replace_module", "name_matches", "layer_index_ok",
 ]
 
 # PEFT's defaults when target_modules is None, by `model.config.model_type`.
@@ -137,17 +137,19 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return config
 
 
-def _name_matches(entry_or_regex, name: str) -> bool:
+def name_matches(entry_or_regex, name: str) -> bool:
+    """PEFT's target rule: a string is a full-match regular expression; a collection matches a
+    name equal to an entry or ending with "." + entry."""
     if isinstance(entry_or_regex, str):
         return re.fullmatch(entry_or_regex, name) is not None
     return name in entry_or_regex or any(name.endswith("." + e) for e in entry_or_regex)
 
 
-def _layer_index_ok(config: LoraConfig, name: str) -> bool:
-    layers = config.layers_to_transform
+def layer_index_ok(layers, patterns, name: str) -> bool:
+    """``layers_to_transform`` / ``layers_pattern``: whether module ``name`` sits in one of the
+    chosen layers (the first number after the layer list's name, PEFT's rule)."""
     if layers is None:
         return True
-    patterns = config.layers_pattern
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
@@ -164,7 +166,7 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
 
 
 def _excluded(config: LoraConfig, name: str) -> bool:
-    if config.exclude_modules and _name_matches(config.exclude_modules, name):
+    if config.exclude_modules and name_matches(config.exclude_modules, name):
         return True
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or ())
 
@@ -191,11 +193,11 @@ def _match_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.M
     targets = config.target_modules
     found, hit_entries = [], set()
     for name, module in logical_modules(model):
-        if not name or not _name_matches(targets, name):
+        if not name or not name_matches(targets, name):
             continue
         if isinstance(targets, (set, list)):  # an entry whose matches are all excluded still matched
             hit_entries.update(e for e in targets if name == e or name.endswith("." + e))
-        if _excluded(config, name) or not _layer_index_ok(config, name):
+        if _excluded(config, name) or not layer_index_ok(config.layers_to_transform, config.layers_pattern, name):
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if not supported_layer(base):

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lorakit.errors import AdapterFormatError
-from lorakit.plan.targets import pattern_value
+from lorakit.inject import pattern_value
 
 __all__ = ["ModuleUpdate", "Inspection", "inspect_adapter"]
 

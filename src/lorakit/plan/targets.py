@@ -17,11 +17,11 @@ The rules are lorakit's (which are PEFT's, minus its traps; see DESIGN.md sectio
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 from lorakit.errors import ConfigError
+from lorakit.inject import layer_index_ok, name_matches, pattern_value
 from lorakit.plan.shapes import ModelShape, ModuleShape
 
 __all__ = ["LoraSpec", "TargetedModule", "resolve_targets", "pattern_value"]
@@ -111,12 +111,12 @@ def resolve_targets(shape: ModelShape, spec: LoraSpec) -> list[TargetedModule]:
         if all_linear:
             matched = module.kind in ("linear", "conv1d") and module.group != "head"
         else:
-            matched = _matches(targets, name)
+            matched = name_matches(targets, name)
             if matched and not isinstance(targets, str):
                 hit.update(e for e in targets if name == e or name.endswith("." + e))
-        if not matched or (spec.exclude_modules and _matches(spec.exclude_modules, name)):
+        if not matched or (spec.exclude_modules and name_matches(spec.exclude_modules, name)):
             continue
-        if not _layer_ok(spec, name):
+        if not layer_index_ok(spec.layers_to_transform, spec.layers_pattern, name):
             continue
         r = pattern_value(spec.rank_pattern, name, spec.r)
         alpha = pattern_value(spec.alpha_pattern, name, spec.lora_alpha)
@@ -131,44 +131,6 @@ def resolve_targets(shape: ModelShape, spec: LoraSpec) -> list[TargetedModule]:
         raise ConfigError(f"target_modules={targets!r} matched no module of {shape.name} (after "
                           f"layers_to_transform and exclude_modules); adaptable: {_leaf_names(shape)}")
     return found
-
-
-def _matches(entries: Iterable[str] | str, name: str) -> bool:
-    if isinstance(entries, str):
-        return re.fullmatch(entries, name) is not None
-    return any(name == e or name.endswith("." + e) for e in entries)
-
-
-def _layer_ok(spec: LoraSpec, name: str) -> bool:
-    layers = spec.layers_to_transform
-    if layers is None:
-        return True
-    patterns = spec.layers_pattern
-    if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        match = None
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match:
-                break
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == layers if isinstance(layers, int) else index in layers
-
-
-def pattern_value(patterns: dict, name: str, default):
-    """The value of the most specific key of ``patterns`` (rank_pattern, alpha_pattern) that
-    matches module ``name``, else ``default``."""
-    best, best_rank = default, None
-    for key, value in patterns.items():
-        match = re.match(rf"(.*\.)?({key})$", name)
-        if match:
-            rank = (len(match.group(2)), len(key), key)
-            if best_rank is None or rank > best_rank:
-                best, best_rank = value, rank
-    return best
 
 
 def _leaf_names(shape: ModelShape) -> list[str]:

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lorakit train --name demo --train-examples 1000 --lr 1e-3
+	$(VENV)/bin/lorakit train --name demo --lr 1e-3
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

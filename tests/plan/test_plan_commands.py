@@ -40,7 +40,8 @@ def test_plan_json_is_the_same_plan(capsys):
     assert rec["estimate"]["trainable_params"] == 3_407_872
     memory = rec["estimate"]["memory"]
     assert memory["seq_len"] == 1024 and memory["device"] == "cuda"
-    assert sum(memory[k] for k in ("weights", "adapter", "activations", "logits", "overhead")) \
+    assert sum(memory[k] for k in ("weights", "adapter", "activations", "logits", "allocator",
+                                 "overhead")) \
         == memory["total"]
     assert set(doc["presets"]) == {"conservative", "balanced", "max_capacity"}
 

@@ -1,5 +1,6 @@
-"""The memory model is explicit: its parts are the documented formula and sum to the total.
-(The check against a measured training peak waits for the trainer.)"""
+"""The memory model is explicit: its parts are the documented formula and sum to the total;
+its activation and logits terms are what autograd keeps, in transformers' models with PEFT and in
+lorakit's trainer step. (Peak RSS of real training runs: test_plan_peak_rss.py.)"""
 
 import json
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 import lorakit.plan.memory as memory
+import lorakit
 from lorakit.errors import ConfigError
 from lorakit.plan import estimate
+from lorakit.train.evaluate import HEAD_ON_LABELS_ONLY, loss_sum
 
 from .tiny import SEVEN, TINY, build, write_config
 
@@ -18,19 +21,43 @@ GiB = 1024 ** 3
 
 def test_parts_follow_the_documented_formula(tmp_path):
     # Tiny Llama: hidden 32, MLP 64, 2 layers, 4 heads of 8, 2 KV heads (kv dim 16), vocab 100.
+    # The defaults are lorakit's trainer: bf16 autocast, the head on label positions only.
     e = estimate(write_config(tmp_path, TINY["llama"]), r=4, target_modules=SEVEN,
-                 batch_size=2, seq_len=10, dtype="bfloat16", device="cpu")
+                 batch_size=2, seq_len=10, dtype="bfloat16", device="cpu", label_fraction=0.25)
     m = e.memory
     block = 2 * (4 * 32 + 4) + 2 * (2 * 32 + 2 * 16) + 4 * 4 + 3 * 64 * 2
-    lora = 6 * 4 * 32 + 4 * 64 + 7 * 4 * 4  # fp32 input copies (six read 32, down reads 64), x·A
+    lora = 6 * 2 * 32 + 2 * 64 + 7 * 2 * 4  # bf16 input copies (six read 32, down reads 64), x·A
     final_norm = 4 * 32 + 4
     assert m.activation_bytes_per_token == 2 * block + 2 * lora + final_norm
     assert m.weights == e.base_params * 2
-    assert m.adapter == e.trainable_params * 16
+    assert m.adapter == e.trainable_params * (16 + 2)  # fp32 state, the bf16 copies autocast keeps
     assert m.activations == 2 * 10 * (2 * block + 2 * lora + final_norm)
-    assert m.logits == 2 * 10 * 100 * (2 + 12)
+    assert m.logits == 5 * 100 * 12  # 2 x 10 positions, a quarter of them labels
+    assert m.allocator == m.activations
     assert m.overhead == GiB // 2
     assert m.total == sum(m.parts().values())
+    assert (m.autocast, m.head_on_labels, m.label_fraction) == (True, True, 0.25)
+
+
+def test_without_autocast_adapters_keep_fp32_and_a_full_head_keeps_its_logits(tmp_path):
+    e = estimate(write_config(tmp_path, TINY["llama"]), r=4, target_modules=SEVEN,
+                 batch_size=2, seq_len=10, dtype="bfloat16", device="cuda", autocast=False,
+                 head_on_labels=False, label_fraction=0.25)
+    m = e.memory
+    block = 2 * (4 * 32 + 4) + 2 * (2 * 32 + 2 * 16) + 4 * 4 + 3 * 64 * 2
+    lora = 6 * 4 * 32 + 4 * 64 + 7 * 4 * 4  # fp32 input copies, fp32 x·A
+    assert m.activation_bytes_per_token == 2 * block + 2 * lora + 4 * 32 + 4
+    assert m.adapter == e.trainable_params * 16
+    assert m.logits == 2 * 10 * 100 * (2 + 12)  # every position, whatever the labels
+    assert (m.allocator, m.overhead) == (0, GiB)
+    assert m.total == sum(m.parts().values())
+
+
+def test_the_head_runs_on_labels_for_the_architectures_the_trainer_does_it_for(tmp_path):
+    assert memory.HEAD_ON_LABELS_ONLY == HEAD_ON_LABELS_ONLY
+    llama = estimate(write_config(tmp_path / "llama", TINY["llama"]), r=4).memory
+    gpt2 = estimate(write_config(tmp_path / "gpt2", TINY["gpt2"]), r=4).memory
+    assert llama.head_on_labels and not gpt2.head_on_labels
 
 
 def test_float32_keeps_a_shared_input_once(tmp_path):
@@ -46,7 +73,7 @@ def test_checkpointing_keeps_block_inputs_and_one_recomputed_block(tmp_path):
     plain = estimate(config, r=4, target_modules=SEVEN, gradient_checkpointing=False).memory
     ckpt = estimate(config, r=4, target_modules=SEVEN, gradient_checkpointing=True).memory
     block = 2 * (4 * 32 + 4) + 2 * (2 * 32 + 2 * 16) + 4 * 4 + 3 * 64 * 2
-    lora = 6 * 4 * 32 + 4 * 64 + 7 * 4 * 4
+    lora = 6 * 2 * 32 + 2 * 64 + 7 * 2 * 4
     assert ckpt.activation_bytes_per_token == 2 * 32 * 2 + block + lora + 4 * 32 + 4
     assert ckpt.activations < plain.activations
     assert (ckpt.weights, ckpt.adapter, ckpt.logits) == (plain.weights, plain.adapter, plain.logits)
@@ -67,7 +94,7 @@ def test_blocks_before_the_first_adapted_one_keep_nothing(tmp_path):
     per_layer_lora = (every.activation_bytes_per_token - last.activation_bytes_per_token)
     assert per_layer_lora > 0
     head_only = estimate(config, r=4, target_modules=["lm_head"]).memory
-    assert head_only.activation_bytes_per_token == 4 * 32 + 4 + 4 * 32 + 4 * 4  # final norm, head
+    assert head_only.activation_bytes_per_token == 4 * 32 + 4 + 2 * 32 + 2 * 4  # final norm, head
 
 
 # Saved-tensor bytes per token, measured with autograd's saved_tensors_hooks in a real forward
@@ -87,9 +114,38 @@ MEASURE = {
 PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def saved_bytes_per_token(fields, settings, dtype, seq_len, checkpointing=False):
-    model = build(fields).to(dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(**settings)).train()
+def peft_model(fields, settings, dtype):
+    """transformers' model cast to ``dtype`` with PEFT's LoRA, called with labels= (no autocast)."""
+    model = peft.get_peft_model(build(fields).to(dtype), peft.LoraConfig(**settings)).train()
+    return model, lambda batch: model(**batch).loss
+
+
+def trainer_model(fields, settings, dtype):
+    """lorakit's trainer step: frozen weights in ``dtype``, fp32 adapters, bf16 autocast when
+    ``dtype`` is bf16, and the trainer's loss (the head on label positions only)."""
+    model = lorakit.get_peft_model(build(fields).to(dtype), lorakit.LoraConfig(**settings)).train()
+
+    def loss(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            total, count = loss_sum(model, batch)
+        return total / count
+    return model, loss
+
+
+def batch_of(fields, batch_size, seq_len, label_fraction=1.0):
+    ids = torch.randint(0, fields["vocab_size"], (batch_size, seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :seq_len - round(label_fraction * seq_len)] = -100  # a prompt without labels
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def saved_bytes_per_token(fields, settings, dtype, seq_len, checkpointing=False, make=peft_model,
+                          per_token_only=False):
+    """Bytes autograd saves in a forward pass, per token; ``per_token_only`` leaves out tensors
+    without a sequence dimension (the bf16 copies of the adapter weights autocast makes, which
+    the estimate counts in its adapter part)."""
+    model, loss = make(fields, settings, dtype)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -101,11 +157,11 @@ def saved_bytes_per_token(fields, settings, dtype, seq_len, checkpointing=False)
             seen[t.untyped_storage().data_ptr()] = t
         return t
 
-    ids = torch.randint(0, fields["vocab_size"], (1, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        loss(batch_of(fields, 1, seq_len))
     kept = [t for t in seen.values()  # leave out the loss: labels, log-softmax, scalars
-            if t.shape[-1:] != (fields["vocab_size"],) and t.dtype != torch.int64 and t.dim()]
+            if t.shape[-1:] != (fields["vocab_size"],) and t.dtype != torch.int64 and t.dim()
+            and (seq_len in t.shape or not per_token_only)]
     return sum(t.untyped_storage().nbytes() for t in kept) / seq_len
 
 
@@ -123,7 +179,24 @@ def saved_bytes_per_token(fields, settings, dtype, seq_len, checkpointing=False)
 def test_activations_are_what_autograd_saves(arch, settings, dtype, seq_len, tmp_path):
     measured = saved_bytes_per_token(MEASURE[arch], settings, getattr(torch, dtype), seq_len)
     planned = estimate(write_config(tmp_path, MEASURE[arch]), **settings, dtype=dtype,
-                       seq_len=seq_len).memory.activation_bytes_per_token
+                       seq_len=seq_len, autocast=False).memory.activation_bytes_per_token
+    assert measured <= planned <= 1.1 * measured
+
+
+@pytest.mark.parametrize("arch, settings, dtype", [
+    ("llama", dict(r=16, target_modules=SEVEN), "bfloat16"),
+    ("llama", dict(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.05), "bfloat16"),
+    ("llama", dict(r=16, target_modules=SEVEN), "float32"),
+    ("qwen3", dict(r=8, target_modules=SEVEN), "bfloat16"),
+    ("phi3", dict(r=8, target_modules=PHI3), "bfloat16"),
+])
+def test_activations_are_what_the_trainer_step_saves(arch, settings, dtype, tmp_path):
+    """Under autocast each adapter keeps bf16 copies of its input and x·A, not fp32 ones.
+    (48 tokens: no other dimension of these models is 48.)"""
+    measured = saved_bytes_per_token(MEASURE[arch], settings, getattr(torch, dtype), 48,
+                                     make=trainer_model, per_token_only=True)
+    planned = estimate(write_config(tmp_path, MEASURE[arch]), **settings, dtype=dtype,
+                       seq_len=48).memory.activation_bytes_per_token
     assert measured <= planned <= 1.1 * measured
 
 
@@ -133,31 +206,51 @@ def test_checkpointing_saves_only_block_inputs(tmp_path):
     assert measured == 3 * 128 * 2 + 4 * 128 + 4  # each block's bf16 input, the final norm's
 
 
-def test_estimate_matches_the_live_peak_of_a_training_step(tmp_path):
-    """Live tensors at the peak of a real step (PyTorch's memory profiler), against the estimate
-    without the runtime overhead. (Peak RSS of a whole run is the trainer's test.)"""
-    fields = dict(MEASURE["llama"], hidden_size=256, intermediate_size=640, vocab_size=4000,
-                  tie_word_embeddings=True)
-    settings = dict(r=16, lora_alpha=16, target_modules=SEVEN)
-    model = peft.get_peft_model(build(fields).to(torch.bfloat16), peft.LoraConfig(**settings)).train()
+def live_peak_of_a_step(model, loss, batch, tmp_path) -> int:
+    """Bytes of live tensors at the peak of one training step (PyTorch's memory profiler), with
+    AdamW's moments in place as in every step after the first."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    ids = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(0))
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss(batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # AdamW's moments exist from here on, as in every later step
+    step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
     path = tmp_path / "timeline.json"
     prof.export_memory_timeline(str(path), device="cpu")
     _, sizes = json.loads(path.read_text())
-    live_peak = max(sum(s) for s in sizes)
-    m = estimate(write_config(tmp_path, fields), **settings, batch_size=4, seq_len=128).memory
-    assert live_peak <= m.total - m.overhead <= 1.1 * live_peak
+    return max(sum(s) for s in sizes)
+
+
+PEAK_FIELDS = dict(MEASURE["llama"], hidden_size=256, intermediate_size=640, vocab_size=4000,
+                   tie_word_embeddings=True)
+
+
+def test_estimate_matches_the_live_peak_of_a_training_step(tmp_path):
+    """Live tensors at the peak of a PEFT step (bf16 model, labels=), against the estimate
+    without the allocator and runtime parts. (Peak RSS of whole runs: test_plan_peak_rss.py.)"""
+    settings = dict(r=16, lora_alpha=16, target_modules=SEVEN)
+    model, loss = peft_model(PEAK_FIELDS, settings, torch.bfloat16)
+    live = live_peak_of_a_step(model, loss, batch_of(PEAK_FIELDS, 4, 128), tmp_path)
+    m = estimate(write_config(tmp_path, PEAK_FIELDS), **settings, batch_size=4, seq_len=128,
+                 autocast=False, head_on_labels=False).memory
+    assert live <= m.total - m.allocator - m.overhead <= 1.1 * live
+
+
+@pytest.mark.parametrize("label_fraction", [1.0, 0.5])
+def test_estimate_matches_the_live_peak_of_a_trainer_step(label_fraction, tmp_path):
+    """The same for lorakit's trainer step: autocast, the head on the labelled positions only."""
+    settings = dict(r=16, lora_alpha=16, target_modules=SEVEN)
+    model, loss = trainer_model(PEAK_FIELDS, settings, torch.bfloat16)
+    live = live_peak_of_a_step(model, loss, batch_of(PEAK_FIELDS, 4, 128, label_fraction),
+                               tmp_path)
+    m = estimate(write_config(tmp_path, PEAK_FIELDS), **settings, batch_size=4, seq_len=128,
+                 label_fraction=label_fraction).memory
+    assert live <= m.total - m.allocator - m.overhead <= 1.1 * live
 
 
 def test_memory_scales_with_tokens_and_dtype():
@@ -184,4 +277,5 @@ def test_bad_training_settings_are_reported_together():
 
 
 def test_the_formula_is_in_the_docstring():
-    assert "total = weights + adapter + activations + logits + overhead" in memory.__doc__
+    assert "total = weights + adapter + activations + logits + allocator + overhead" \
+        in memory.__doc__

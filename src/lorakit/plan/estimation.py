@@ -72,12 +72,14 @@ class Estimate:
         }
 
 
-_TRAINING_KEYS = ("batch_size", "seq_len", "dtype", "device", "gradient_checkpointing", "memory_gb")
+_TRAINING_KEYS = ("batch_size", "seq_len", "dtype", "device", "gradient_checkpointing", "autocast",
+                  "head_on_labels", "label_fraction", "memory_gb")
 
 
 def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = None, *,
              batch_size: int = 4, seq_len: int = 512, dtype: str = "bfloat16",
-             device: str = "cpu", gradient_checkpointing: bool = False,
+             device: str = "cpu", gradient_checkpointing: bool = False, autocast: bool = True,
+             head_on_labels: bool | None = None, label_fraction: float = 1.0,
              memory_gb: float | None = None, **lora: Any) -> Estimate:
     """Parameters, adapter size and training memory of a LoRA configuration, from shapes alone.
 
@@ -92,14 +94,29 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
     ``adapter_model.safetensors`` (see `costs`). Training memory, in bytes (b: bytes per value of
     ``dtype``; every term in full in `lorakit.plan.memory`):
 
-        total       = weights + adapter + activations + logits + overhead
+        total       = weights + adapter + activations + logits + allocator + overhead
         weights     = base_params * b
-        adapter     = trainable_params * 16        fp32 weights, gradients, AdamW's two moments
+        adapter     = trainable_params * (16 + a)  fp32 weights, gradients, AdamW's two moments;
+                                                   a = b under autocast: the weights' b copies
         activations = batch_size * seq_len * per_token   what autograd keeps (per block: fp32
                                                    norm inputs, attention q/k/v/out, MLP outputs;
-                                                   per adapted module: its fp32 input and x·A)
-        logits      = batch_size * seq_len * vocab * (b + 12)
+                                                   per adapted module: its input and x·A, in b
+                                                   under autocast, else in fp32)
+        logits      = ceil(batch_size * seq_len * label_fraction) * vocab * 12
+                                                   (head on label positions only), or
+                      batch_size * seq_len * vocab * (b + 12)   (head on every position)
+        allocator   = 1.0 * activations (cpu: what glibc's malloc keeps), 0 (cuda)
         overhead    = 0.5 GiB (cpu) or 1 GiB (cuda)
+
+    The defaults describe ``lorakit train``. ``autocast``: the forward runs under
+    ``torch.autocast`` in ``dtype`` over fp32 adapters, as lorakit's trainer does in bf16; False
+    for a model cast to ``dtype`` and run without it (PEFT's usual bf16 set-up).
+    ``head_on_labels``: the output head runs on the label positions only, as lorakit's trainer
+    does on Llama-family models (None: decide by the model type, as the trainer does); False
+    for a model called with ``labels=``, which computes logits at every position.
+    ``label_fraction``: the share of a batch's positions that are prediction targets (1.0 for
+    plain text; for chat data with assistant-only labels, the answers' share of the tokens);
+    it counts only when the head runs on label positions only.
 
     ``memory.fits`` compares the total with ``memory_gb`` (GiB), when given.
     """
@@ -117,7 +134,9 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
     tensors = adapter_tensors(targets, spec.use_dora, spec.target_modules)
     memory = estimate_memory(shape, targets, trainable, lora_dropout=spec.lora_dropout,
                              batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
-                             gradient_checkpointing=gradient_checkpointing, memory_gb=memory_gb)
+                             gradient_checkpointing=gradient_checkpointing, autocast=autocast,
+                             head_on_labels=head_on_labels, label_fraction=label_fraction,
+                             memory_gb=memory_gb)
     return Estimate(shape=shape, spec=spec, targets=tuple(targets), trainable_params=trainable,
                     base_params=shape.total_params,
                     adapter_bytes_fp32=safetensors_size(tensors, "F32"),

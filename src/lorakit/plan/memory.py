@@ -1,11 +1,13 @@
 """How much memory LoRA training takes: an explicit model whose parts add up to the total.
 
-    total = weights + adapter + activations + logits + overhead
+    total = weights + adapter + activations + logits + allocator + overhead
 
     weights     = base_params * b                   the frozen base model in the training dtype
                                                     (b = 4 for float32, 2 for bfloat16/float16)
-    adapter     = trainable * (4 + 4 + 4 + 4)       LoRA weights in fp32, their fp32 gradients and
-                                                    AdamW's two fp32 moments
+    adapter     = trainable * (4 + 4 + 4 + 4 + a)   LoRA weights in fp32, their fp32 gradients,
+                                                    AdamW's two fp32 moments, and under autocast
+                                                    (a = b when b < 4, else 0) the copies of the
+                                                    weights in b that backward keeps
     activations = batch * seq * per_token           bytes kept for the backward pass, per token:
       per_token = active_blocks * block + lora + final_norm                  (no checkpointing)
       per_token = active_blocks * hidden * b + block + max_block_lora + final_norm
@@ -20,34 +22,64 @@
                                                     soft-capped eager attention: 8)
               + mlp_saved * intermediate * b        the MLP's gate, up and activation outputs
                                                     (mlp_saved = 3; 2 for GPT-2's plain MLP)
-        lora  = sum over targeted modules of (4 * in + 4 * r)   each adapter casts its input to
-                                                    fp32 and keeps it, and keeps x·A; with
-                                                    lora_dropout > 0 also a 4 * in dropout mask
-                                                    (in float32 training, modules that share an
-                                                    input, like q/k/v, keep it once)
+        lora  = sum over targeted modules of (c * in + c * r)   each adapter keeps the input its
+                                                    A matrix reads and x·A, c bytes a value:
+                                                    c = b under autocast (the fp32 cast of the
+                                                    input is cast back to b for the matmul), c = 4
+                                                    without it; with lora_dropout > 0 also a
+                                                    4 * in dropout mask (in float32 training,
+                                                    modules that share an input, like q/k/v, keep
+                                                    it once)
         active_blocks = blocks from the first adapted one on (earlier ones need no backward)
         final_norm    = 4 * hidden + 4
-    logits      = batch * seq * vocab * (b + 12)    the logits in the training dtype, the fp32
-                                                    log-softmax that cross-entropy keeps, and in
-                                                    backward its gradient and the logits' (fp32)
+    logits      = label_positions * vocab * 12      head on label positions only (lorakit's
+                                                    trainer on Llama-family models): the fp32
+                                                    log-softmax cross-entropy keeps, and in
+                                                    backward its gradient and the logits' (fp32);
+                                                    the logits in b are freed after the fp32 cast.
+                  label_positions = ceil(batch * seq * label_fraction)
+                = batch * seq * vocab * (b + 12)    head on every position (a transformers model
+                                                    called with labels=): the model's output also
+                                                    keeps its logits in b
+    allocator   = slack * activations               what the C allocator holds beyond the live
+                                                    tensors: slack = 1.0 on CPU (glibc's malloc
+                                                    with its default settings), 0 on CUDA (part of
+                                                    the overhead there)
     overhead    = 0.5 GiB on CPU (Python, torch, transformers, tokenizer),
                   1.0 GiB on CUDA (context, kernels, allocator slack)
 
 The activation terms are the tensors PyTorch's autograd saves in transformers' blocks with LoRA
 layers, counted with saved_tensors_hooks (tests/plan/test_plan_memory.py checks Llama, Qwen 2/3,
-Gemma 2/3 and Phi-3 within 10%; GPT-2's block, with its dropout and tanh-GELU, is counted only
-roughly). Assumptions: SDPA attention without a seq x seq matrix unless noted; AdamW over the
-LoRA parameters only. A measured peak (RSS or max_memory_allocated) is the final check.
+Gemma 2/3 and Phi-3 within 10%, with and without autocast; GPT-2's block, with its dropout and
+tanh-GELU, is counted only roughly). Assumptions: SDPA attention without a seq x seq matrix
+unless noted; AdamW over the LoRA parameters only. The defaults describe `lorakit train`: bf16
+frozen weights, fp32 adapters under bf16 autocast, the output head on label positions for the
+architectures in HEAD_ON_LABELS_ONLY. A measured peak (RSS or max_memory_allocated) is the final
+check.
 
-Measured on CPU (SmolLM2-135M shapes, PEFT, batch 2-4 x 256-512, bf16 and fp32, with and without
-checkpointing): the estimate less the overhead is 1-5% above the live-tensor peak that PyTorch's
-memory profiler reports, and the total is within 4% of peak RSS when the C allocator hands large
-freed blocks back (glibc: mallopt M_MMAP_THRESHOLD = 1 MiB, M_TRIM_THRESHOLD = 0). With glibc's
-defaults, freed activations stay in the process and peak RSS runs 25-50% above the estimate.
+Measured on CPU, SmolLM2-135M with lorakit's trainer step (bf16, autocast, 2 cores):
+
+- Live tensors: the estimate less allocator and overhead is within 2% of the peak PyTorch's
+  memory profiler reports (balanced preset, batch 4 x 128: 1,026 vs 1,005 MiB).
+- Peak RSS with glibc's default malloc settings, after 3-4 steps of one batch shape: the live
+  tensors and the runtime plus 0.64-0.96 times the activations (seven configurations: the three
+  presets, batch 2-8, 128-512 tokens, all or 30% of positions labelled). glibc keeps the freed
+  blocks of one step for the next one, and its heap fragments; `allocator` takes the slack as
+  1.0 (tests/plan/test_plan_peak_rss.py checks three runs). Making glibc hand blocks back
+  instead (mallopt M_MMAP_THRESHOLD = 1 MiB, M_TRIM_THRESHOLD = 0) brings peak RSS to within 3%
+  of the total less `allocator`, but every step then faults its activations in afresh: 4-7x the
+  page faults, and 351 -> 246 tokens/s (-30%; balanced, batch 4 x 256). malloc_trim after each
+  step costs 12% (313 -> 276 tokens/s) and lowers the peak by only 8%. The trainer keeps glibc's
+  defaults.
+- Batches of varying length make peak RSS grow over a run, whatever the malloc settings: each new
+  batch shape leaves more heap fragments, and oneDNN caches kernels per shape. 80 steps of
+  task-api at batch 8 (8 x 56 to 8 x 92 tokens) peaked at 3,115 MiB, about 1.4 times this
+  total for the longest batch. Leave room above the estimate for long runs on varied lengths.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from lorakit.errors import ConfigError
@@ -55,7 +87,7 @@ from lorakit.plan.shapes import ModelShape
 from lorakit.plan.targets import TargetedModule
 
 __all__ = ["MemoryEstimate", "estimate_memory", "activation_bytes_per_token", "GiB", "DTYPES",
-           "OVERHEAD"]
+           "OVERHEAD", "ALLOCATOR_SLACK", "HEAD_ON_LABELS_ONLY"]
 
 GiB = 1024 ** 3
 DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -63,6 +95,13 @@ CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ADAPTER_BYTES_PER_PARAM = 4 + 4 + 4 + 4  # fp32 weight, gradient, AdamW exp_avg, exp_avg_sq
 LOSS_FP32_COPIES = 3  # fp32 log-softmax kept by cross-entropy; in backward two fp32 gradients
 OVERHEAD = {"cpu": GiB // 2, "cuda": GiB}
+# Bytes the C allocator holds beyond the live tensors, per byte of activations (see above).
+ALLOCATOR_SLACK = {"cpu": 1.0, "cuda": 0.0}
+# Architectures whose logits are exactly lm_head(final hidden state), on which lorakit's trainer
+# runs the output head on label positions only: lorakit.train.evaluate.HEAD_ON_LABELS_ONLY (the
+# planner does not import the trainer; tests/plan keep the two sets equal).
+HEAD_ON_LABELS_ONLY = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2",
+                                 "granite"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +112,7 @@ class MemoryEstimate:
     adapter: int
     activations: int
     logits: int
+    allocator: int
     overhead: int
     total: int
     budget: int | None  # the stated memory in bytes, if any
@@ -81,10 +121,14 @@ class MemoryEstimate:
     batch_size: int
     seq_len: int
     gradient_checkpointing: bool
+    autocast: bool
+    head_on_labels: bool
+    label_fraction: float
     activation_bytes_per_token: int  # per_token in the formula
 
     def __post_init__(self) -> None:
-        parts = self.weights + self.adapter + self.activations + self.logits + self.overhead
+        parts = (self.weights + self.adapter + self.activations + self.logits + self.allocator
+                 + self.overhead)
         assert parts == self.total, f"memory parts sum to {parts}, total says {self.total}"
 
     @property
@@ -95,7 +139,7 @@ class MemoryEstimate:
     def parts(self) -> dict[str, int]:
         return {"weights": self.weights, "adapter": self.adapter,
                 "activations": self.activations, "logits": self.logits,
-                "overhead": self.overhead}
+                "allocator": self.allocator, "overhead": self.overhead}
 
     def to_dict(self) -> dict:
         return asdict(self) | {"fits": self.fits}
@@ -104,7 +148,8 @@ class MemoryEstimate:
 def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable: int, *,
                     lora_dropout: float = 0.0, batch_size: int = 4, seq_len: int = 512,
                     dtype: str = "bfloat16", device: str = "cpu",
-                    gradient_checkpointing: bool = False,
+                    gradient_checkpointing: bool = False, autocast: bool = True,
+                    head_on_labels: bool | None = None, label_fraction: float = 1.0,
                     memory_gb: float | None = None) -> MemoryEstimate:
     """The training memory of LoRA on ``shape``: see the module docstring for the formula."""
     problems = []
@@ -115,6 +160,9 @@ def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable:
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             problems.append(f"{name}={value!r}: must be a positive integer")
+    if not (isinstance(label_fraction, (int, float)) and 0 < label_fraction <= 1):
+        problems.append(f"label_fraction={label_fraction!r}: must be above 0 and at most 1 "
+                        "(the share of positions that are prediction targets)")
     if memory_gb is not None and not memory_gb > 0:
         problems.append(f"memory_gb={memory_gb!r}: must be a positive number of GiB")
     if problems:
@@ -122,19 +170,29 @@ def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable:
     b = DTYPES[dtype]
     tokens = batch_size * seq_len
     per_token = activation_bytes_per_token(shape, targets, b, seq_len, lora_dropout=lora_dropout,
-                                           gradient_checkpointing=gradient_checkpointing)
+                                           gradient_checkpointing=gradient_checkpointing,
+                                           autocast=autocast)
+    if head_on_labels is None:
+        head_on_labels = shape.model_type in HEAD_ON_LABELS_ONLY
 
     weights = shape.total_params * b
-    adapter = trainable * ADAPTER_BYTES_PER_PARAM
+    adapter = trainable * (ADAPTER_BYTES_PER_PARAM + (b if autocast and b < 4 else 0))
     activations = tokens * per_token
-    logits = tokens * shape.vocab_size * (b + 4 * LOSS_FP32_COPIES)
+    if head_on_labels:
+        logits = math.ceil(tokens * label_fraction) * shape.vocab_size * 4 * LOSS_FP32_COPIES
+    else:
+        logits = tokens * shape.vocab_size * (b + 4 * LOSS_FP32_COPIES)
+    allocator = math.ceil(ALLOCATOR_SLACK[device] * activations)
     overhead = OVERHEAD[device]
     return MemoryEstimate(
         weights=weights, adapter=adapter, activations=activations, logits=logits,
-        overhead=overhead, total=weights + adapter + activations + logits + overhead,
+        allocator=allocator, overhead=overhead,
+        total=weights + adapter + activations + logits + allocator + overhead,
         budget=None if memory_gb is None else int(memory_gb * GiB), device=device,
         dtype=CANONICAL_DTYPE.get(dtype, dtype), batch_size=batch_size, seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing, activation_bytes_per_token=per_token)
+        gradient_checkpointing=gradient_checkpointing, autocast=autocast,
+        head_on_labels=head_on_labels, label_fraction=label_fraction,
+        activation_bytes_per_token=per_token)
 
 
 # Modules whose inputs are the same tensor (q, k and v all read the normed hidden state).
@@ -145,7 +203,8 @@ _INPUT_GROUPS = {"q_proj": "attention in", "k_proj": "attention in", "v_proj": "
 
 def activation_bytes_per_token(shape: ModelShape, targets: list[TargetedModule], b: int,
                                seq_len: int, *, lora_dropout: float = 0.0,
-                               gradient_checkpointing: bool = False) -> int:
+                               gradient_checkpointing: bool = False,
+                               autocast: bool = True) -> int:
     """Bytes autograd keeps per token: ``per_token`` in the module docstring."""
     h = shape.hidden_size
     q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -155,17 +214,18 @@ def activation_bytes_per_token(shape: ModelShape, targets: list[TargetedModule],
              + shape.num_heads * seq_len * shape.attention_scores_bytes
              + shape.mlp_saved * shape.intermediate_size * b)
     final_norm = 4 * h + 4
+    c = b if autocast else 4  # bytes of each value an adapter keeps (its input, x·A)
     lora_by_block: dict[int | None, int] = {}
     shared: set[tuple] = set()
     for t in targets:
         layer = _block_index(shape, t.name)
         group = (layer, _INPUT_GROUPS.get(t.module.roles[0], t.name) if t.module.roles else t.name)
-        copy = 4 * t.module.in_features
-        if b == 4 and group in shared:
+        copy = c * t.module.in_features
+        if c == 4 and b == 4 and group in shared:
             copy = 0  # float32 training: the cast is a no-op, the shared input is kept once
         shared.add(group)
         mask = 4 * t.module.in_features if lora_dropout > 0 else 0
-        lora_by_block[layer] = lora_by_block.get(layer, 0) + copy + mask + 4 * t.r
+        lora_by_block[layer] = lora_by_block.get(layer, 0) + copy + mask + c * t.r
     layers = [i for i in lora_by_block if i is not None]
     first = 0 if None in lora_by_block and any(t.module.group == "embedding" for t in targets) \
         else min(layers, default=shape.num_layers)

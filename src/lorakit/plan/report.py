@@ -97,6 +97,7 @@ def _cost_table(plan: "Plan") -> list[str]:
     row("  adapter+grads+AdamW", lambda e: human_bytes(e.memory.adapter))
     row("  activations", lambda e: human_bytes(e.memory.activations))
     row("  logits", lambda e: human_bytes(e.memory.logits))
+    row("  allocator slack", lambda e: human_bytes(e.memory.allocator))
     row("  runtime overhead", lambda e: human_bytes(e.memory.overhead))
     row("  total", lambda e: human_bytes(e.memory.total))
     if plan.memory_gb is not None:

@@ -1,0 +1,45 @@
+"""Run one real training (`lorakit.train.train`) and print, as one JSON line, the process's peak
+RSS and the largest batch it trained on. Used by test_plan_peak_rss.py in a subprocess, so that
+the peak belongs to the run alone:
+
+    python tests/plan/train_peak.py '{"model": "smollm2-135m", "data": "data.jsonl", ...}'
+
+The argument is a TrainConfig as JSON. The trainer's loss function is wrapped only to record the
+shape of the largest training batch (batch x padded length) and the most label positions a
+training batch had.
+"""
+
+import json
+import sys
+
+import torch
+
+import lorakit.train.loop as loop
+from lorakit.data import IGNORE_INDEX
+from lorakit.train import TrainConfig, train
+
+
+def main() -> None:
+    largest = {"batch_size": 0, "seq_len": 0, "label_positions": 0}
+    loss_sum = loop.loss_sum
+
+    def recording(model, batch):
+        if torch.is_grad_enabled():  # a training step, not a held-out evaluation
+            b, t = batch["input_ids"].shape
+            labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if b * t > largest["batch_size"] * largest["seq_len"]:
+                largest.update(batch_size=b, seq_len=t)
+            largest["label_positions"] = max(labels, largest["label_positions"])
+        return loss_sum(model, batch)
+
+    loop.loss_sum = recording
+    result = train(TrainConfig(**json.loads(sys.argv[1])), progress=False)
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    peak = int(status["VmHWM"].split()[0]) * 1024  # peak resident set size, kB -> bytes
+    print(json.dumps({"peak_rss": peak, "precision": result.summary["precision"],
+                      "steps": result.steps, **largest}))
+
+
+if __name__ == "__main__":
+    main()

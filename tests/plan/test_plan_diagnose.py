@@ -1,4 +1,5 @@
-"""Each verdict of `diagnose` for a metrics file made to show it; the metrics reader's rules."""
+"""Each verdict of `diagnose` for a metrics file made to show it, a real short run that overfits on
+purpose, and the metrics reader's rules."""
 
 import json
 import math
@@ -159,3 +160,43 @@ def test_a_malformed_line_is_a_data_error_naming_it(tmp_path, line, message):
 def test_missing_metrics_say_what_to_pass(tmp_path):
     with pytest.raises(DataError, match="run directory"):
         diagnose(tmp_path)
+
+
+def test_one_high_last_point_on_a_noisy_plateau_is_not_overfitting(tmp_path):
+    # The held-out loss levels off around 0.5 (+-4%); its last point happens to be 5.7% above
+    # the lowest one, but the last three average only 3.9% above it.
+    evals = [(100, 1.2), (200, 0.7), (300, 0.52), (400, 0.49), (500, 0.51), (600, 0.50),
+             (700, 0.518)]
+    run = write_run(tmp_path, noisy(decay(140, 2.5, 0.3, 0.04)), evals=evals)
+    assert diagnose(run).verdict == "healthy"
+
+
+def test_a_real_run_that_overfits_on_purpose(tiny_model_dir, tmp_path):
+    """A tiny random Llama memorises 4 task-api examples for 40 epochs (LoRA on q, v and the
+    output head, lr 1e-2): its training loss keeps falling, its held-out loss turns up after
+    about 12 steps. (At 2e-2 and above the loss of this model also spikes now and then.)"""
+    from lorakit.train import TrainConfig, train
+
+    config = TrainConfig(model=str(tiny_model_dir), data="task-api", train_examples=4,
+                         batch_size=4, max_steps=40, learning_rate=1e-2, r=16,
+                         target_modules=["q_proj", "v_proj", "lm_head"], eval_every=4,
+                         eval_examples=16, score_examples=2, max_new_tokens=4, save_every=0,
+                         log_every=1, precision="fp32", run_dir=str(tmp_path / "run"))
+    result = train(config, progress=False)
+
+    metrics = read_metrics(result.run_dir)  # what the trainer logs is what the reader reads
+    assert [p.step for p in metrics.train] == list(range(1, 41))
+    assert all(None not in (p.epoch, p.lr, p.grad_norm, p.tokens, p.elapsed_s)
+               for p in metrics.train)
+    assert [e.step for e in metrics.evals] == list(range(0, 41, 4))
+    assert metrics.skipped == 2  # the task score before and after
+
+    d = diagnose(result.run_dir)
+    assert d.verdict == "overfitting", (d.summary, d.evidence)
+    best = min(metrics.evals, key=lambda e: e.eval_loss)
+    assert d.marker_step == best.step < 40
+    assert f"lowest, {best.eval_loss:.3f}, at step {best.step} (epoch {best.step:.2f})" \
+        in d.evidence[0]
+    assert "training loss kept falling" in d.evidence[1]
+    changes = " | ".join(d.changes)
+    assert f"stop at step {best.step}" in changes and "r=16 -> 8" in changes

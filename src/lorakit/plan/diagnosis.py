@@ -7,14 +7,16 @@ The verdicts follow the LoRA lesson's troubleshooting, checked in this order:
   -> lower the learning rate, add warm-up, clip gradients.
 - not learning: training loss fell less than 5% from the first tenth of the steps to the last
   -> raise the learning rate or the rank, check the labels.
-- overfitting: held-out loss rose 5% above its best while training loss kept falling
-  -> lower rank, more dropout, fewer epochs (stop at the best step), more data.
+- overfitting: held-out loss rose 5% above its best, taken as the mean of the (up to) last three
+  evaluations after the best one, while training loss kept falling -> lower rank, more dropout,
+  fewer epochs (stop at the best step), more data. (Held-out losses on a few examples are noisy:
+  one low or high point at the end neither makes nor hides the pattern.)
 - underfitting: training loss levelled off (changed less than 2% over the last quarter) above
   --high-loss (1.0), held-out loss likewise -> raise rank, add MLP targets.
 - healthy: none of the above. With fewer than 8 training points: inconclusive.
 
-(The thresholds are the constants below: SPIKE_FACTOR, FLAT_DROP, RISE, PLATEAU_CHANGE,
-HIGH_LOSS, MIN_POINTS.)"""
+(The thresholds are the constants below: SPIKE_FACTOR, FLAT_DROP, RISE, TAIL_EVALS,
+PLATEAU_CHANGE, HIGH_LOSS, MIN_POINTS.)"""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ MIN_POINTS = 8
 SPIKE_FACTOR = 2.5
 FLAT_DROP = 0.05
 RISE = 0.05
+TAIL_EVALS = 3  # the held-out rise is the mean of up to this many last evaluations
 PLATEAU_CHANGE = 0.02
 HIGH_LOSS = 1.0  # nats per token: fine-tuning targets (formats, answers) usually end well below
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -115,14 +118,17 @@ def diagnose_metrics(metrics: Metrics, settings: dict[str, Any] | None = None, *
     evals = [e for e in metrics.evals if math.isfinite(e.eval_loss)]
     overfit = _overfitting(finite, evals, w)
     if overfit:
-        best, last, train_at_best = overfit
+        best, tail, train_at_best = overfit
+        last, tail_mean = tail[-1], sum(e.eval_loss for e in tail) / len(tail)
         r, dropout = settings.get("r"), settings.get("lora_dropout")
         epoch = _epoch_at(train, best.step)
         return verdict("overfitting", "held-out loss rose while training loss kept falling", [
             f"held-out loss was lowest, {best.eval_loss:.3f}, at step {best.step}"
             + (f" (epoch {epoch:.2f})" if epoch is not None else "")
             + f", then rose to {last.eval_loss:.3f} at step {last.step} "
-              f"({last.eval_loss / best.eval_loss - 1:+.1%})",
+              f"({last.eval_loss / best.eval_loss - 1:+.1%})"
+            + (f"; {tail_mean:.3f} on average over the last {len(tail)} evaluations "
+               f"({tail_mean / best.eval_loss - 1:+.1%})" if len(tail) > 1 else ""),
             f"training loss kept falling meanwhile: {train_at_best:.3f} -> {end:.3f}",
         ], [
             f"stop at step {best.step}" + (f" (epoch {epoch:.2f}): train fewer epochs"
@@ -215,18 +221,21 @@ def _divergence(train, finite, stats) -> tuple[list[str], int] | None:
 
 
 def _overfitting(finite, evals, w):
+    """(best evaluation, the evaluations the rise is measured on, training loss near the best)
+    when held-out loss rose RISE above its best while training loss kept falling, else None."""
     if len(evals) < 3:
         return None
     best_i = min(range(len(evals)), key=lambda i: evals[i].eval_loss)
-    best, last = evals[best_i], evals[-1]
-    if best_i == len(evals) - 1 or last.eval_loss < (1 + RISE) * best.eval_loss:
+    best, after = evals[best_i], evals[best_i + 1:]
+    tail = after[-TAIL_EVALS:]
+    if not tail or sum(e.eval_loss for e in tail) / len(tail) < (1 + RISE) * best.eval_loss:
         return None
     near = sorted(finite, key=lambda p: abs(p.step - best.step))[:w]
     train_at_best = _mean(near)
     later = [p for p in finite if p.step > best.step]
     if len(later) < 2 or _mean(later[-w:]) >= train_at_best:
         return None  # training loss did not keep falling: not the overfitting pattern
-    return best, last, train_at_best
+    return best, tail, train_at_best
 
 
 def _epoch_at(train, step: int) -> float | None:

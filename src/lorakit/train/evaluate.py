@@ -12,7 +12,7 @@ from lorakit.data import IGNORE_INDEX, Collator, Example
 from lorakit.infer.generate import generate_texts
 
 __all__ = [
-    "loss_sum", "heldout_loss", "ScoreResult", "score_examples", "split_prompt", "scorer_for", "evaluate_adapter",
+    "loss_sum", "model_inputs", "heldout_loss", "ScoreResult", "score_examples", "split_prompt", "scorer_for", "evaluate_adapter",
 ]
 
 # Architectures whose logits are exactly lm_head(final hidden state): for these the output head
@@ -22,6 +22,15 @@ HEAD_ON_LABELS_ONLY = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "ol
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a batch the model takes: a padded batch has ``attention_mask``; a packed one has
+    ``position_ids`` that restart at each example (and no mask), which keeps attention inside it."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -35,12 +44,11 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     count = int(mask.sum())
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
     if model_type in HEAD_ON_LABELS_ONLY and hasattr(lm, "get_decoder"):
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+        hidden = lm.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, H)
         picked = hidden[:, :-1][mask]  # (N, H)
         logits = lm.get_output_embeddings()(picked).float()  # (N, V)
         return F.cross_entropy(logits, labels[mask], reduction="sum"), count
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     logits = logits[:, :-1].float()  # (B, T-1, V)
     return F.cross_entropy(logits[mask], labels[mask], reduction="sum"), count
 

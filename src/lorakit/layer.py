@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit import fused
 from lorakit.errors import LorakitError
 
 __all__ = ["Adapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "is_conv1d", "supported_layer"]
@@ -191,9 +192,19 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``base(x) + scale * B(A(dropout(x)))`` summed over the active adapters."""
-        result = self.base_layer(x, *args, **kwargs)  # (..., out)
+        """``base(x) + scale * B(A(dropout(x)))`` summed over the active adapters.
+
+        One adapter on an `nn.Linear` takes the fused path (`lorakit.fused`): the same sum as
+        one autograd node. The loop below is the reference, and the path for everything else.
+        """
         adapters = self._adapters_for_forward()
+        if len(adapters) == 1 and fused.enabled() and not args and not kwargs and not self.fan_in_fan_out \
+                and type(self.base_layer) is nn.Linear:
+            a = adapters[0]
+            dtype = fused.compute_dtype(x, self.base_layer.weight, a.lora_A)
+            if dtype is not None:
+                return fused.lora_linear(x, self.base_layer, a.lora_A, a.lora_B, a.scaling, a.lora_dropout, dtype)
+        result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if not adapters:
             return result
         out_dtype = result.dtype

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lorakit.data import IGNORE_INDEX, Collator, Example
 from lorakit.infer.generate import generate_texts
+from lorakit.train.loss import head_cross_entropy
 
 __all__ = [
     "loss_sum", "model_inputs", "heldout_loss", "ScoreResult", "score_examples", "split_prompt", "scorer_for", "evaluate_adapter",
@@ -46,8 +47,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     if model_type in HEAD_ON_LABELS_ONLY and hasattr(lm, "get_decoder"):
         hidden = lm.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, H)
         picked = hidden[:, :-1][mask]  # (N, H)
-        logits = lm.get_output_embeddings()(picked).float()  # (N, V)
-        return F.cross_entropy(logits, labels[mask], reduction="sum"), count
+        return head_cross_entropy(picked, lm.get_output_embeddings(), labels[mask]), count
     logits = model(**model_inputs(batch)).logits
     logits = logits[:, :-1].float()  # (B, T-1, V)
     return F.cross_entropy(logits[mask], labels[mask], reduction="sum"), count

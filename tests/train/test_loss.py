@@ -1,0 +1,89 @@
+"""head_cross_entropy against F.cross_entropy on the full fp32 logits: loss and gradients."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lorakit.layer import LoraLinear
+from lorakit.train.loss import head_cross_entropy
+
+
+def _reference(hidden, head, labels):
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def _data(n=37, h=16, v=50, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    return hidden, labels
+
+
+def _frozen_head(h=16, v=50, bias=False, dtype=torch.float32):
+    torch.manual_seed(0)
+    head = nn.Linear(h, v, bias=bias, dtype=dtype)
+    head.requires_grad_(False)
+    return head
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_head_fp32_loss_and_hidden_gradient(chunk, bias):
+    head = _frozen_head(bias=bias)
+    hidden, labels = _data()
+    h1 = hidden.clone().requires_grad_(True)
+    loss = head_cross_entropy(h1, head, labels, chunk=chunk)
+    (loss * 0.5).backward()  # the backward scales by the incoming gradient
+    h2 = hidden.clone().requires_grad_(True)
+    ref = _reference(h2, head, labels)
+    (ref * 0.5).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_head_with_an_adapter_gets_its_gradients():
+    torch.manual_seed(0)
+    head = LoraLinear(nn.Linear(16, 50, bias=False))
+    head.base_layer.requires_grad_(False)
+    adapter = head.add_adapter("default", r=4, lora_alpha=8, init=False)
+    head.active_adapters = ["default"]
+    hidden, labels = _data()
+
+    def run(fn):
+        adapter.zero_grad(set_to_none=True)
+        h = hidden.clone().requires_grad_(True)
+        loss = fn(h)
+        loss.backward()
+        return loss.detach(), h.grad, adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone()
+
+    got = run(lambda h: head_cross_entropy(h, head, labels, chunk=10))
+    want = run(lambda h: _reference(h, head, labels))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_within_rounding():
+    head = _frozen_head(dtype=torch.bfloat16)
+    hidden, labels = _data(dtype=torch.bfloat16)
+    h1 = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_cross_entropy(h1, head, labels, chunk=16)
+    loss.backward()
+    h2 = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _reference(h2, head, labels)
+    ref.backward()
+    assert h1.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(h1.grad.float(), h2.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_no_grad_and_empty_input():
+    head = _frozen_head()
+    hidden, labels = _data()
+    with torch.no_grad():
+        torch.testing.assert_close(head_cross_entropy(hidden, head, labels, chunk=5),
+                                   _reference(hidden, head, labels), rtol=1e-5, atol=1e-5)
+    empty = head_cross_entropy(hidden[:0], head, labels[:0])
+    assert float(empty) == 0.0

@@ -1,0 +1,115 @@
+"""Attention for training on short sequences: one matmul-softmax-matmul node per layer.
+
+transformers' "sdpa" attention on CPU dispatches to a flash-attention kernel that is built for
+long sequences: for fine-tuning batches of a few hundred tokens its backward is slower than two
+plain batched matmuls, and with any mask (padding, or packed examples) transformers also copies
+the key and value heads for grouped-query attention. `lorakit_attention` computes
+
+    S = scale * Q K^T   (fp32)      P = softmax(S + mask)      O = P V
+
+as one autograd node: grouped-query heads share their key/value head without copies (the query
+heads of a group are stacked along the sequence axis), the scores and softmax are fp32, and the
+backward reuses the saved P (kept in the compute dtype) instead of recomputing it. It saves
+B x H x S x S probabilities per layer, so it runs only up to `MAX_SCORES` scores per layer and
+only for self-attention over the whole sequence (training and held-out loss); decoding with a
+cache, longer sequences, attention dropout and anything unusual go to transformers' sdpa.
+
+`use_lorakit_attention(model)` switches a loaded model over (Llama-family models only). Tests
+compare it with sdpa on outputs and gradients, padded and packed (tests/models/test_attention.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports"]
+
+ATTENTION = "lorakit"
+MAX_SCORES = 1 << 23  # B x H x Sq x Sk per layer: 8 x 9 x 256 x 256 = 4.7M; 16 MiB of bf16 probabilities
+SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3"}
+_MASKED = torch.finfo(torch.float32).min  # finite: a fully masked (padding) row gives a uniform row, not NaN
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        # q (B, H, S, D); k, v (B, Hkv, S, D); mask bool, broadcastable to (B, 1, S, S), True = attend
+        b, h, s, d = q.shape
+        hkv = k.shape[1]
+        g = h // hkv
+        qg = q.reshape(b, hkv, g * s, d)  # the g query heads of a group, stacked along the sequence
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float().view(b, hkv, g, s, s)  # (B, Hkv, g, S, S)
+        scores.mul_(scale).masked_fill_(~mask.unsqueeze(2), _MASKED)  # mask (B|1, 1, 1, S, S)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * s, s)
+        out = torch.matmul(probs, v)  # (B, Hkv, g*S, D)
+        ctx.save_for_backward(qg, k, v, probs)
+        ctx.scale = scale
+        return out.view(b, h, s, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qg, k, v, probs = ctx.saved_tensors
+        b, hkv, gs, d = qg.shape
+        grad_out = grad_out.reshape(b, hkv, gs, d)
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # (B, Hkv, S, D)
+        grad_p = torch.matmul(grad_out, v.transpose(-1, -2)).float()  # (B, Hkv, g*S, S)
+        p = probs.float()
+        grad_s = grad_p.sub_((grad_p * p).sum(-1, keepdim=True)).mul_(p).mul_(ctx.scale).to(qg.dtype)
+        grad_q = torch.matmul(grad_s, k)  # (B, Hkv, g*S, D)
+        grad_k = torch.matmul(grad_s.transpose(-1, -2), qg)  # (B, Hkv, S, D)
+        return grad_q.view(b, hkv * (gs // k.shape[2]), k.shape[2], d), grad_k, grad_v, None, None
+
+
+def _usable(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
+    b, h, sq, _ = query.shape
+    sk = key.shape[2]
+    return (
+        sq == sk and dropout == 0.0 and b * h * sq * sk <= MAX_SCORES and h % key.shape[1] == 0
+        and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
+        and kwargs.get("position_bias") is None and getattr(module, "is_causal", True)
+        and (attention_mask is None or attention_mask.dtype == torch.bool)
+        and query.dtype == key.dtype == value.dtype
+    )
+
+
+def lorakit_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-function signature; returns ((B, S, H, D) output, None)."""
+    if not _usable(module, query, key, value, attention_mask, dropout, kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    s = query.shape[2]
+    if attention_mask is None:  # transformers leaves the mask out when plain causal attention is meant
+        attention_mask = torch.ones(s, s, dtype=torch.bool, device=query.device).tril()[None, None]
+    mask = attention_mask[..., :s, :s]  # (B|1, 1|H, S, S)
+    if mask.shape[1] != 1:
+        mask = mask[:, :1]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = _Attention.apply(query, key, value, mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make "lorakit" an attention implementation transformers knows (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, lorakit_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def supports(model) -> bool:
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in SUPPORTED_TYPES
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager", ATTENTION)
+            and not getattr(config, "sliding_window", None))
+
+
+def use_lorakit_attention(model) -> bool:
+    """Switch ``model`` (a transformers model) to lorakit's attention where supported; returns whether it did."""
+    if not supports(model):
+        return False
+    register()
+    model.config._attn_implementation = ATTENTION
+    return True

@@ -1,0 +1,75 @@
+"""How the trainer sets a model up for speed, in one place (the trainer and bench/ both call it).
+
+- attention: lorakit's training attention (`lorakit.models.attention`) for Llama-family models
+  ("auto"), or the model's own ("sdpa", "eager");
+- gradient checkpointing (optional): keep only each layer's input and recompute the rest in the
+  backward, trading about a third more compute for most of the activation memory;
+- torch.compile (optional): compiles each decoder layer; pays off on GPUs and long runs with few
+  distinct batch shapes, costs minutes of compiling on a CPU;
+- AdamW with the fused (single-kernel) update where PyTorch has one for the device.
+
+The fused LoRA layers (`lorakit.fused`) and the chunked loss head (`lorakit.train.loss`) need no
+switch: they are the default path of every lorakit model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.models.attention import use_lorakit_attention
+
+__all__ = ["ATTENTION_CHOICES", "make_optimizer", "speed_up"]
+
+ATTENTION_CHOICES = ("auto", "lorakit", "sdpa", "eager")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over ``params``; the fused implementation when every parameter is a floating tensor on
+    CPU or CUDA (the same update, one kernel instead of about ten small ones per parameter)."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    return list(getattr(decoder, "layers", []))
+
+
+def speed_up(model, *, attention: str = "auto", gradient_checkpointing: bool = False,
+             compile: bool = False) -> list[str]:
+    """Apply the trainer's speed settings to a (LoRA-wrapped) transformers model.
+
+    Returns one line per setting that took effect or was not available, for the run's log.
+    """
+    if attention not in ATTENTION_CHOICES:
+        raise ConfigError(f"attention={attention!r}: must be one of {', '.join(ATTENTION_CHOICES)}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    notes = []
+    if attention in ("auto", "lorakit"):
+        if use_lorakit_attention(base):
+            notes.append("attention: lorakit (fused training attention)")
+        elif attention == "lorakit":
+            raise ConfigError(
+                f"attention='lorakit' supports Llama-family models; this is {base.config.model_type!r}. "
+                "Use attention='auto' to keep the model's own attention"
+            )
+        else:
+            notes.append(f"attention: {base.config._attn_implementation} (the model's own)")
+    else:
+        base.config._attn_implementation = attention
+        notes.append(f"attention: {attention}")
+    if gradient_checkpointing:
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"gradient_checkpointing: {type(base).__name__} does not support it; turn it off")
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        notes.append("gradient checkpointing: on (each decoder layer recomputed in the backward)")
+    if compile:
+        layers = _decoder_layers(model)
+        if not layers:
+            raise ConfigError("compile: found no decoder layers to compile in this model; turn it off")
+        for layer in layers:
+            layer.compile(dynamic=None)
+        notes.append(f"torch.compile: {len(layers)} decoder layers (the first steps include compiling)")
+    return notes

@@ -6,6 +6,9 @@ Typical use::
     splits = load_data("task-api", tokenizer=tokenizer, max_length=512)
     print(splits.train.summary())
     loader = DataLoader(splits.train, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
+    # a Llama-family model (supports_packing) can take the same examples packed into rows,
+    # attention kept inside each example (run its forward passes under without_kv_cache(model))
+    packed = PackingCollator(tokenizer.pad_token_id, pack_length=512)
 """
 
 from . import task_api
@@ -13,6 +16,7 @@ from .collate import Collator, length_grouped_batches
 from .dataset import OVERLONG_POLICIES, TokenizedDataset, tokenize_records
 from .encode import IGNORE_INDEX, Example, assistant_spans, encode_record
 from .load import BUILTIN_DATASETS, DataSplits, load_data, split_records
+from .packing import PackingCollator, real_token_count, supports_packing, without_kv_cache
 from .records import REASONS, ROLES, Record, parse_record, read_jsonl, records_from_dicts
 
 __all__ = [
@@ -24,6 +28,7 @@ __all__ = [
     "Collator",
     "DataSplits",
     "Example",
+    "PackingCollator",
     "Record",
     "TokenizedDataset",
     "assistant_spans",
@@ -32,8 +37,11 @@ __all__ = [
     "load_data",
     "parse_record",
     "read_jsonl",
+    "real_token_count",
     "records_from_dicts",
     "split_records",
+    "supports_packing",
     "task_api",
     "tokenize_records",
+    "without_kv_cache",
 ]

@@ -56,6 +56,10 @@ class TrainConfig:
     max_steps: Optional[int] = None
     """Optimizer steps to run; overrides epochs when set."""
     batch_size: int = 8
+    packing: bool = True
+    """Lay each micro-batch's examples end to end in rows of up to max_length tokens, attention
+    kept inside each example, instead of padding them: same loss, less padding. Llama-family
+    models only; others fall back to padded batches, with a message."""
     grad_accum: int = 1
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -109,6 +113,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 yield f"{name}={value!r}: must be a positive integer or unset"
+        for name in ("skip_bad_records", "use_rslora", "packing", "score_before"):
+            if not isinstance(getattr(self, name), bool):
+                yield f"{name}={getattr(self, name)!r}: must be true or false"
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)):
             yield f"epochs={self.epochs!r}: must be a positive number"
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):

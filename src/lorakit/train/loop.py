@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from lorakit import PeftModel, get_peft_model, io
-from lorakit.data import Collator, length_grouped_batches, load_data
+from lorakit.data import (Collator, PackingCollator, length_grouped_batches, load_data, real_token_count,
+                          supports_packing, without_kv_cache)
 from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
 from lorakit.models import load_model
 from lorakit.train import checkpoint as ckpt
@@ -107,6 +108,9 @@ class _Run:
     score_set: list
     scorer: str
     collate: Collator
+    """Padded batches, for the held-out loss."""
+    train_collate: Collator | PackingCollator
+    """The training micro-batches: packed rows where the model supports them, else padded."""
     optimizer: torch.optim.Optimizer
     params: list
     total_steps: int
@@ -143,6 +147,13 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     peft_model = get_peft_model(model, config.lora_config())
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    collate = Collator(tokenizer.pad_token_id)
+    train_collate = collate
+    if config.packing and supports_packing(peft_model):
+        train_collate = PackingCollator(tokenizer.pad_token_id, pack_length=config.max_length)
+    elif config.packing:
+        print(f"packing off: {model.config.model_type} with {model.config._attn_implementation} attention may let "
+              "packed examples see each other, so training uses padded batches (same loss, more padding)", flush=True)
     steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     return _Run(
@@ -150,7 +161,7 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
         autocast=autocast_for(precision, device), peft_model=peft_model, tokenizer=tokenizer, splits=splits,
         examples=examples, eval_set=heldout[: config.eval_examples] if config.eval_examples else heldout,
         score_set=heldout[: config.score_examples], scorer=scorer_for(config.data),
-        collate=Collator(tokenizer.pad_token_id), optimizer=optimizer, params=params,
+        collate=collate, train_collate=train_collate, optimizer=optimizer, params=params,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         warmup=warmup_steps(total_steps, config.warmup_ratio), metrics=MetricsLog(run_dir / "metrics.jsonl"),
     )
@@ -197,7 +208,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             batches = _epoch_batches(lengths, config, epoch)
             while batch_pos < len(batches) and step < run.total_steps:
                 started = time.perf_counter()
-                group = [run.collate([run.examples[i] for i in idx])
+                group = [run.train_collate([run.examples[i] for i in idx])
                          for idx in batches[batch_pos:batch_pos + config.grad_accum]]
                 group = [{k: v.to(run.device) for k, v in b.items()} for b in group]
                 step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
@@ -207,7 +218,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                     g["lr"] = lr
                 step_loss = 0.0
                 for batch in group:
-                    with run.autocast():
+                    with run.autocast(), without_kv_cache(model):  # a cache would join packed examples
                         loss, _ = loss_sum(model, batch)
                     (loss / step_tokens).backward()
                     step_loss += loss.item()
@@ -224,7 +235,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batch_pos += len(group)
-                state["tokens"] += sum(int(b["attention_mask"].sum()) for b in group)
+                state["tokens"] += sum(real_token_count(b) for b in group)
                 state["loss_tokens"] += step_tokens
                 state["train_seconds"] += time.perf_counter() - started
                 window_loss, window_tokens = window_loss + step_loss * step_tokens, window_tokens + step_tokens
@@ -300,7 +311,8 @@ def _finish(run: _Run, state: dict, progress: bool) -> RunResult:
     summary = {
         "r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,
-        "precision": run.precision, "steps": state["step"], "epochs": state["step"] / run.steps_per_epoch,
+        "precision": run.precision, "packing": isinstance(run.train_collate, PackingCollator),
+        "steps": state["step"], "epochs": state["step"] / run.steps_per_epoch,
         "tokens": state["tokens"], "loss_tokens": state["loss_tokens"], "train_seconds": state["train_seconds"],
         "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "final_loss": train_losses[-1] if train_losses else None,

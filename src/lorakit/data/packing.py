@@ -1,0 +1,141 @@
+"""Packing: a micro-batch's examples laid end to end in a few rows, attention kept inside each.
+
+A padded batch of B examples is a (B, T) tensor, T the longest example; most of it is padding
+when lengths vary. A packed batch puts the same examples into R <= B rows of length L with
+first-fit decreasing, and restarts ``position_ids`` at 0 at each example. Given ``position_ids``
+and no ``attention_mask``, transformers' masking (``find_packed_sequence_indices``) cuts the
+causal mask into one block per run of consecutive positions, so a token attends only to the
+earlier tokens of its own example:
+
+    row:           a0 a1 a2 b0 b1 <pad> <pad>
+    position_ids:   0  1  2  0  1   0     1
+    labels:        -100 a1 a2 -100 b1 -100 -100
+
+The labels of every example's first token are IGNORE_INDEX, so no example is trained to predict
+its first token from the one before it. The loss, and its gradients, are those of the padded
+batch (tests/data/test_packing.py checks logits, loss and gradients on a tiny Llama).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .collate import _fields
+from .encode import IGNORE_INDEX, Example
+
+__all__ = ["PackingCollator", "PACKING_MODEL_TYPES", "real_token_count", "supports_packing", "without_kv_cache"]
+
+# Decoder-only models whose attention takes transformers' packed-sequence mask from position_ids
+# and whose rotary positions come from position_ids (the Llama family).
+PACKING_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "granite"}
+PACKING_ATTENTION = ("sdpa", "eager")  # the implementations that build the mask from position_ids
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of indices whose lengths sum to at most ``capacity``: longest first, each into the
+    first bin it fits (ties keep index order, so the result is deterministic)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > capacity:
+            raise ConfigError(f"an example of {lengths[i]} tokens does not fit a row of {capacity}")
+        target = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if target is None:
+            bins.append([])
+            room.append(capacity)
+            target = len(bins) - 1
+        bins[target].append(i)
+        room[target] -= lengths[i]
+    return bins
+
+
+@dataclass(frozen=True)
+class PackingCollator:
+    """``collate_fn`` that packs a list of Examples into as few rows as it can.
+
+    Each row holds at most ``max(pack_length, longest example)`` tokens. Returns LongTensors of
+    shape (R, L), L the longest row (rounded up to ``pad_to_multiple_of`` when set):
+    ``input_ids`` (pad_token_id on the tail padding), ``labels`` (IGNORE_INDEX on padding and on
+    each example's first token), ``position_ids`` (0, 1, ... per example; the tail padding is a
+    run of its own) and ``token_mask`` (1 on example tokens, 0 on padding; not a model input,
+    see ``real_token_count``). There is no ``attention_mask``: with one, transformers would
+    not build the per-example mask.
+    """
+
+    pad_token_id: int
+    pack_length: int
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pack_length, bool) or not isinstance(self.pack_length, int) or self.pack_length < 1:
+            raise ConfigError(f"pack_length={self.pack_length!r}: must be a positive integer, e.g. 512")
+
+    def __call__(self, batch: Sequence[Example | Mapping]) -> dict[str, torch.Tensor]:
+        pairs = [_fields(item) for item in batch]
+        lengths = [len(ids) for ids, _ in pairs]
+        rows = first_fit_decreasing(lengths, max(self.pack_length, *lengths))
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (R, L)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, L)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)
+        token_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                ids, labs = pairs[i]
+                end = start + len(ids)
+                input_ids[r, start:end] = torch.as_tensor(ids, dtype=torch.long)
+                labels[r, start + 1:end] = torch.as_tensor(labs[1:], dtype=torch.long)  # first token: IGNORE
+                position_ids[r, start:end] = torch.arange(len(ids))
+                token_mask[r, start:end] = 1
+                start = end
+            position_ids[r, start:] = torch.arange(width - start)  # the tail padding: a run of its own
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+
+
+def real_token_count(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens of the examples in a batch, padding not counted: ``attention_mask`` of a padded
+    batch, ``token_mask`` of a packed one, else every position."""
+    for key in ("attention_mask", "token_mask"):
+        if key in batch:
+            return int(batch[key].sum())
+    return batch["input_ids"].numel()
+
+
+def _config(model: torch.nn.Module):
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm, "config", None)
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """Whether packed rows give ``model`` the same loss as padded ones: a Llama-family model type
+    (``PACKING_MODEL_TYPES``) with sdpa or eager attention."""
+    config = _config(model)
+    return (getattr(config, "model_type", None) in PACKING_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in PACKING_ATTENTION)
+
+
+@contextlib.contextmanager
+def without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Forward passes in this block build no key/value cache.
+
+    A Llama forward makes a DynamicCache when ``config.use_cache`` is on (the default), and
+    transformers builds the per-example mask of a packed row only when there is no cache; with
+    one, a packed row's examples attend to each other. Training needs no cache in any case.
+    """
+    config = _config(model)
+    previous = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.use_cache = previous

@@ -10,8 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.data import (IGNORE_INDEX, Collator, Example, PackingCollator, real_token_count, supports_packing,
-                          without_kv_cache)
+from lorakit.data import IGNORE_INDEX, Collator, Example, PackingCollator, real_token_count, supports_packing
+from lorakit.models.attention import register as register_lorakit_attention
 from lorakit.train import TrainConfig, train
 from lorakit.train.evaluate import loss_sum
 from lorakit.train.report import read_metrics
@@ -90,14 +90,16 @@ def _tiny_llama(attn="sdpa", seed=0):
     return LlamaForCausalLM(config).float()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "lorakit"])
 def test_logits_of_an_example_inside_a_packed_row_equal_the_example_alone(attn):
+    register_lorakit_attention()
     model = _tiny_llama(attn).eval()
     examples = _examples([17, 9, 5, 12, 3, 20])
     batch = PackingCollator(pad_token_id=PAD, pack_length=40)(examples)
     assert batch["input_ids"].shape[0] < len(examples)  # rows do hold several examples
-    with torch.no_grad(), without_kv_cache(model):
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits  # (R, L, V)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits  # (R, L, V)
         checked = 0
         for r in range(packed.shape[0]):
             starts = (batch["position_ids"][r] == 0).nonzero().flatten().tolist() + [packed.shape[1]]
@@ -110,15 +112,15 @@ def test_logits_of_an_example_inside_a_packed_row_equal_the_example_alone(attn):
     assert checked == len(examples)
 
 
-def test_without_kv_cache_is_what_keeps_packed_examples_apart():
+def test_a_key_value_cache_would_join_packed_examples_so_the_loss_builds_none():
+    """transformers builds the per-example mask only without a cache: `loss_sum` passes
+    use_cache=False, and this pins why."""
     model = _tiny_llama().eval()
     batch = PackingCollator(pad_token_id=PAD, pack_length=64)(_examples([10, 8]))
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     with torch.no_grad():
-        with without_kv_cache(model):
-            apart = model(**inputs).logits
-        assert model.config.use_cache is True  # restored
-        joined = model(**inputs).logits  # a DynamicCache is made, and the per-example mask is not
+        apart = model(**inputs, use_cache=False).logits
+        joined = model(**inputs).logits  # config.use_cache: a DynamicCache is made, the per-example mask is not
     second = slice(10, 18)
     alone = model(input_ids=batch["input_ids"][:, second], use_cache=False).logits
     assert torch.allclose(apart[:, second], alone, atol=1e-5)
@@ -135,8 +137,7 @@ def test_loss_and_lora_gradients_of_a_packed_batch_equal_the_padded_batch():
     results = []
     for batch in (Collator(PAD)(examples), PackingCollator(pad_token_id=PAD, pack_length=48)(examples)):
         model.zero_grad(set_to_none=True)
-        with without_kv_cache(model):
-            loss, count = loss_sum(model, batch)
+        loss, count = loss_sum(model, batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.item(), count, grads))

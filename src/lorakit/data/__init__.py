@@ -7,8 +7,8 @@ Typical use::
     print(splits.train.summary())
     loader = DataLoader(splits.train, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
     # a Llama-family model (supports_packing) can take the same examples packed into rows,
-    # attention kept inside each example (run its forward passes under without_kv_cache(model))
-    packed = PackingCollator(tokenizer.pad_token_id, pack_length=512)
+    # attention kept inside each example (forward passes without a key/value cache, as loss_sum)
+    packed = PackingCollator(tokenizer.pad_token_id)  # rows no longer than the longest example
 """
 
 from . import task_api
@@ -16,7 +16,7 @@ from .collate import Collator, length_grouped_batches
 from .dataset import OVERLONG_POLICIES, TokenizedDataset, tokenize_records
 from .encode import IGNORE_INDEX, Example, assistant_spans, encode_record
 from .load import BUILTIN_DATASETS, DataSplits, load_data, split_records
-from .packing import PackingCollator, real_token_count, supports_packing, without_kv_cache
+from .packing import PackingCollator, real_token_count, supports_packing
 from .records import REASONS, ROLES, Record, parse_record, read_jsonl, records_from_dicts
 
 __all__ = [
@@ -43,5 +43,4 @@ __all__ = [
     "supports_packing",
     "task_api",
     "tokenize_records",
-    "without_kv_cache",
 ]

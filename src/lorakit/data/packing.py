@@ -3,9 +3,9 @@
 A padded batch of B examples is a (B, T) tensor, T the longest example; most of it is padding
 when lengths vary. A packed batch puts the same examples into R <= B rows of length L with
 first-fit decreasing, and restarts ``position_ids`` at 0 at each example. Given ``position_ids``
-and no ``attention_mask``, transformers' masking (``find_packed_sequence_indices``) cuts the
-causal mask into one block per run of consecutive positions, so a token attends only to the
-earlier tokens of its own example:
+and no ``attention_mask`` (and no key/value cache, which `loss_sum` never builds), transformers'
+masking (``find_packed_sequence_indices``) cuts the causal mask into one block per run of
+consecutive positions, so a token attends only to the earlier tokens of its own example:
 
     row:           a0 a1 a2 b0 b1 <pad> <pad>
     position_ids:   0  1  2  0  1   0     1
@@ -18,8 +18,7 @@ batch (tests/data/test_packing.py checks logits, loss and gradients on a tiny Ll
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +27,12 @@ from ..errors import ConfigError
 from .collate import _fields
 from .encode import IGNORE_INDEX, Example
 
-__all__ = ["PackingCollator", "PACKING_MODEL_TYPES", "real_token_count", "supports_packing", "without_kv_cache"]
+__all__ = ["PackingCollator", "PACKING_MODEL_TYPES", "real_token_count", "supports_packing"]
 
 # Decoder-only models whose attention takes transformers' packed-sequence mask from position_ids
 # and whose rotary positions come from position_ids (the Llama family).
 PACKING_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "granite"}
-PACKING_ATTENTION = ("sdpa", "eager")  # the implementations that build the mask from position_ids
+PACKING_ATTENTION = ("sdpa", "eager", "lorakit")  # the implementations that build the mask from position_ids
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -58,7 +57,9 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 class PackingCollator:
     """``collate_fn`` that packs a list of Examples into as few rows as it can.
 
-    Each row holds at most ``max(pack_length, longest example)`` tokens. Returns LongTensors of
+    Each row holds at most ``max(pack_length, longest example)`` tokens; with ``pack_length=None``
+    (the trainer's choice) no row is longer than the longest example, so packing never makes
+    attention's S x S work larger than the padded batch's, and only removes padding. Returns LongTensors of
     shape (R, L), L the longest row (rounded up to ``pad_to_multiple_of`` when set):
     ``input_ids`` (pad_token_id on the tail padding), ``labels`` (IGNORE_INDEX on padding and on
     each example's first token), ``position_ids`` (0, 1, ... per example; the tail padding is a
@@ -68,17 +69,19 @@ class PackingCollator:
     """
 
     pad_token_id: int
-    pack_length: int
+    pack_length: int | None = None
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
+        if self.pack_length is None:
+            return
         if isinstance(self.pack_length, bool) or not isinstance(self.pack_length, int) or self.pack_length < 1:
-            raise ConfigError(f"pack_length={self.pack_length!r}: must be a positive integer, e.g. 512")
+            raise ConfigError(f"pack_length={self.pack_length!r}: must be a positive integer, e.g. 512, or None")
 
     def __call__(self, batch: Sequence[Example | Mapping]) -> dict[str, torch.Tensor]:
         pairs = [_fields(item) for item in batch]
         lengths = [len(ids) for ids, _ in pairs]
-        rows = first_fit_decreasing(lengths, max(self.pack_length, *lengths))
+        rows = first_fit_decreasing(lengths, max(self.pack_length or 0, *lengths))
         width = max(sum(lengths[i] for i in row) for row in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -120,22 +123,3 @@ def supports_packing(model: torch.nn.Module) -> bool:
     config = _config(model)
     return (getattr(config, "model_type", None) in PACKING_MODEL_TYPES
             and getattr(config, "_attn_implementation", None) in PACKING_ATTENTION)
-
-
-@contextlib.contextmanager
-def without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
-    """Forward passes in this block build no key/value cache.
-
-    A Llama forward makes a DynamicCache when ``config.use_cache`` is on (the default), and
-    transformers builds the per-example mask of a packed row only when there is no cache; with
-    one, a packed row's examples attend to each other. Training needs no cache in any case.
-    """
-    config = _config(model)
-    previous = getattr(config, "use_cache", None)
-    if config is not None:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        if config is not None:
-            config.use_cache = previous

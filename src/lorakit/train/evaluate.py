@@ -30,7 +30,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys of a batch the model takes: a padded batch has ``attention_mask``; a packed one has
-    ``position_ids`` that restart at each example (and no mask), which keeps attention inside it."""
+    ``position_ids`` that restart at each example (and no mask), which keeps attention inside it
+    as long as the forward builds no key/value cache (``use_cache=False``, as `loss_sum` passes)."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
@@ -45,10 +46,10 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     count = int(mask.sum())
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
     if model_type in HEAD_ON_LABELS_ONLY and hasattr(lm, "get_decoder"):
-        hidden = lm.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, H)
+        hidden = lm.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, H)
         picked = hidden[:, :-1][mask]  # (N, H)
         return head_cross_entropy(picked, lm.get_output_embeddings(), labels[mask]), count
-    logits = model(**model_inputs(batch)).logits
+    logits = model(**model_inputs(batch), use_cache=False).logits
     logits = logits[:, :-1].float()  # (B, T-1, V)
     return F.cross_entropy(logits[mask], labels[mask], reduction="sum"), count
 

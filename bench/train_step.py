@@ -2,7 +2,7 @@
 
 Model SmolLM2-135M-Instruct; a fixed batch of --batch x --seq tokens cut from the built-in
 task-api training data (labels only on the answers, attention mask all ones); LoRA r=--rank,
-alpha=2r, dropout 0 on all seven projections; AdamW lr 1e-4. A step is forward, loss, backward,
+alpha=2r, dropout 0 on all seven projections; AdamW lr 1e-4 (the fused kernel, for every config). A step is forward, loss, backward,
 optimizer step, zero_grad (no gradient clipping in any config). Configs:
 
   lorakit       the lorakit trainer's step: bf16 frozen weights and bf16 autocast where the hardware
@@ -105,12 +105,14 @@ def build_step(config: str, args, device: torch.device):
     optimizer live inside the step function."""
     import lorakit
     from lorakit.models import load_tokenizer, resolve_model_dir
+    from lorakit.train.fast import make_optimizer
 
     batch = fixed_batch(load_tokenizer(MODEL), args.batch, args.seq, device)
     lora = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
                 task_type="CAUSAL_LM")
     if config.startswith("lorakit"):
         from lorakit.train.evaluate import loss_sum
+        from lorakit.train.fast import speed_up
         from lorakit.train.loop import autocast_for, resolve_precision
 
         precision = "fp32" if config == "lorakit-fp32" else resolve_precision("auto", device)
@@ -119,6 +121,7 @@ def build_step(config: str, args, device: torch.device):
             MODEL, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         torch.manual_seed(0)
         model = lorakit.get_peft_model(model, lorakit.LoraConfig(**lora))
+        speed_up(model)  # the trainer's settings: lorakit attention where supported
 
         def loss_of_batch():
             with autocast():
@@ -139,7 +142,8 @@ def build_step(config: str, args, device: torch.device):
                              labels=batch["labels"]).loss
 
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # every config gets the same (fused where available) AdamW: the comparison is forward and backward
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 
     def step() -> torch.Tensor:
         loss = loss_of_batch()

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from lorakit.config import PRESETS, LoraConfig, preset
+from lorakit.train.fast import ATTENTION_CHOICES
 from lorakit.errors import ConfigError
 
 __all__ = ["TrainConfig", "load_train_config", "field_docs"]
@@ -57,9 +58,9 @@ class TrainConfig:
     """Optimizer steps to run; overrides epochs when set."""
     batch_size: int = 8
     packing: bool = True
-    """Lay each micro-batch's examples end to end in rows of up to max_length tokens, attention
-    kept inside each example, instead of padding them: same loss, less padding. Llama-family
-    models only; others fall back to padded batches, with a message."""
+    """Lay each micro-batch's examples end to end in rows no longer than its longest example,
+    attention kept inside each example, instead of padding them: same loss, less padding.
+    Llama-family models only; others fall back to padded batches, with a message."""
     grad_accum: int = 1
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -72,6 +73,13 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     """auto (bf16 autocast where the machine runs it fast, else fp32), fp32 or bf16."""
+    attention: str = "auto"
+    """auto (lorakit's training attention for Llama-family models, else the model's own),
+    lorakit, sdpa or eager."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward: much less activation memory, ~1/3 more compute."""
+    compile: bool = False
+    """torch.compile the decoder layers: pays off on GPUs and long runs; minutes of compiling on CPU."""
 
     # --- evaluation, logging, checkpoints
     eval_every: int = 50
@@ -113,7 +121,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 yield f"{name}={value!r}: must be a positive integer or unset"
-        for name in ("skip_bad_records", "use_rslora", "packing", "score_before"):
+        for name in ("skip_bad_records", "use_rslora", "packing", "score_before", "gradient_checkpointing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name}={getattr(self, name)!r}: must be true or false"
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)):
@@ -127,6 +135,8 @@ class TrainConfig:
             yield "weight_decay and max_grad_norm must not be negative"
         if self.precision not in ("auto", "fp32", "bf16"):
             yield f"precision={self.precision!r}: must be auto, fp32 or bf16"
+        if self.attention not in ATTENTION_CHOICES:
+            yield f"attention={self.attention!r}: must be one of {', '.join(ATTENTION_CHOICES)}"
         if self.preset not in PRESETS:
             yield f"preset={self.preset!r}: must be one of {', '.join(PRESETS)}"
         if self.overlong not in ("truncate", "drop"):

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from lorakit import PeftModel, get_peft_model, io
 from lorakit.data import (Collator, PackingCollator, length_grouped_batches, load_data, real_token_count,
-                          supports_packing, without_kv_cache)
+                          supports_packing)
 from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
 from lorakit.models import load_model
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import heldout_loss, loss_sum, score_examples, scorer_for
+from lorakit.train.fast import make_optimizer, speed_up
 from lorakit.train.report import MetricsLog, plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at, warmup_steps
 
@@ -145,12 +146,15 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     heldout = list(splits.val.examples) if splits.val is not None else []
 
     peft_model = get_peft_model(model, config.lora_config())
+    for note in speed_up(peft_model, attention=config.attention, gradient_checkpointing=config.gradient_checkpointing,
+                         compile=config.compile):
+        print(note, flush=True)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     collate = Collator(tokenizer.pad_token_id)
     train_collate = collate
     if config.packing and supports_packing(peft_model):
-        train_collate = PackingCollator(tokenizer.pad_token_id, pack_length=config.max_length)
+        train_collate = PackingCollator(tokenizer.pad_token_id)  # rows no longer than the longest example
     elif config.packing:
         print(f"packing off: {model.config.model_type} with {model.config._attn_implementation} attention may let "
               "packed examples see each other, so training uses padded batches (same loss, more padding)", flush=True)
@@ -218,7 +222,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                     g["lr"] = lr
                 step_loss = 0.0
                 for batch in group:
-                    with run.autocast(), without_kv_cache(model):  # a cache would join packed examples
+                    with run.autocast():
                         loss, _ = loss_sum(model, batch)
                     (loss / step_tokens).backward()
                     step_loss += loss.item()
@@ -312,6 +316,7 @@ def _finish(run: _Run, state: dict, progress: bool) -> RunResult:
         "r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,
         "precision": run.precision, "packing": isinstance(run.train_collate, PackingCollator),
+        "attention": peft_model.get_base_model().config._attn_implementation,
         "steps": state["step"], "epochs": state["step"] / run.steps_per_epoch,
         "tokens": state["tokens"], "loss_tokens": state["loss_tokens"], "train_seconds": state["train_seconds"],
         "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),

@@ -44,10 +44,11 @@ def _assert_same(a, b, rtol=1e-5):
 
 
 def test_every_fast_path_together_matches_the_plain_reference_in_fp32():
-    """Fused LoRA layers + lorakit attention + chunked head + checkpointing vs the plain forward."""
+    """Fused LoRA layers + lorakit attention + fused norms + chunked head + checkpointing vs the plain forward."""
     model, batch = _model(), _batch()
     reference = copy.deepcopy(model)
     notes = fast.speed_up(model, attention="auto", gradient_checkpointing=True)
+    assert any("5 RMSNorm modules fused" in n for n in notes)
     assert model.get_base_model().config._attn_implementation == ATTENTION
     assert any("checkpointing" in n for n in notes)
     with fused.disabled():

@@ -5,11 +5,13 @@ long sequences: for fine-tuning batches of a few hundred tokens its backward is 
 plain batched matmuls, and with any mask (padding, or packed examples) transformers also copies
 the key and value heads for grouped-query attention. `lorakit_attention` computes
 
-    S = scale * Q K^T   (fp32)      P = softmax(S + mask)      O = P V
+    S = (scale Q) K^T      P = softmax(S + mask)      O = P V
+    dS = P * (dP - rowsum(dO * O))                    (rowsum(P * dP) = rowsum(dO * O))
 
 as one autograd node: grouped-query heads share their key/value head without copies (the query
-heads of a group are stacked along the sequence axis), the scores and softmax are fp32, and the
-backward reuses the saved P (kept in the compute dtype) instead of recomputing it. It saves
+heads of a group are stacked along the sequence axis), the softmax accumulates in fp32 inside
+PyTorch's kernel with no fp32 copy of the scores, and the backward reuses the saved P (kept in
+the compute dtype, as the matmul that follows needs it) instead of recomputing it. It saves
 B x H x S x S probabilities per layer, so it runs only up to `MAX_SCORES` scores per layer and
 only for self-attention over the whole sequence (training and held-out loss); decoding with a
 cache, longer sequences, attention dropout and anything unusual go to transformers' sdpa.
@@ -27,7 +29,6 @@ __all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lora
 ATTENTION = "lorakit"
 MAX_SCORES = 1 << 23  # B x H x Sq x Sk per layer: 8 x 9 x 256 x 256 = 4.7M; 16 MiB of bf16 probabilities
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3"}
-_MASKED = torch.finfo(torch.float32).min  # finite: a fully masked (padding) row gives a uniform row, not NaN
 
 
 class _Attention(torch.autograd.Function):
@@ -37,27 +38,32 @@ class _Attention(torch.autograd.Function):
         b, h, s, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
-        qg = q.reshape(b, hkv, g * s, d)  # the g query heads of a group, stacked along the sequence
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float().view(b, hkv, g, s, s)  # (B, Hkv, g, S, S)
-        scores.mul_(scale).masked_fill_(~mask.unsqueeze(2), _MASKED)  # mask (B|1, 1, 1, S, S)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * s, s)
+        qg = (q * scale).reshape(b, hkv, g * s, d)  # the g query heads of a group stacked along the sequence
+        scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, hkv, g, s, s)  # (B, Hkv, g, S, S)
+        scores.masked_fill_(~mask.unsqueeze(2), _masked(scores.dtype))  # mask (B|1, 1, 1, S, S)
+        probs = torch.softmax(scores, dim=-1).view(b, hkv, g * s, s)  # accumulated in fp32 by the kernel
         out = torch.matmul(probs, v)  # (B, Hkv, g*S, D)
-        ctx.save_for_backward(qg, k, v, probs)
+        ctx.save_for_backward(qg, k, v, probs, out)
         ctx.scale = scale
         return out.view(b, h, s, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qg, k, v, probs = ctx.saved_tensors
+        qg, k, v, probs, out = ctx.saved_tensors
         b, hkv, gs, d = qg.shape
         grad_out = grad_out.reshape(b, hkv, gs, d)
         grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # (B, Hkv, S, D)
-        grad_p = torch.matmul(grad_out, v.transpose(-1, -2)).float()  # (B, Hkv, g*S, S)
-        p = probs.float()
-        grad_s = grad_p.sub_((grad_p * p).sum(-1, keepdim=True)).mul_(p).mul_(ctx.scale).to(qg.dtype)
-        grad_q = torch.matmul(grad_s, k)  # (B, Hkv, g*S, D)
+        # dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O): a (g*S, D) product, not (g*S, S)
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True).to(out.dtype)  # (B, Hkv, g*S, 1)
+        grad_s = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(delta).mul_(probs)  # (B, Hkv, g*S, S)
+        grad_q = torch.matmul(grad_s, k).mul_(ctx.scale)  # (B, Hkv, g*S, D)
         grad_k = torch.matmul(grad_s.transpose(-1, -2), qg)  # (B, Hkv, S, D)
         return grad_q.view(b, hkv * (gs // k.shape[2]), k.shape[2], d), grad_k, grad_v, None, None
+
+
+def _masked(dtype: torch.dtype) -> float:
+    """A finite "minus infinity": a fully masked (padding) row gives a uniform row, not NaN."""
+    return torch.finfo(dtype).min
 
 
 def _usable(module, query, key, value, attention_mask, dropout, kwargs) -> bool:

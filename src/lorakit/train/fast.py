@@ -2,6 +2,7 @@
 
 - attention: lorakit's training attention (`lorakit.models.attention`) for Llama-family models
   ("auto"), or the model's own ("sdpa", "eager");
+- fused RMSNorm (`lorakit.models.norms`) for Llama-style norms: one autograd node instead of eight;
 - gradient checkpointing (optional): keep only each layer's input and recompute the rest in the
   backward, trading about a third more compute for most of the activation memory;
 - torch.compile (optional): compiles each decoder layer; pays off on GPUs and long runs with few
@@ -18,6 +19,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.models.attention import use_lorakit_attention
+from lorakit.models.norms import use_fused_norms
 
 __all__ = ["ATTENTION_CHOICES", "make_optimizer", "speed_up"]
 
@@ -37,7 +39,7 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     return list(getattr(decoder, "layers", []))
 
 
-def speed_up(model, *, attention: str = "auto", gradient_checkpointing: bool = False,
+def speed_up(model, *, attention: str = "auto", fused_norms: bool = True, gradient_checkpointing: bool = False,
              compile: bool = False) -> list[str]:
     """Apply the trainer's speed settings to a (LoRA-wrapped) transformers model.
 
@@ -60,6 +62,10 @@ def speed_up(model, *, attention: str = "auto", gradient_checkpointing: bool = F
     else:
         base.config._attn_implementation = attention
         notes.append(f"attention: {attention}")
+    if fused_norms:
+        count = use_fused_norms(base)
+        if count:
+            notes.append(f"norms: {count} RMSNorm modules fused")
     if gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise ConfigError(f"gradient_checkpointing: {type(base).__name__} does not support it; turn it off")

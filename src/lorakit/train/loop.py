@@ -146,8 +146,8 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     heldout = list(splits.val.examples) if splits.val is not None else []
 
     peft_model = get_peft_model(model, config.lora_config())
-    for note in speed_up(peft_model, attention=config.attention, gradient_checkpointing=config.gradient_checkpointing,
-                         compile=config.compile):
+    for note in speed_up(peft_model, attention=config.attention, fused_norms=config.fused_norms,
+                         gradient_checkpointing=config.gradient_checkpointing, compile=config.compile):
         print(note, flush=True)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)

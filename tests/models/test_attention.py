@@ -38,8 +38,9 @@ def _grads(fn, tensors, out_grad):
 
 
 @pytest.mark.parametrize("kind", ["causal", "padded", "packed"])
-def test_matches_sdpa_fp32(kind):
-    q, k, v = _qkv()
+@pytest.mark.parametrize("length", [11, 70, 71])  # 70, 71: long enough for the two-block path
+def test_matches_sdpa_fp32(kind, length):
+    q, k, v = _qkv(s=length)
     s = q.shape[2]
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     if kind == "causal":
@@ -49,8 +50,8 @@ def test_matches_sdpa_fp32(kind):
         keep[1, -4:] = False
         mask = causal[None, None] & keep[:, None, None, :]
         mask = mask | torch.eye(s, dtype=torch.bool)  # sdpa needs no fully masked row; ours copes either way
-    else:  # two examples of 5 and 6 tokens in each row
-        seq = torch.tensor([0] * 5 + [1] * 6)
+    else:  # two examples in each row, the second starting before the middle
+        seq = torch.tensor([0] * 5 + [1] * (s - 5))
         mask = (causal & (seq[:, None] == seq[None, :]))[None, None].expand(2, 1, s, s)
     out_grad = torch.randn(2, s, 4, 8, generator=torch.Generator().manual_seed(3))
     ours, g_ours = _grads(lambda q, k, v: lorakit_attention(_Module(), q, k, v, mask)[0], (q, k, v), out_grad)

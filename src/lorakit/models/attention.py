@@ -27,38 +27,83 @@ import torch
 __all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports"]
 
 ATTENTION = "lorakit"
+MIN_SPLIT = 64  # from this sequence length on, the masked quarter of causal attention is skipped
 MAX_SCORES = 1 << 23  # B x H x Sq x Sk per layer: 8 x 9 x 256 x 256 = 4.7M; 16 MiB of bf16 probabilities
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3"}
 
 
+def _part_forward(qg, k, v, mask):
+    """One block of query rows against the keys they may see: (probabilities, output).
+
+    qg (B, Hkv, g*Sq, D), already scaled, the g query heads of a group stacked along the rows;
+    k, v (B, Hkv, Sk, D); mask (B|1, 1, Sq, Sk), True = attend.
+    """
+    b, hkv, gsq, _ = qg.shape
+    sq, sk = mask.shape[-2], k.shape[2]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, hkv, gsq // sq, sq, sk)  # (B, Hkv, g, Sq, Sk)
+    scores.masked_fill_(~mask.unsqueeze(2), _masked(scores.dtype))
+    probs = torch.softmax(scores, dim=-1).view(b, hkv, gsq, sk)  # accumulated in fp32 by the kernel
+    return probs, torch.matmul(probs, v)  # (B, Hkv, g*Sq, Sk), (B, Hkv, g*Sq, D)
+
+
+def _part_backward(qg, k, v, probs, out, grad_out, scale):
+    """Gradients of one block: (dq, dk, dv) for its query rows and the keys it saw."""
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # (B, Hkv, Sk, D)
+    # dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O): a (g*Sq, D) product, not (g*Sq, Sk)
+    delta = (grad_out.float() * out.float()).sum(-1, keepdim=True).to(out.dtype)  # (B, Hkv, g*Sq, 1)
+    grad_s = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(delta).mul_(probs)  # (B, Hkv, g*Sq, Sk)
+    grad_q = torch.matmul(grad_s, k).mul_(scale)  # (B, Hkv, g*Sq, D)
+    grad_k = torch.matmul(grad_s.transpose(-1, -2), qg)  # (B, Hkv, Sk, D)
+    return grad_q, grad_k, grad_v
+
+
+def _rows(x, start, stop):
+    """Rows start:stop of every head of x (B, Hkv, g, S, D), stacked: (B, Hkv, g*(stop-start), D)."""
+    b, hkv, g, _, d = x.shape
+    return x[:, :, :, start:stop].reshape(b, hkv, g * (stop - start), d)
+
+
 class _Attention(torch.autograd.Function):
+    """Causal attention in two blocks of query rows: the first half of the queries sees only the
+    first half of the keys (the other quarter of S x S is masked for any causal mask, padded or
+    packed), the second half sees all keys; a quarter of the work is never done."""
+
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
         # q (B, H, S, D); k, v (B, Hkv, S, D); mask bool, broadcastable to (B, 1, S, S), True = attend
         b, h, s, d = q.shape
         hkv = k.shape[1]
-        g = h // hkv
-        qg = (q * scale).reshape(b, hkv, g * s, d)  # the g query heads of a group stacked along the sequence
-        scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, hkv, g, s, s)  # (B, Hkv, g, S, S)
-        scores.masked_fill_(~mask.unsqueeze(2), _masked(scores.dtype))  # mask (B|1, 1, 1, S, S)
-        probs = torch.softmax(scores, dim=-1).view(b, hkv, g * s, s)  # accumulated in fp32 by the kernel
-        out = torch.matmul(probs, v)  # (B, Hkv, g*S, D)
-        ctx.save_for_backward(qg, k, v, probs, out)
-        ctx.scale = scale
+        q5 = (q * scale).reshape(b, hkv, h // hkv, s, d)  # (B, Hkv, g, S, D)
+        half = s // 2 if s >= MIN_SPLIT else 0
+        parts = [(0, half, half), (half, s, s)] if half else [(0, s, s)]  # (first row, end row, keys seen)
+        saved, outs = [], []
+        for start, stop, keys in parts:
+            qg = _rows(q5, start, stop)
+            probs, out = _part_forward(qg, k[:, :, :keys], v[:, :, :keys], mask[..., start:stop, :keys])
+            saved += [qg, probs, out]
+            outs.append(out.view(b, hkv, -1, stop - start, d))
+        ctx.save_for_backward(k, v, *saved)
+        ctx.scale, ctx.parts = scale, parts
+        out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]  # (B, Hkv, g, S, D)
         return out.view(b, h, s, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qg, k, v, probs, out = ctx.saved_tensors
-        b, hkv, gs, d = qg.shape
-        grad_out = grad_out.reshape(b, hkv, gs, d)
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # (B, Hkv, S, D)
-        # dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O): a (g*S, D) product, not (g*S, S)
-        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True).to(out.dtype)  # (B, Hkv, g*S, 1)
-        grad_s = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(delta).mul_(probs)  # (B, Hkv, g*S, S)
-        grad_q = torch.matmul(grad_s, k).mul_(ctx.scale)  # (B, Hkv, g*S, D)
-        grad_k = torch.matmul(grad_s.transpose(-1, -2), qg)  # (B, Hkv, S, D)
-        return grad_q.view(b, hkv * (gs // k.shape[2]), k.shape[2], d), grad_k, grad_v, None, None
+        k, v, *saved = ctx.saved_tensors
+        b, h, s, d = grad_out.shape
+        hkv = k.shape[1]
+        go5 = grad_out.reshape(b, hkv, h // hkv, s, d)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        grad_qs = []
+        for i, (start, stop, keys) in enumerate(ctx.parts):
+            qg, probs, out = saved[3 * i: 3 * i + 3]
+            gq, gk, gv = _part_backward(qg, k[:, :, :keys], v[:, :, :keys], probs, out,
+                                        _rows(go5, start, stop), ctx.scale)
+            grad_k[:, :, :keys] += gk
+            grad_v[:, :, :keys] += gv
+            grad_qs.append(gq.view(b, hkv, -1, stop - start, d))
+        grad_q = torch.cat(grad_qs, dim=3) if len(grad_qs) > 1 else grad_qs[0]
+        return grad_q.view(b, h, s, d), grad_k, grad_v, None, None
 
 
 def _masked(dtype: torch.dtype) -> float:

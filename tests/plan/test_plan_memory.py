@@ -13,6 +13,7 @@ import lorakit
 from lorakit.errors import ConfigError
 from lorakit.plan import estimate
 from lorakit.train.evaluate import HEAD_ON_LABELS_ONLY, loss_sum
+from lorakit.train.fast import speed_up
 
 from .tiny import SEVEN, TINY, build, write_config
 
@@ -25,14 +26,15 @@ def test_parts_follow_the_documented_formula(tmp_path):
     e = estimate(write_config(tmp_path, TINY["llama"]), r=4, target_modules=SEVEN,
                  batch_size=2, seq_len=10, dtype="bfloat16", device="cpu", label_fraction=0.25)
     m = e.memory
-    block = 2 * (4 * 32 + 4) + 2 * (2 * 32 + 2 * 16) + 4 * 4 + 3 * 64 * 2
-    lora = 6 * 2 * 32 + 2 * 64 + 7 * 2 * 4  # bf16 input copies (six read 32, down reads 64), x·A
-    final_norm = 4 * 32 + 4
+    # lorakit's kernels: fused norms keep bf16 inputs, attention its probabilities (10 keys: seq < 64)
+    block = 2 * (2 * 32 + 4) + 2 * (2 * 32 + 2 * 16) + 2 * 4 * 10 + 3 * 64 * 2
+    lora = 3 * 2 * 32 + 2 * 64 + 7 * 2 * 4  # bf16 inputs kept once per shared input: q/k/v, o, gate/up;
+    final_norm = 2 * 32 + 4                 # down reads 64; x·A
     assert m.activation_bytes_per_token == 2 * block + 2 * lora + final_norm
     assert m.weights == e.base_params * 2
     assert m.adapter == e.trainable_params * (16 + 2)  # fp32 state, the bf16 copies autocast keeps
     assert m.activations == 2 * 10 * (2 * block + 2 * lora + final_norm)
-    assert m.logits == 5 * 100 * 12  # 2 x 10 positions, a quarter of them labels
+    assert m.logits == 5 * 100 * (4 + 2) + 2 * 5 * 32 * 2  # 5 of 20 positions labelled: one chunk; h, dL/dh
     assert m.allocator == m.activations
     assert m.overhead == GiB // 2
     assert m.total == sum(m.parts().values())
@@ -63,7 +65,7 @@ def test_the_head_runs_on_labels_for_the_architectures_the_trainer_does_it_for(t
 def test_float32_keeps_a_shared_input_once(tmp_path):
     e = estimate(write_config(tmp_path, TINY["llama"]), r=4, target_modules=SEVEN,
                  batch_size=1, seq_len=10, dtype="float32")
-    block = 2 * (4 * 32 + 4) + 4 * (2 * 32 + 2 * 16) + 4 * 4 + 3 * 64 * 4
+    block = 2 * (4 * 32 + 4) + 4 * (2 * 32 + 2 * 16) + 4 * 4 * 10 + 3 * 64 * 4
     lora = (4 * 32) * 3 + 4 * 64 + 7 * 4 * 4  # q/k/v share one input, gate/up another, o, down
     assert e.memory.activation_bytes_per_token == 2 * block + 2 * lora + 4 * 32 + 4
 
@@ -72,9 +74,10 @@ def test_checkpointing_keeps_block_inputs_and_one_recomputed_block(tmp_path):
     config = write_config(tmp_path, TINY["llama"])
     plain = estimate(config, r=4, target_modules=SEVEN, gradient_checkpointing=False).memory
     ckpt = estimate(config, r=4, target_modules=SEVEN, gradient_checkpointing=True).memory
-    block = 2 * (4 * 32 + 4) + 2 * (2 * 32 + 2 * 16) + 4 * 4 + 3 * 64 * 2
-    lora = 6 * 2 * 32 + 2 * 64 + 7 * 2 * 4
-    assert ckpt.activation_bytes_per_token == 2 * 32 * 2 + block + lora + 4 * 32 + 4
+    keys = (256 * 256 + 256 * 512) // 512  # 512 tokens: the first half of the queries sees 256 keys
+    block = 2 * (2 * 32 + 4) + 2 * (2 * 32 + 2 * 16) + 2 * 4 * keys + 3 * 64 * 2
+    lora = 3 * 2 * 32 + 2 * 64 + 7 * 2 * 4
+    assert ckpt.activation_bytes_per_token == 2 * 32 * 2 + block + lora + 2 * 32 + 4
     assert ckpt.activations < plain.activations
     assert (ckpt.weights, ckpt.adapter, ckpt.logits) == (plain.weights, plain.adapter, plain.logits)
 
@@ -83,7 +86,7 @@ def test_dropout_keeps_a_mask_for_each_adapted_input(tmp_path):
     config = write_config(tmp_path, TINY["llama"])
     without = estimate(config, r=4, target_modules=["q_proj", "down_proj"]).memory
     with_dropout = estimate(config, r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.1).memory
-    masks = 2 * 4 * (32 + 64)  # q_proj reads 32 values, down_proj 64; fp32 masks; 2 layers
+    masks = 2 * 2 * (32 + 64)  # q_proj reads 32 values, down_proj 64; bf16 masks; 2 layers
     assert with_dropout.activation_bytes_per_token - without.activation_bytes_per_token == masks
 
 
@@ -94,7 +97,7 @@ def test_blocks_before_the_first_adapted_one_keep_nothing(tmp_path):
     per_layer_lora = (every.activation_bytes_per_token - last.activation_bytes_per_token)
     assert per_layer_lora > 0
     head_only = estimate(config, r=4, target_modules=["lm_head"]).memory
-    assert head_only.activation_bytes_per_token == 4 * 32 + 4 + 2 * 32 + 2 * 4  # final norm, head
+    assert head_only.activation_bytes_per_token == 2 * 32 + 4 + 2 * 32 + 2 * 4  # final norm, head
 
 
 # Saved-tensor bytes per token, measured with autograd's saved_tensors_hooks in a real forward
@@ -122,8 +125,10 @@ def peft_model(fields, settings, dtype):
 
 def trainer_model(fields, settings, dtype):
     """lorakit's trainer step: frozen weights in ``dtype``, fp32 adapters, bf16 autocast when
-    ``dtype`` is bf16, and the trainer's loss (the head on label positions only)."""
+    ``dtype`` is bf16, the trainer's attention and norms, and its loss (the head on label
+    positions only)."""
     model = lorakit.get_peft_model(build(fields).to(dtype), lorakit.LoraConfig(**settings)).train()
+    speed_up(model)  # the trainer's attention and norms
 
     def loss(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -161,7 +166,7 @@ def saved_bytes_per_token(fields, settings, dtype, seq_len, checkpointing=False,
         loss(batch_of(fields, 1, seq_len))
     kept = [t for t in seen.values()  # leave out the loss: labels, log-softmax, scalars
             if t.shape[-1:] != (fields["vocab_size"],) and t.dtype != torch.int64 and t.dim()
-            and (seq_len in t.shape or not per_token_only)]
+            and (any(d % seq_len == 0 for d in t.shape) or not per_token_only)]
     return sum(t.untyped_storage().nbytes() for t in kept) / seq_len
 
 
@@ -179,7 +184,7 @@ def saved_bytes_per_token(fields, settings, dtype, seq_len, checkpointing=False,
 def test_activations_are_what_autograd_saves(arch, settings, dtype, seq_len, tmp_path):
     measured = saved_bytes_per_token(MEASURE[arch], settings, getattr(torch, dtype), seq_len)
     planned = estimate(write_config(tmp_path, MEASURE[arch]), **settings, dtype=dtype,
-                       seq_len=seq_len, autocast=False).memory.activation_bytes_per_token
+                       seq_len=seq_len, autocast=False, fused_kernels=False).memory.activation_bytes_per_token
     assert measured <= planned <= 1.1 * measured
 
 
@@ -254,8 +259,11 @@ def test_estimate_matches_the_live_peak_of_a_trainer_step(label_fraction, tmp_pa
 
 
 def test_memory_scales_with_tokens_and_dtype():
-    small = estimate("Llama-3-8B", r=16, target_modules=SEVEN, batch_size=1, seq_len=512).memory
-    big = estimate("Llama-3-8B", r=16, target_modules=SEVEN, batch_size=4, seq_len=1024).memory
+    # transformers' attention and a head on every position: both linear in the tokens (lorakit's
+    # attention keeps probabilities, quadratic in the length; its head works in bounded chunks)
+    linear = dict(fused_kernels=False, head_on_labels=False)
+    small = estimate("Llama-3-8B", r=16, target_modules=SEVEN, batch_size=1, seq_len=512, **linear).memory
+    big = estimate("Llama-3-8B", r=16, target_modules=SEVEN, batch_size=4, seq_len=1024, **linear).memory
     assert big.activations == 8 * small.activations and big.logits == 8 * small.logits
     fp32 = estimate("Llama-3-8B", r=16, target_modules=SEVEN, batch_size=1, seq_len=512,
                     dtype="float32").memory

@@ -73,14 +73,14 @@ class Estimate:
 
 
 _TRAINING_KEYS = ("batch_size", "seq_len", "dtype", "device", "gradient_checkpointing", "autocast",
-                  "head_on_labels", "label_fraction", "memory_gb")
+                  "head_on_labels", "label_fraction", "fused_kernels", "memory_gb")
 
 
 def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = None, *,
              batch_size: int = 4, seq_len: int = 512, dtype: str = "bfloat16",
              device: str = "cpu", gradient_checkpointing: bool = False, autocast: bool = True,
              head_on_labels: bool | None = None, label_fraction: float = 1.0,
-             memory_gb: float | None = None, **lora: Any) -> Estimate:
+             fused_kernels: bool | None = None, memory_gb: float | None = None, **lora: Any) -> Estimate:
     """Parameters, adapter size and training memory of a LoRA configuration, from shapes alone.
 
     ``model``: a model directory, config.json, .gguf file, built-in name (``"Llama-3-8B"``), a
@@ -98,12 +98,14 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
         weights     = base_params * b
         adapter     = trainable_params * (16 + a)  fp32 weights, gradients, AdamW's two moments;
                                                    a = b under autocast: the weights' b copies
-        activations = batch_size * seq_len * per_token   what autograd keeps (per block: fp32
-                                                   norm inputs, attention q/k/v/out, MLP outputs;
+        activations = batch_size * seq_len * per_token   what autograd keeps (per block: norm
+                                                   inputs, attention q/k/v/out (and lorakit's
+                                                   attention its probabilities), MLP outputs;
                                                    per adapted module: its input and x·A, in b
                                                    under autocast, else in fp32)
-        logits      = ceil(batch_size * seq_len * label_fraction) * vocab * 12
-                                                   (head on label positions only), or
+        logits      = min(labels, 1024) * vocab * (4 + b) + 2 * labels * hidden * b, labels =
+                      ceil(batch_size * seq_len * label_fraction)
+                                                   (head on label positions only, in chunks), or
                       batch_size * seq_len * vocab * (b + 12)   (head on every position)
         allocator   = 1.0 * activations (cpu: what glibc's malloc keeps), 0 (cuda)
         overhead    = 0.5 GiB (cpu) or 1 GiB (cuda)
@@ -114,6 +116,8 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
     ``head_on_labels``: the output head runs on the label positions only, as lorakit's trainer
     does on Llama-family models (None: decide by the model type, as the trainer does); False
     for a model called with ``labels=``, which computes logits at every position.
+    ``fused_kernels``: lorakit's attention and fused RMSNorm, which the trainer uses on the same
+    models (None: as ``head_on_labels``); False for transformers' own.
     ``label_fraction``: the share of a batch's positions that are prediction targets (1.0 for
     plain text; for chat data with assistant-only labels, the answers' share of the tokens);
     it counts only when the head runs on label positions only.
@@ -136,7 +140,7 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
                              batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                              gradient_checkpointing=gradient_checkpointing, autocast=autocast,
                              head_on_labels=head_on_labels, label_fraction=label_fraction,
-                             memory_gb=memory_gb)
+                             fused_kernels=fused_kernels, memory_gb=memory_gb)
     return Estimate(shape=shape, spec=spec, targets=tuple(targets), trainable_params=trainable,
                     base_params=shape.total_params,
                     adapter_bytes_fp32=safetensors_size(tensors, "F32"),

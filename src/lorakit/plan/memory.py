@@ -14,29 +14,36 @@
                                                     (gradient checkpointing: each block keeps its
                                                      input; one block is recomputed at a time)
         block = norms * (4 * hidden + 4)            each RMSNorm keeps its input in fp32 (2 norms;
-                                                    Gemma 2/3: 4)
+                                                    Gemma 2/3: 4); lorakit's fused RMSNorm keeps
+                                                    it in b: norms * (b * hidden + 4)
               + b * (2 * q_dim + 2 * kv_dim) + 4 * heads    attention (SDPA) keeps q, k, v, its
-                                                    output and the log-sum-exp
-              + 4 * (q_dim + kv_dim)                q/k norms, where the model has them
+                                                    output and the log-sum-exp; lorakit's
+                                                    attention keeps its probabilities instead of
+                                                    the log-sum-exp: b * heads * keys, keys =
+                                                    (h^2 + (seq - h) * seq) / seq with h = seq // 2
+                                                    from 64 tokens on (about 3/4 seq), else seq
+              + 4 * (q_dim + kv_dim)                q/k norms, where the model has them (fused:
+                                                    b * (q_dim + kv_dim) + 4 * (heads + kv_heads))
               + heads * seq * scores_bytes          attention that keeps its scores (Gemma 2's
                                                     soft-capped eager attention: 8)
               + mlp_saved * intermediate * b        the MLP's gate, up and activation outputs
                                                     (mlp_saved = 3; 2 for GPT-2's plain MLP)
         lora  = sum over targeted modules of (c * in + c * r)   each adapter keeps the input its
                                                     A matrix reads and x·A, c bytes a value:
-                                                    c = b under autocast (the fp32 cast of the
-                                                    input is cast back to b for the matmul), c = 4
-                                                    without it; with lora_dropout > 0 also a
-                                                    4 * in dropout mask (in float32 training,
-                                                    modules that share an input, like q/k/v, keep
-                                                    it once)
+                                                    c = b under autocast, c = 4 without it; with
+                                                    lora_dropout > 0 also a dropout mask (in c
+                                                    in lorakit's fused layer, else 4 * in);
+                                                    lorakit's fused layer (autocast, or fp32) casts
+                                                    nothing, so without dropout modules that share
+                                                    an input (q/k/v; gate/up) keep it once
         active_blocks = blocks from the first adapted one on (earlier ones need no backward)
-        final_norm    = 4 * hidden + 4
-    logits      = label_positions * vocab * 12      head on label positions only (lorakit's
-                                                    trainer on Llama-family models): the fp32
-                                                    log-softmax cross-entropy keeps, and in
-                                                    backward its gradient and the logits' (fp32);
-                                                    the logits in b are freed after the fp32 cast.
+        final_norm    = 4 * hidden + 4 (fused: b * hidden + 4)
+    logits      = min(label_positions, 1024) * vocab * (4 + b) + 2 * label_positions * hidden * b
+                                                    head on label positions only, in chunks of
+                                                    1,024 (lorakit's trainer on Llama-family
+                                                    models): one chunk's logits in b and in fp32
+                                                    at a time, the label positions' hidden states
+                                                    and the gradient the loss computes as it goes
                   label_positions = ceil(batch * seq * label_fraction)
                 = batch * seq * vocab * (b + 12)    head on every position (a transformers model
                                                     called with labels=): the model's output also
@@ -54,7 +61,8 @@ Gemma 2/3 and Phi-3 within 10%, with and without autocast; GPT-2's block, with i
 tanh-GELU, is counted only roughly). Assumptions: SDPA attention without a seq x seq matrix
 unless noted; AdamW over the LoRA parameters only. The defaults describe `lorakit train`: bf16
 frozen weights, fp32 adapters under bf16 autocast, the output head on label positions for the
-architectures in HEAD_ON_LABELS_ONLY. A measured peak (RSS or max_memory_allocated) is the final
+architectures in HEAD_ON_LABELS_ONLY, which also get lorakit's attention and fused RMSNorm
+(``fused_kernels``). A measured peak (RSS or max_memory_allocated) is the final
 check.
 
 Measured on CPU, SmolLM2-135M with lorakit's trainer step (bf16, autocast, 2 cores):
@@ -94,6 +102,9 @@ DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16
 CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ADAPTER_BYTES_PER_PARAM = 4 + 4 + 4 + 4  # fp32 weight, gradient, AdamW exp_avg, exp_avg_sq
 LOSS_FP32_COPIES = 3  # fp32 log-softmax kept by cross-entropy; in backward two fp32 gradients
+HEAD_CHUNK = 1024  # label positions per chunk of lorakit's loss head (lorakit.train.loss.DEFAULT_CHUNK)
+SPLIT_FROM = 64  # lorakit's attention skips the masked quarter from this length on (attention.MIN_SPLIT)
+MAX_SCORES = 1 << 23  # lorakit's attention runs up to batch x heads x seq^2 scores (attention.MAX_SCORES)
 OVERHEAD = {"cpu": GiB // 2, "cuda": GiB}
 # Bytes the C allocator holds beyond the live tensors, per byte of activations (see above).
 ALLOCATOR_SLACK = {"cpu": 1.0, "cuda": 0.0}
@@ -150,7 +161,7 @@ def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable:
                     dtype: str = "bfloat16", device: str = "cpu",
                     gradient_checkpointing: bool = False, autocast: bool = True,
                     head_on_labels: bool | None = None, label_fraction: float = 1.0,
-                    memory_gb: float | None = None) -> MemoryEstimate:
+                    fused_kernels: bool | None = None, memory_gb: float | None = None) -> MemoryEstimate:
     """The training memory of LoRA on ``shape``: see the module docstring for the formula."""
     problems = []
     if dtype not in DTYPES:
@@ -169,17 +180,21 @@ def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable:
         raise ConfigError("cannot estimate memory: " + "; ".join(problems))
     b = DTYPES[dtype]
     tokens = batch_size * seq_len
-    per_token = activation_bytes_per_token(shape, targets, b, seq_len, lora_dropout=lora_dropout,
-                                           gradient_checkpointing=gradient_checkpointing,
-                                           autocast=autocast)
     if head_on_labels is None:
         head_on_labels = shape.model_type in HEAD_ON_LABELS_ONLY
+    if fused_kernels is None:
+        fused_kernels = head_on_labels  # lorakit's trainer: its attention and norms on the same models
+    per_token = activation_bytes_per_token(shape, targets, b, seq_len, lora_dropout=lora_dropout,
+                                           gradient_checkpointing=gradient_checkpointing,
+                                           autocast=autocast, fused_kernels=fused_kernels,
+                                           batch_size=batch_size)
 
     weights = shape.total_params * b
     adapter = trainable * (ADAPTER_BYTES_PER_PARAM + (b if autocast and b < 4 else 0))
     activations = tokens * per_token
     if head_on_labels:
-        logits = math.ceil(tokens * label_fraction) * shape.vocab_size * 4 * LOSS_FP32_COPIES
+        labelled = math.ceil(tokens * label_fraction)
+        logits = min(labelled, HEAD_CHUNK) * shape.vocab_size * (4 + b) + 2 * labelled * shape.hidden_size * b
     else:
         logits = tokens * shape.vocab_size * (b + 4 * LOSS_FP32_COPIES)
     allocator = math.ceil(ALLOCATOR_SLACK[device] * activations)
@@ -204,16 +219,25 @@ _INPUT_GROUPS = {"q_proj": "attention in", "k_proj": "attention in", "v_proj": "
 def activation_bytes_per_token(shape: ModelShape, targets: list[TargetedModule], b: int,
                                seq_len: int, *, lora_dropout: float = 0.0,
                                gradient_checkpointing: bool = False,
-                               autocast: bool = True) -> int:
+                               autocast: bool = True, fused_kernels: bool = False, batch_size: int = 1) -> int:
     """Bytes autograd keeps per token: ``per_token`` in the module docstring."""
     h = shape.hidden_size
     q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    block = (shape.norms_per_block * (4 * h + 4)
-             + b * (2 * q_dim + 2 * kv_dim) + 4 * shape.num_heads
-             + (4 * (q_dim + kv_dim) if shape.qk_norm else 0)
+    norm, qk_norm = 4 * h + 4, 4 * (q_dim + kv_dim)
+    attention = b * (2 * q_dim + 2 * kv_dim) + 4 * shape.num_heads  # SDPA: q, k, v, output, log-sum-exp
+    if fused_kernels:  # lorakit's RMSNorm, and its attention where it runs
+        norm, qk_norm = b * h + 4, b * (q_dim + kv_dim) + 4 * (shape.num_heads + shape.num_kv_heads)
+        if batch_size * shape.num_heads * seq_len * seq_len <= MAX_SCORES:
+            half = seq_len // 2 if seq_len >= SPLIT_FROM else 0
+            keys = math.ceil((half * half + (seq_len - half) * seq_len) / seq_len)
+            attention = b * (2 * q_dim + 2 * kv_dim) + b * shape.num_heads * keys
+            if any(len(m.roles) == 3 for m in shape.block):  # a fused qkv_proj: v pins its whole output
+                attention += b * (q_dim + kv_dim)
+    block = (shape.norms_per_block * norm + attention
+             + (qk_norm if shape.qk_norm else 0)
              + shape.num_heads * seq_len * shape.attention_scores_bytes
              + shape.mlp_saved * shape.intermediate_size * b)
-    final_norm = 4 * h + 4
+    final_norm = (b * h + 4) if fused_kernels else (4 * h + 4)
     c = b if autocast else 4  # bytes of each value an adapter keeps (its input, x·A)
     lora_by_block: dict[int | None, int] = {}
     shared: set[tuple] = set()
@@ -221,10 +245,11 @@ def activation_bytes_per_token(shape: ModelShape, targets: list[TargetedModule],
         layer = _block_index(shape, t.name)
         group = (layer, _INPUT_GROUPS.get(t.module.roles[0], t.name) if t.module.roles else t.name)
         copy = c * t.module.in_features
-        if c == 4 and b == 4 and group in shared:
-            copy = 0  # float32 training: the cast is a no-op, the shared input is kept once
+        fused = autocast or b == 4  # lorakit's fused layer: no cast of the input, a bool dropout mask
+        if fused and lora_dropout == 0 and group in shared:
+            copy = 0  # the adapters of a shared input keep that one tensor
         shared.add(group)
-        mask = 4 * t.module.in_features if lora_dropout > 0 else 0
+        mask = (c if fused else 4) * t.module.in_features if lora_dropout > 0 else 0
         lora_by_block[layer] = lora_by_block.get(layer, 0) + copy + mask + c * t.r
     layers = [i for i in lora_by_block if i is not None]
     first = 0 if None in lora_by_block and any(t.module.group == "embedding" for t in targets) \

@@ -39,11 +39,14 @@ def _chunk_frozen_linear(h: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
     logits = (h.to(dtype) @ w.t()).float()  # (n, V)
     if head.bias is not None:
         logits += head.bias.float()
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    loss = (lse - logits.gather(1, labels[:, None]).squeeze(1)).sum()
+    target = logits.gather(1, labels[:, None]).squeeze(1)  # (n,)
+    top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    probs = logits.sub_(top).exp_()  # in place of the logits: exp(z - max), no temporary
+    sums = probs.sum(dim=-1, keepdim=True)  # (n, 1)
+    loss = (sums.log().add_(top).squeeze(1) - target).sum()  # logsumexp(z) - z[y]
     if not want_grad:
         return loss, None
-    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    probs.div_(sums)  # softmax
     probs[torch.arange(len(labels), device=labels.device), labels] -= 1.0
     return loss, (probs.to(dtype) @ w).to(h.dtype)  # (n, H)
 

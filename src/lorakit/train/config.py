@@ -57,6 +57,8 @@ class TrainConfig:
     max_steps: Optional[int] = None
     """Optimizer steps to run; overrides epochs when set."""
     batch_size: int = 8
+    group_by_length: bool = True
+    """Batch examples of similar length together (little padding); off: plain random batches."""
     packing: bool = True
     """Lay each micro-batch's examples end to end in rows no longer than its longest example,
     attention kept inside each example, instead of padding them: same loss, less padding.
@@ -123,7 +125,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 yield f"{name}={value!r}: must be a positive integer or unset"
-        for name in ("skip_bad_records", "use_rslora", "packing", "score_before", "fused_norms", "gradient_checkpointing",
+        for name in ("skip_bad_records", "use_rslora", "packing", "group_by_length", "score_before", "fused_norms", "gradient_checkpointing",
                      "compile"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name}={getattr(self, name)!r}: must be true or false"

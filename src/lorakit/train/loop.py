@@ -88,8 +88,10 @@ def _new_run_dir(config: TrainConfig) -> Path:
 
 
 def _epoch_batches(lengths: list[int], config: TrainConfig, epoch: int) -> list[list[int]]:
-    """The index batches of one epoch: shuffled by (seed, epoch), similar lengths together."""
-    return length_grouped_batches(lengths, config.batch_size, seed=config.seed * 1000 + epoch)
+    """The index batches of one epoch: shuffled by (seed, epoch), similar lengths together unless
+    ``group_by_length`` is off (then batches are plain random draws)."""
+    return length_grouped_batches(lengths, config.batch_size, seed=config.seed * 1000 + epoch,
+                                  group=50 if config.group_by_length else 1)
 
 
 @dataclass

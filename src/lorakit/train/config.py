@@ -57,8 +57,9 @@ class TrainConfig:
     max_steps: Optional[int] = None
     """Optimizer steps to run; overrides epochs when set."""
     batch_size: int = 8
-    group_by_length: bool = True
-    """Batch examples of similar length together (little padding); off: plain random batches."""
+    group_by_length: bool = False
+    """Batch examples of similar length together: less padding, but batches of look-alike examples
+    (on task-api, 82.5% held-out exact match against 89.0% with random batches, 1,000 examples)."""
     packing: bool = True
     """Lay each micro-batch's examples end to end in rows no longer than its longest example,
     attention kept inside each example, instead of padding them: same loss, less padding.

@@ -88,8 +88,8 @@ def _new_run_dir(config: TrainConfig) -> Path:
 
 
 def _epoch_batches(lengths: list[int], config: TrainConfig, epoch: int) -> list[list[int]]:
-    """The index batches of one epoch: shuffled by (seed, epoch), similar lengths together unless
-    ``group_by_length`` is off (then batches are plain random draws)."""
+    """The index batches of one epoch, shuffled by (seed, epoch): plain random draws, or similar
+    lengths together with ``group_by_length``."""
     return length_grouped_batches(lengths, config.batch_size, seed=config.seed * 1000 + epoch,
                                   group=50 if config.group_by_length else 1)
 

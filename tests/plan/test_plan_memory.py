@@ -3,6 +3,7 @@ its activation and logits terms are what autograd keeps, in transformers' models
 lorakit's trainer step. (Peak RSS of real training runs: test_plan_peak_rss.py.)"""
 
 import json
+import math
 
 import peft
 import pytest
@@ -35,7 +36,7 @@ def test_parts_follow_the_documented_formula(tmp_path):
     assert m.adapter == e.trainable_params * (16 + 2)  # fp32 state, the bf16 copies autocast keeps
     assert m.activations == 2 * 10 * (2 * block + 2 * lora + final_norm)
     assert m.logits == 5 * 100 * (4 + 2) + 2 * 5 * 32 * 2  # 5 of 20 positions labelled: one chunk; h, dL/dh
-    assert m.allocator == m.activations
+    assert m.allocator == math.ceil(0.35 * m.activations)  # glibc's slack on CPU
     assert m.overhead == GiB // 2
     assert m.total == sum(m.parts().values())
     assert (m.autocast, m.head_on_labels, m.label_fraction) == (True, True, 0.25)

@@ -107,7 +107,7 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
                       ceil(batch_size * seq_len * label_fraction)
                                                    (head on label positions only, in chunks), or
                       batch_size * seq_len * vocab * (b + 12)   (head on every position)
-        allocator   = 1.0 * activations (cpu: what glibc's malloc keeps), 0 (cuda)
+        allocator   = 0.35 * activations (cpu: what glibc's malloc keeps), 0 (cuda)
         overhead    = 0.5 GiB (cpu) or 1 GiB (cuda)
 
     The defaults describe ``lorakit train``. ``autocast``: the forward runs under

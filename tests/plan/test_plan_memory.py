@@ -13,7 +13,7 @@ import lorakit.plan.memory as memory
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.plan import estimate
-from lorakit.train.evaluate import HEAD_ON_LABELS_ONLY, loss_sum
+from lorakit.train.evaluate import loss_sum
 from lorakit.train.fast import speed_up
 
 from .tiny import SEVEN, TINY, build, write_config
@@ -57,7 +57,6 @@ def test_without_autocast_adapters_keep_fp32_and_a_full_head_keeps_its_logits(tm
 
 
 def test_the_head_runs_on_labels_for_the_architectures_the_trainer_does_it_for(tmp_path):
-    assert memory.HEAD_ON_LABELS_ONLY == HEAD_ON_LABELS_ONLY
     llama = estimate(write_config(tmp_path / "llama", TINY["llama"]), r=4).memory
     gpt2 = estimate(write_config(tmp_path / "gpt2", TINY["gpt2"]), r=4).memory
     assert llama.head_on_labels and not gpt2.head_on_labels

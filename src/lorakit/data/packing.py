@@ -24,14 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..models.family import in_llama_family, unwrap
 from .collate import _fields
 from .encode import IGNORE_INDEX, Example
 
-__all__ = ["PackingCollator", "PACKING_MODEL_TYPES", "real_token_count", "supports_packing"]
+__all__ = ["PackingCollator", "real_token_count", "supports_packing"]
 
-# Decoder-only models whose attention takes transformers' packed-sequence mask from position_ids
-# and whose rotary positions come from position_ids (the Llama family).
-PACKING_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "granite"}
 PACKING_ATTENTION = ("sdpa", "eager", "lorakit")  # the implementations that build the mask from position_ids
 
 
@@ -112,14 +110,9 @@ def real_token_count(batch: Mapping[str, torch.Tensor]) -> int:
     return batch["input_ids"].numel()
 
 
-def _config(model: torch.nn.Module):
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(lm, "config", None)
-
-
 def supports_packing(model: torch.nn.Module) -> bool:
-    """Whether packed rows give ``model`` the same loss as padded ones: a Llama-family model type
-    (``PACKING_MODEL_TYPES``) with sdpa or eager attention."""
-    config = _config(model)
-    return (getattr(config, "model_type", None) in PACKING_MODEL_TYPES
-            and getattr(config, "_attn_implementation", None) in PACKING_ATTENTION)
+    """Whether packed rows give ``model`` the same loss as padded ones: a Llama-family model (its
+    attention takes transformers' packed-sequence mask, its rotary positions come from
+    position_ids) with sdpa, eager or lorakit attention."""
+    return (in_llama_family(model)
+            and getattr(unwrap(model).config, "_attn_implementation", None) in PACKING_ATTENTION)

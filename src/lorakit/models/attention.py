@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.models.family import in_llama_family, unwrap
+
 __all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports"]
 
 ATTENTION = "lorakit"
 MIN_SPLIT = 64  # from this sequence length on, the masked quarter of causal attention is skipped
 MAX_SCORES = 1 << 23  # B x H x Sq x Sk per layer: 8 x 9 x 256 x 256 = 4.7M; 16 MiB of bf16 probabilities
-SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3"}
 
 
 def _part_forward(qg, k, v, mask):
@@ -151,8 +152,8 @@ def register() -> None:
 
 
 def supports(model) -> bool:
-    config = getattr(model, "config", None)
-    return (getattr(config, "model_type", None) in SUPPORTED_TYPES
+    config = getattr(unwrap(model), "config", None)
+    return (in_llama_family(model)
             and getattr(config, "_attn_implementation", None) in ("sdpa", "eager", ATTENTION)
             and not getattr(config, "sliding_window", None))
 

@@ -94,6 +94,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from lorakit.errors import ConfigError
+from lorakit.models.attention import MAX_SCORES
+from lorakit.models.attention import MIN_SPLIT as SPLIT_FROM
+from lorakit.models.family import LLAMA_FAMILY
+from lorakit.train.loss import DEFAULT_CHUNK as HEAD_CHUNK
 from lorakit.plan.shapes import ModelShape
 from lorakit.plan.targets import TargetedModule
 
@@ -105,17 +109,15 @@ DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16
 CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ADAPTER_BYTES_PER_PARAM = 4 + 4 + 4 + 4  # fp32 weight, gradient, AdamW exp_avg, exp_avg_sq
 LOSS_FP32_COPIES = 3  # fp32 log-softmax kept by cross-entropy; in backward two fp32 gradients
-HEAD_CHUNK = 1024  # label positions per chunk of lorakit's loss head (lorakit.train.loss.DEFAULT_CHUNK)
-SPLIT_FROM = 64  # lorakit's attention skips the masked quarter from this length on (attention.MIN_SPLIT)
-MAX_SCORES = 1 << 23  # lorakit's attention runs up to batch x heads x seq^2 scores (attention.MAX_SCORES)
+# lorakit's attention skips the masked quarter of causal attention from SPLIT_FROM tokens on and
+# runs up to MAX_SCORES (batch x heads x seq^2) scores per layer; the loss head works in chunks of
+# HEAD_CHUNK label positions.
 OVERHEAD = {"cpu": GiB // 2, "cuda": GiB}
 # Bytes the C allocator holds beyond the live tensors, per byte of activations (see above).
 ALLOCATOR_SLACK = {"cpu": 0.35, "cuda": 0.0}
-# Architectures whose logits are exactly lm_head(final hidden state), on which lorakit's trainer
-# runs the output head on label positions only: lorakit.train.evaluate.HEAD_ON_LABELS_ONLY (the
-# planner does not import the trainer; tests/plan keep the two sets equal).
-HEAD_ON_LABELS_ONLY = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2",
-                                 "granite"})
+# Architectures on which lorakit's trainer runs the output head on label positions only (and its
+# attention and norms): the Llama family, as the trainer decides it.
+HEAD_ON_LABELS_ONLY = LLAMA_FAMILY
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lorakit.data import IGNORE_INDEX, Collator, Example
 from lorakit.infer.generate import generate_texts
+from lorakit.models.family import LLAMA_FAMILY, unwrap
 from lorakit.train.loss import head_cross_entropy
 
 __all__ = [
@@ -18,11 +19,7 @@ __all__ = [
 
 # Architectures whose logits are exactly lm_head(final hidden state): for these the output head
 # runs on the label positions only (prompt and padding tokens never reach the vocabulary).
-HEAD_ON_LABELS_ONLY = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "granite"}
-
-
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+HEAD_ON_LABELS_ONLY = LLAMA_FAMILY
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -40,7 +37,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
     Summing (not averaging) lets gradient accumulation divide by the tokens of the whole step.
     """
-    lm = _causal_lm(model)
+    lm = unwrap(model)
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     mask = labels != IGNORE_INDEX  # (B, T-1)
     count = int(mask.sum())

@@ -19,6 +19,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.models.attention import use_lorakit_attention
+from lorakit.models.family import unwrap
 from lorakit.models.norms import use_fused_norms
 
 __all__ = ["ATTENTION_CHOICES", "make_optimizer", "speed_up"]
@@ -34,7 +35,7 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     return list(getattr(decoder, "layers", []))
 
@@ -47,7 +48,7 @@ def speed_up(model, *, attention: str = "auto", fused_norms: bool = True, gradie
     """
     if attention not in ATTENTION_CHOICES:
         raise ConfigError(f"attention={attention!r}: must be one of {', '.join(ATTENTION_CHOICES)}")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     notes = []
     if attention in ("auto", "lorakit"):
         if use_lorakit_attention(base):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["RMSNorm", "rms_norm", "use_fused_norms"]
+__all__ = ["RMSNorm", "use_fused_norms"]
 
 
 class RMSNorm(torch.autograd.Function):
@@ -41,16 +41,10 @@ class RMSNorm(torch.autograd.Function):
         return xhat.mul_(dot).add_(gw).mul_(rstd).to(x.dtype), None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if weight.requires_grad or weight.dtype != x.dtype:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * xf.to(x.dtype)  # transformers' LlamaRMSNorm, line for line
-    return RMSNorm.apply(x, weight, eps)
-
-
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    if self.weight.requires_grad or self.weight.dtype != hidden_states.dtype:
+        return super(type(self), self).forward(hidden_states)  # the model's own RMSNorm
+    return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 _FUSED_CLASSES: dict[type, type] = {}

@@ -31,14 +31,14 @@ def _frozen_linear(head: nn.Module) -> bool:
     return type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
 
 
-def _chunk_frozen_linear(h: torch.Tensor, labels: torch.Tensor, head: nn.Linear, want_grad: bool):
-    """(summed loss, dL/dh or None) for one chunk through a frozen linear head."""
-    weight = head.weight
-    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    w = weight.to(dtype)
+def _chunk_frozen_linear(h: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                         want_grad: bool):
+    """(summed loss, dL/dh or None) for one chunk through a frozen linear head, whose weight ``w``
+    is already in the compute dtype."""
+    dtype = w.dtype
     logits = (h.to(dtype) @ w.t()).float()  # (n, V)
-    if head.bias is not None:
-        logits += head.bias.float()
+    if bias is not None:
+        logits += bias.float()
     target = logits.gather(1, labels[:, None]).squeeze(1)  # (n,)
     top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
     probs = logits.sub_(top).exp_()  # in place of the logits: exp(z - max), no temporary
@@ -67,18 +67,20 @@ def _chunk_autograd(h: torch.Tensor, labels: torch.Tensor, head: nn.Module, para
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, labels, head, chunk, *params):
-        want_grad = ctx.needs_input_grad[0]
-        trainable = list(params)  # the caller passes only parameters that require grad
+        want_grad = ctx.needs_input_grad[0]  # params: only those that require grad (the caller's rule)
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
-        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in trainable]
+        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         fast = _frozen_linear(head)
+        if fast:  # the weight in the compute dtype once, not per chunk
+            device = hidden.device.type
+            w = head.weight.to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]
             if fast:
-                loss, g = _chunk_frozen_linear(h, y, head, want_grad)
+                loss, g = _chunk_frozen_linear(h, y, w, head.bias, want_grad)
             else:
-                loss, g, gp = _chunk_autograd(h, y, head, trainable, want_grad)
+                loss, g, gp = _chunk_autograd(h, y, head, list(params), want_grad)
                 for acc, part in zip(grad_params, gp):
                     acc += part
             total += loss

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
 import shutil
@@ -42,10 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 from lorakit.train.config import TrainConfig
+from machine import machine  # bench/machine.py
 
 DEFAULTS = TrainConfig()
 SHARED = ("train_examples", "eval_examples", "score_examples", "batch_size", "grad_accum", "lr", "epochs",
@@ -185,17 +183,6 @@ def _train_side(args, name: str, kind: str, *extra: str) -> dict:
     return result | {"wall_seconds": seconds}
 
 
-def _machine() -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    versions = {name: metadata.version(name) for name in ("lorakit", "torch", "transformers", "peft", "accelerate")}
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "versions": versions}
-
-
 def _table(sides: dict[str, dict]) -> str:
     head = f"{'side':<14}{'wall s':>9}{'train s':>9}{'real tok':>10}{'tok/s':>8}{'padded tok':>11}" \
            f"{'RSS MB':>8}{'exact':>7}{'loss':>7}  fields"
@@ -242,7 +229,7 @@ def _parent(args) -> None:
     if problems:
         print(f"WARNING: the sides did not train on the same tokens (lorakit: {steps} steps, "
               f"{sides['lorakit']['real_tokens']:,} real tokens): " + "; ".join(problems))
-    result = {"benchmark": "sft", "command": [sys.executable, *sys.argv], "machine": _machine(),
+    result = {"benchmark": "sft", "command": [sys.executable, *sys.argv], "machine": machine(),
               "settings": {name: getattr(args, name) for name in SHARED} | {"peers": peers, "steps": steps,
                                                                            "scored_in": precision},
               "sides": sides}

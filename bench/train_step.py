@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +33,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+from machine import machine  # bench/machine.py
 
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -218,20 +218,6 @@ def spawn(worker: str, args) -> dict:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"worker {worker} failed with exit code {done.returncode}: {' '.join(cmd)}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def machine() -> dict:
-    import peft
-    import transformers
-
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-               platform.processor())
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
 
 
 def summarize(runs: dict[str, list[dict]], peaks: dict, tokens: int) -> dict:

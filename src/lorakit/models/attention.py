@@ -11,8 +11,8 @@ the key and value heads for grouped-query attention. `lorakit_attention` compute
 as one autograd node: grouped-query heads share their key/value head without copies (the query
 heads of a group are stacked along the sequence axis), the softmax accumulates in fp32 inside
 PyTorch's kernel with no fp32 copy of the scores, and the backward reuses the saved P (kept in
-the compute dtype, as the matmul that follows needs it) instead of recomputing it. It saves
-B x H x S x S probabilities per layer, so it runs only up to `MAX_SCORES` scores per layer and
+the compute dtype, as the matmul that follows needs it) instead of recomputing it. It saves up
+to B x H x S x S probabilities per layer (3/4 of that from MIN_SPLIT tokens on), so it runs only up to `MAX_SCORES` scores per layer and
 only for self-attention over the whole sequence (training and held-out loss); decoding with a
 cache, longer sequences, attention dropout and anything unusual go to transformers' sdpa.
 
@@ -163,5 +163,5 @@ def use_lorakit_attention(model) -> bool:
     if not supports(model):
         return False
     register()
-    model.config._attn_implementation = ATTENTION
+    unwrap(model).config._attn_implementation = ATTENTION
     return True

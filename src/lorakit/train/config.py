@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from lorakit.config import PRESETS, LoraConfig, preset
-from lorakit.train.fast import ATTENTION_CHOICES
 from lorakit.errors import ConfigError
+from lorakit.train.fast import ATTENTION_CHOICES
 
 __all__ = ["TrainConfig", "load_train_config", "field_docs"]
 

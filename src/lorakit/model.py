@@ -155,6 +155,23 @@ class PeftModel(nn.Module):
                 if id(m) in merged:
                     m.merge(merged[id(m)])
 
+    # -- adapter arithmetic
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, a weighted combination of ``adapters`` ("cat": exactly
+        sum_i w_i dW_i; "svd": its best rank-k approximation; "linear": the factors combined).
+        PEFT's signature; the math and where it differs from PEFT are in
+        `lorakit.variants.weighted`."""
+        from lorakit.variants import weighted
+
+        weighted.add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type=combination_type,
+            svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
+
     # -- merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the active (or named) adapters' updates into the base weights, in place."""

@@ -77,8 +77,9 @@ def combine_svd(parts: list[Part], rank: int, scale: float, clamp: Optional[floa
         U S V^T = svd(dW);   B = U[:, :k] diag(S[:k]) / s,   A = V^T[:k]
 
     ``clamp`` (PEFT's ``svd_clamp``): the ``clamp`` quantile q of the entries of U_k S_k and
-    V^T_k together; both are clamped to [-q, q] (before dividing by s)."""
-    delta = sum(p.t * (p.B @ p.A) for p in parts)  # (out, in)
+    V^T_k together; both are clamped to [-q, q] (before dividing by s). Computed in float64,
+    so that the factors are right to the last bit of their fp32 storage."""
+    delta = sum(p.t * (p.B.double() @ p.A.double()) for p in parts)  # (out, in)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
     B = U[:, :rank] @ torch.diag(S[:rank])  # (out, k')
     A = Vh[:rank, :]  # (k', in)

@@ -73,6 +73,7 @@ def _train(args) -> int:
         overrides["target_modules"] = "all-linear"
     config = load_train_config(config_file, **overrides)
     result = train(config, resume=bool(args.resume), progress=not args.no_progress)
+    print(f"variant: {result.summary.get('variant', 'LoRA')}")
     print(f"adapter: {result.adapter_dir}")
     print(f"report:  {result.run_dir / 'report.md'}")
     if result.score_after:

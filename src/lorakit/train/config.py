@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,7 +21,7 @@ from lorakit.config import PRESETS, LoraConfig, preset
 from lorakit.errors import ConfigError
 from lorakit.train.fast import ATTENTION_CHOICES
 
-__all__ = ["TrainConfig", "load_train_config", "field_docs"]
+__all__ = ["TrainConfig", "load_train_config", "field_docs", "variant_summary", "INIT_CHOICES"]
 
 
 @dataclass
@@ -51,6 +52,13 @@ class TrainConfig:
     lora_dropout: Optional[float] = None
     target_modules: Optional[Union[list[str], str]] = None
     use_rslora: bool = False
+    """rsLoRA: scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r (stable at high ranks)."""
+    use_dora: bool = False
+    """DoRA: a trained magnitude per output feature times the direction of W + scale * B A."""
+    init_lora_weights: Union[bool, str] = True
+    """How the adapter starts: true (B zero), false, gaussian, pissa, pissa_niter_N (fast SVD) or olora."""
+    loraplus_ratio: Optional[float] = None
+    """LoRA+: B trains at learning_rate x this ratio (e.g. 16), A at learning_rate; unset: plain AdamW."""
 
     # --- optimisation
     epochs: float = 1.0
@@ -108,7 +116,8 @@ class TrainConfig:
     """Free-form notes carried into the report (e.g. the command that started the run)."""
 
     def __post_init__(self) -> None:
-        problems = list(self._problems())
+        self.init_lora_weights = _init_value(self.init_lora_weights)
+        problems = list(self._problems()) + list(_variant_problems(self))
         if problems:
             raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(problems))
 
@@ -126,7 +135,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 yield f"{name}={value!r}: must be a positive integer or unset"
-        for name in ("skip_bad_records", "use_rslora", "packing", "group_by_length", "score_before", "fused_norms", "gradient_checkpointing",
+        for name in ("skip_bad_records", "use_rslora", "use_dora", "packing", "group_by_length", "score_before", "fused_norms", "gradient_checkpointing",
                      "compile"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name}={getattr(self, name)!r}: must be true or false"
@@ -153,6 +162,7 @@ class TrainConfig:
     def lora_config(self) -> LoraConfig:
         """The adapter: the preset, with r / lora_alpha / lora_dropout / targets overridden."""
         overrides: dict[str, Any] = {"task_type": "CAUSAL_LM", "use_rslora": self.use_rslora,
+                                     "use_dora": self.use_dora, "init_lora_weights": self.init_lora_weights,
                                      "base_model_name_or_path": self.model}
         for name in ("r", "lora_alpha", "lora_dropout", "target_modules"):
             if getattr(self, name) is not None:
@@ -166,6 +176,38 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# init_lora_weights values the trainer accepts (pissa_niter_N: N a positive integer).
+INIT_CHOICES = ("true", "false", "gaussian", "pissa", "pissa_niter_N", "olora")
+
+
+def _init_value(value: Any) -> Any:
+    """YAML and the command line give "true" / "false" as text; the adapter wants a bool."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
+def _variant_problems(config: TrainConfig):
+    init = config.init_lora_weights
+    if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora")
+            or (isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init))):
+        yield f"init_lora_weights={init!r}: must be one of {', '.join(INIT_CHOICES)}"
+    ratio = config.loraplus_ratio
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not math.isfinite(ratio) or ratio <= 0):
+        yield f"loraplus_ratio={ratio!r}: must be a positive number (LoRA+ suggests 16), or unset for plain LoRA"
+
+
+def variant_summary(config: TrainConfig) -> str:
+    """The LoRA variant a run trains, in words: "LoRA", or e.g. "DoRA, rsLoRA, init pissa, LoRA+ ratio 16"."""
+    parts = (["DoRA"] if config.use_dora else []) + (["rsLoRA"] if config.use_rslora else [])
+    if config.init_lora_weights is not True:
+        parts.append(f"init {str(config.init_lora_weights).lower()}")
+    if config.loraplus_ratio is not None:
+        parts.append(f"LoRA+ ratio {config.loraplus_ratio:g}")
+    return ", ".join(parts) or "LoRA"
 
 
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:

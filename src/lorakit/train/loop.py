@@ -26,7 +26,7 @@ from lorakit.data import (Collator, PackingCollator, length_grouped_batches, loa
 from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
 from lorakit.models import load_model
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TrainConfig, variant_summary
 from lorakit.train.evaluate import heldout_loss, loss_sum, score_examples, scorer_for
 from lorakit.train.fast import make_optimizer, speed_up
 from lorakit.train.report import MetricsLog, plot_losses, read_metrics, write_report
@@ -152,7 +152,8 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
                          gradient_checkpointing=config.gradient_checkpointing, compile=config.compile):
         print(note, flush=True)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                               model=peft_model, loraplus_ratio=config.loraplus_ratio)
     collate = Collator(tokenizer.pad_token_id)
     train_collate = collate
     if config.packing and supports_packing(peft_model):
@@ -221,7 +222,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 lr = lr_at(step, peak=config.learning_rate, total_steps=run.total_steps, warmup=run.warmup,
                            min_ratio=config.min_lr_ratio)
                 for g in optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+: B's group keeps its ratio
                 step_loss = 0.0
                 for batch in group:
                     with run.autocast():
@@ -316,6 +317,8 @@ def _finish(run: _Run, state: dict, progress: bool) -> RunResult:
     trainable, total = peft_model.get_nb_trainable_parameters()
     summary = {
         "r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+        "variant": variant_summary(config), "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
+        "init_lora_weights": lora.init_lora_weights, "loraplus_ratio": config.loraplus_ratio,
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,
         "precision": run.precision, "packing": isinstance(run.train_collate, PackingCollator),
         "attention": peft_model.get_base_model().config._attn_implementation,

@@ -95,8 +95,8 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         "## What was trained",
         f"- Base model: `{config['model']}`",
         f"- Adapter: r={summary['r']}, lora_alpha={summary['lora_alpha']}, dropout={summary['lora_dropout']}, "
-        f"targets {', '.join(summary['target_modules'])}"
-        + (" (rsLoRA)" if config.get("use_rslora") else ""),
+        f"targets {', '.join(summary['target_modules'])}",
+        f"- Variant: {summary.get('variant', 'LoRA')}",
         f"- Trainable parameters: {summary['trainable']:,} of {summary['total']:,} "
         f"({100 * summary['trainable'] / summary['total']:.4f}%)",
         f"- Precision: {summary['precision']}",

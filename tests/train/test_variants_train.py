@@ -1,0 +1,151 @@
+"""The LoRA variants in the trainer: LoRA+ groups under the schedule and through resume, rsLoRA,
+DoRA and the initialisations reaching the adapter, the report naming the variant, validation."""
+
+import json
+import math
+
+import peft
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import lorakit.train.loop as loop
+from lorakit import PeftModel, TrainingInterrupted
+from lorakit.cli import main
+from lorakit.errors import ConfigError
+from lorakit.models import load_model
+from lorakit.train import TrainConfig, train
+from lorakit.train.config import load_train_config
+from lorakit.train.schedule import lr_at
+from train.test_resume import adapter_tensors, assert_bitwise_equal, signal_at_step
+
+pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning",
+                                        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+def record_optimizers(monkeypatch):
+    """Keep every optimizer the trainer builds (with the model it was built for)."""
+    made = []
+    real = loop.make_optimizer
+
+    def make_optimizer(*args, **kwargs):
+        made.append((real(*args, **kwargs), kwargs["model"]))
+        return made[-1][0]
+
+    monkeypatch.setattr(loop, "make_optimizer", make_optimizer)
+    return made
+
+
+def test_loraplus_groups_follow_the_schedule_at_their_ratio(tiny_config, monkeypatch):
+    made = record_optimizers(monkeypatch)
+    config = tiny_config(max_steps=4, loraplus_ratio=16, weight_decay=0.01, score_examples=0, save_every=0)
+    result = train(config, progress=False)
+    ((optimizer, model),) = made
+    assert optimizer.defaults["fused"]  # still the fused AdamW
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert list(groups) == ["A", "embedding", "B", "B_no_decay"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {k: [names[id(p)] for p in g["params"]] for k, g in groups.items()}
+    assert members["A"] and all(n.endswith("lora_A") for n in members["A"])
+    assert members["B"] and all(n.endswith("lora_B") for n in members["B"])
+    assert len(members["A"]) + len(members["B"]) == sum(p.requires_grad for p in model.parameters())
+    last = lr_at(3, peak=config.learning_rate, total_steps=4, warmup=1, min_ratio=config.min_lr_ratio)
+    assert groups["A"]["lr"] == pytest.approx(last)
+    assert groups["B"]["lr"] == pytest.approx(16 * last)
+    assert groups["A"]["weight_decay"] == groups["B"]["weight_decay"] == 0.01
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in logged if m["kind"] == "train"][-1] == pytest.approx(last)  # A's rate is logged
+    assert "- Variant: LoRA+ ratio 16" in (result.run_dir / "report.md").read_text()
+    assert result.summary["loraplus_ratio"] == 16 and result.summary["variant"] == "LoRA+ ratio 16"
+
+
+def test_first_loraplus_step_moves_b_16x_as_far_as_a_plain_run(tiny_config, tmp_path):
+    """AdamW's first step is lr * g / (|g| + eps), about lr per weight: B starts at zero, so after
+    one step |B| is the learning rate of B's group, by hand."""
+    common = dict(max_steps=1, learning_rate=1e-3, score_examples=0, eval_examples=2, save_every=0,
+                  max_grad_norm=0.0)
+    plain = adapter_tensors(train(tiny_config(run_dir=str(tmp_path / "plain"), **common), progress=False).run_dir)
+    plus = adapter_tensors(train(tiny_config(run_dir=str(tmp_path / "plus"), loraplus_ratio=16, **common),
+                                 progress=False).run_dir)
+    lr0 = lr_at(0, peak=1e-3, total_steps=1, warmup=1)
+    for key in plain:
+        if ".lora_B." in key:
+            assert plain[key].abs().max().item() == pytest.approx(lr0, rel=1e-3)
+            assert plus[key].abs().max().item() == pytest.approx(16 * lr0, rel=1e-3)
+
+
+def test_a_resumed_loraplus_run_equals_an_uninterrupted_one(tiny_config, tmp_path, monkeypatch):
+    common = dict(max_steps=6, lora_dropout=0.1, save_every=0, score_examples=0, loraplus_ratio=16)
+    straight = train(tiny_config(run_dir=str(tmp_path / "straight"), **common), progress=False)
+
+    signal_at_step(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted, match="step 3"):
+        train(tiny_config(run_dir=str(tmp_path / "interrupted"), **common), progress=False)
+    state = json.loads((tmp_path / "interrupted" / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert [g["lr_scale"] for g in state["param_groups"]][2:] == [16, 16]  # the ratio is in the checkpoint
+    monkeypatch.undo()
+    resumed = train(tiny_config(run_dir=str(tmp_path / "interrupted"), **common), resume=True, progress=False)
+    assert resumed.steps == 6
+    assert_bitwise_equal(adapter_tensors(resumed.run_dir), adapter_tensors(straight.run_dir))
+
+
+def test_rslora_reaches_the_saved_config_and_the_scale_in_both_libraries(tiny_config, tiny_model_dir):
+    result = train(tiny_config(max_steps=1, r=4, lora_alpha=8, use_rslora=True, score_examples=0, save_every=0),
+                   progress=False)
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["r"] == 4 and saved["lora_alpha"] == 8
+    base, _ = load_model(str(tiny_model_dir))
+    ours = PeftModel.from_pretrained(base, result.adapter_dir)
+    scales = {a.scaling for m in ours.modules() if hasattr(m, "adapters") for a in m.adapters.values()}
+    assert scales == {8 / math.sqrt(4)}
+    base, _ = load_model(str(tiny_model_dir))
+    theirs = peft.PeftModel.from_pretrained(base, str(result.adapter_dir))
+    assert {s["default"] for m in theirs.modules() if isinstance(getattr(m, "scaling", None), dict)
+            for s in [m.scaling]} == {8 / math.sqrt(4)}
+    assert "rsLoRA" in (result.run_dir / "report.md").read_text()
+
+
+def test_the_cli_takes_the_variant_flags_and_prints_the_variant(tiny_config, tmp_path, capsys):
+    base = {k: v for k, v in tiny_config(score_examples=0, max_steps=1, save_every=0).to_dict().items()
+            if k != "extra"}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(base))
+    run_dir = tmp_path / "cli-run"
+    code = main(["train", "--config", str(config_file), "--run-dir", str(run_dir), "--no-progress",
+                 "--loraplus-ratio", "16", "--use-rslora", "--init-lora-weights", "gaussian"])
+    assert code == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["loraplus_ratio"], saved["use_rslora"], saved["init_lora_weights"]) == (16.0, True, "gaussian")
+    assert "variant: rsLoRA, init gaussian, LoRA+ ratio 16" in capsys.readouterr().out
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter["init_lora_weights"] == "gaussian" and adapter["use_rslora"] is True
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("True", True), ("gaussian", "gaussian"),
+                                         ("pissa", "pissa"), ("pissa_niter_4", "pissa_niter_4"), ("olora", "olora")])
+def test_init_lora_weights_from_the_command_line_or_yaml(text, value, tmp_path):
+    assert TrainConfig(init_lora_weights=text).init_lora_weights == value
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"init_lora_weights: {text}\n")
+    assert load_train_config(config_file).init_lora_weights == value
+
+
+def test_bad_variant_values_are_reported_together_with_the_fix():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(init_lora_weights="pisa", loraplus_ratio=0, use_dora="yes")
+    message = str(err.value)
+    assert "init_lora_weights='pisa': must be one of true, false, gaussian, pissa, pissa_niter_N, olora" in message
+    assert "loraplus_ratio=0: must be a positive number" in message
+    assert "use_dora='yes': must be true or false" in message
+    for bad in (-1.0, float("nan"), "16"):
+        with pytest.raises(ConfigError, match="loraplus_ratio"):
+            TrainConfig(loraplus_ratio=bad)
+    with pytest.raises(ConfigError, match="pissa_niter_0"):
+        TrainConfig(init_lora_weights="pissa_niter_0")
+
+
+def test_the_variant_fields_reach_the_lora_config():
+    config = TrainConfig(use_rslora=True, init_lora_weights=False)
+    lora = config.lora_config()
+    assert lora.use_rslora is True and lora.init_lora_weights is False and lora.use_dora is False

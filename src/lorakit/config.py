@@ -116,7 +116,8 @@ class LoraConfig:
     alpha_pattern: dict = field(default_factory=dict)
     """Per-module alpha: {pattern: alpha}; the most specific matching pattern wins."""
     use_dora: bool = False
-    """DoRA (weight-decomposed LoRA). Not available in this version of lorakit."""
+    """DoRA (Liu et al. 2024): a trained magnitude per output feature times the LoRA-updated
+    direction (`lorakit.variants.dora`). Linear and Conv1D layers; not embeddings."""
 
     # --- PEFT fields lorakit stores but does not implement (must stay at their defaults)
     megatron_config: Optional[dict] = None
@@ -180,9 +181,8 @@ class LoraConfig:
         if not any(init is v if isinstance(v, bool) else init == v for v in SUPPORTED_INITS):
             yield (f"init_lora_weights={init!r}: lorakit supports True (PEFT's default), "
                    "'gaussian' and False")
-        if self.use_dora:
-            yield ("use_dora=True: DoRA is not available in this version of lorakit; "
-                   "use plain LoRA (use_dora=False)")
+        if not isinstance(self.use_dora, bool):
+            yield f"use_dora={self.use_dora!r}: must be True (DoRA) or False (plain LoRA)"
         for name, default in UNSUPPORTED_AT_DEFAULT.items():
             value = getattr(self, name)
             if value != default and not (default is None and value in ({}, [], False)):

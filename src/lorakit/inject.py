@@ -18,6 +18,7 @@ import torch.nn as nn
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import ConfigError
 from lorakit.layer import LoraLayer, is_conv1d, make_lora_layer, supported_layer
+from lorakit.variants import dora
 
 __all__ = [
     "ModulesToSave", "logical_modules", "resolve_targets", "inject_adapter", "mark_trainable",
@@ -233,7 +234,10 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
 
     Returns the config with concrete target_modules (what is saved)."""
     config = resolve_targets(model, config)
-    for name, module in _match_targets(model, config):
+    found = _match_targets(model, config)
+    if config.use_dora:
+        dora.check_targets(found)  # before anything is wrapped
+    for name, module in found:
         layer = module
         if not isinstance(layer, LoraLayer):
             fan_in_fan_out = config.fan_in_fan_out
@@ -253,6 +257,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
             lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
             init=config.init_lora_weights, autocast_fp32=autocast_adapter_dtype,
         )
+        if config.use_dora:  # after the init, which may change W (PiSSA, OLoRA)
+            dora.add_magnitude(layer, adapter_name)
     _wrap_modules_to_save(model, config, adapter_name)
     return config
 
@@ -288,9 +294,8 @@ def mark_trainable(model: nn.Module, adapter_names: list[str], config: LoraConfi
     for name, module in logical_modules(model):
         if isinstance(module, LoraLayer):
             for adapter in adapter_names:
-                if adapter in module.adapters:
-                    module.adapters[adapter].lora_A.requires_grad_(True)
-                    module.adapters[adapter].lora_B.requires_grad_(True)
+                if adapter in module.adapters:  # A, B and DoRA's magnitude
+                    module.adapters[adapter].requires_grad_(True)
             if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 module.base_layer.bias.requires_grad_(True)
         elif isinstance(module, ModulesToSave):

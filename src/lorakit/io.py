@@ -3,6 +3,7 @@
     <dir>/adapter_config.json         LoraConfig, sorted keys, inference_mode true
     <dir>/adapter_model.safetensors   base_model.model.<module>.lora_A.weight        (r, in)
                                       base_model.model.<module>.lora_B.weight        (out, r)
+                                      base_model.model.<module>.lora_magnitude_vector (out,) DoRA
                                       base_model.model.<module>.lora_embedding_A     (r, vocab)
                                       base_model.model.<module>.lora_embedding_B     (dim, r)
                                       base_model.model.<module>.base_layer.bias      bias modes
@@ -91,6 +92,10 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
             else:
                 tensors[f"{PREFIX}{name}.lora_A.weight"] = a.lora_A
                 tensors[f"{PREFIX}{name}.lora_B.weight"] = a.lora_B
+            if a.lora_magnitude_vector is not None:
+                # PEFT's "<module>.lora_magnitude_vector.<adapter>.weight", the adapter name stripped
+                # together with ".weight" (peft.utils.save_and_load)
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = a.lora_magnitude_vector
     if config.bias == "all":
         for name, p in bias_parameters(model):
             tensors[PREFIX + name] = p

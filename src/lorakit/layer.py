@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from lorakit import fused
 from lorakit.errors import LorakitError
+from lorakit.variants import dora
 
 __all__ = ["Adapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "is_conv1d", "supported_layer"]
 
@@ -33,8 +35,21 @@ def supported_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
 
 
+class LinearVariant(Protocol):
+    """A variant's own forward and merge rule for a linear layer (`lorakit.variants.dora` is one)."""
+
+    def forward(self, layer, adapter, x, result): ...  # result + the adapter's output (reference)
+    def fused_forward(self, layer, adapter, x, dtype): ...  # the whole layer output, or None
+    def merged_weight(self, layer, name): ...  # the merged weight, fp32, W's layout
+    def unmerged_weight(self, layer, name): ...  # its inverse
+
+
+# Adapter.variant -> its rule; an adapter whose variant is None is plain LoRA.
+VARIANTS: dict[str, LinearVariant] = {dora.NAME: dora}
+
+
 class Adapter(nn.Module):
-    """One adapter on one layer: its A, B, scale and dropout.
+    """One adapter on one layer: its A, B, scale, dropout and optional DoRA magnitude.
 
     Parameter names are the ecosystem's: ``lora_A`` (r x in) and ``lora_B`` (out x r). For an
     embedding, "in" is the vocabulary size and "out" the embedding width.
@@ -50,6 +65,9 @@ class Adapter(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
+        # DoRA's magnitude m (out,), set by `lorakit.variants.dora.add_magnitude`, with variant "dora"
+        self.register_parameter("lora_magnitude_vector", None)
+        self.variant: str | None = None
         self.reset_parameters(init, embedding)
 
     def reset_parameters(self, init, embedding: bool) -> None:
@@ -148,14 +166,19 @@ class LoraLayer(nn.Module):
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=2)
                 continue
-            delta = self.delta_in_weight_layout(name)
-            merged = weight.data.float() + delta if weight.dtype != torch.float32 else weight.data + delta
+            variant = VARIANTS.get(self.adapters[name].variant)
+            if variant is not None:  # its own rule (DoRA: W' = m / ||W + s B A|| * (W + s B A))
+                merged = variant.merged_weight(self, name)
+            else:
+                delta = self.delta_in_weight_layout(name)
+                merged = weight.data.float() + delta if weight.dtype != torch.float32 else weight.data + delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise LorakitError(
                     f"merging adapter {name!r} gives non-finite weights; the adapter is broken "
                     "(check its values with `lorakit inspect`)"
                 )
-            weight.data.copy_(merged.to(weight.dtype))
+            with torch.no_grad():  # an in-place write bumps the weight's version: caches see it
+                weight.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
 
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
@@ -164,9 +187,14 @@ class LoraLayer(nn.Module):
         for name in names:
             if name not in self.merged_adapters:
                 continue
-            delta = self.delta_in_weight_layout(name)
-            restored = weight.data.float() - delta if weight.dtype != torch.float32 else weight.data - delta
-            weight.data.copy_(restored.to(weight.dtype))
+            variant = VARIANTS.get(self.adapters[name].variant)
+            if variant is not None:
+                restored = variant.unmerged_weight(self, name)
+            else:
+                delta = self.delta_in_weight_layout(name)
+                restored = weight.data.float() - delta if weight.dtype != torch.float32 else weight.data - delta
+            with torch.no_grad():
+                weight.copy_(restored.to(weight.dtype))
             self.merged_adapters.remove(name)
 
 
@@ -196,19 +224,27 @@ class LoraLinear(LoraLayer):
 
         One adapter on an `nn.Linear` takes the fused path (`lorakit.fused`): the same sum as
         one autograd node. The loop below is the reference, and the path for everything else.
+        An adapter with a variant (DoRA) runs its variant's own forward, fused or reference.
         """
         adapters = self._adapters_for_forward()
         if len(adapters) == 1 and fused.enabled() and not args and not kwargs and not self.fan_in_fan_out \
                 and type(self.base_layer) is nn.Linear:
             a = adapters[0]
             dtype = fused.compute_dtype(x, self.base_layer.weight, a.lora_A)
-            if dtype is not None:
+            if dtype is not None and a.variant is None:
                 return fused.lora_linear(x, self.base_layer, a.lora_A, a.lora_B, a.scaling, a.lora_dropout, dtype)
+            if dtype is not None:
+                out = VARIANTS[a.variant].fused_forward(self, a, x, dtype)
+                if out is not None:
+                    return out
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if not adapters:
             return result
         out_dtype = result.dtype
         for a in adapters:
+            if a.variant is not None:  # the variant's reference forward (lorakit.variants)
+                result = VARIANTS[a.variant].forward(self, a, x, result)  # (..., out)
+                continue
             h = a.lora_dropout(x.to(a.lora_A.dtype))  # (..., in)
             result = result + F.linear(F.linear(h, a.lora_A), a.lora_B) * a.scaling  # (..., out)
         return result.to(out_dtype)

@@ -1,0 +1,282 @@
+"""Merge an adapter into its base model and write a plain transformers model directory.
+
+``merge_adapter(adapter_dir, out_dir)`` loads the base model in fp32, adds each LoRA layer's
+update into its base weight (``W + dW``, with ``dW = scale * B @ A`` for plain LoRA: whatever
+the adapter's forward adds, see `lorakit.layer`), casts the model to the output dtype and saves
+it with the tokenizer: ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` then gives
+the adapted model's outputs without lorakit or PEFT.
+
+Rounding. In fp32 the merge is exact to fp32 rounding. In bf16 (8 significant bits) or fp16
+(11) a small update can vanish: ``round(W + dW)`` is ``round(W)`` whenever ``|dW|`` is under
+half the spacing of representable numbers around ``W`` (about ``|W| * 2**-8`` in bf16). For a
+merge into those dtypes `rounding_loss` measures, per layer,
+
+- relative error: ``||round(W + dW) - round(W) - dW|| / ||dW||`` (Frobenius norms), how far the
+  update the stored weights carry (``round(W + dW) - round(W)``) is from the update the fp32
+  merge applied (``dW = (W + dW)_fp32 - W``): 0 when it survives, 1 when it is entirely lost,
+  above 1 when the rounding adds more than it keeps (a base weight that is not representable in
+  the dtype and sits near a rounding boundary jumps a whole step for a tiny update);
+- lost fraction: of the elements the update changes (``dW != 0``), the share where
+  ``round(W + dW) == round(W)``.
+
+The totals pool every layer (errors and updates summed in square before the root), so large
+layers weigh more. Measuring against ``round(W)`` isolates the update: the base's own rounding
+is what any bf16 copy of the base model has too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.inject import lora_layers
+from lorakit.model import PeftModel
+from lorakit.models import load_model, parse_dtype, resolve_model_dir
+
+__all__ = ["merge_adapter", "MergeReport", "RoundingReport", "LayerRounding", "rounding_loss",
+           "WARN_RELATIVE_ERROR", "WARN_LOST_FRACTION"]
+
+# A merge warns when at least this much of the update is gone (relative error, pooled) ...
+WARN_RELATIVE_ERROR = 0.2
+# ... or when at least this share of the changed elements kept their base value.
+WARN_LOST_FRACTION = 0.25
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class LayerRounding:
+    """How much of one layer's update survives rounding to ``dtype`` (see the module docstring)."""
+
+    name: str
+    changed: int  # elements with dW != 0
+    lost: int  # of those, elements where round(W + dW) == round(W)
+    update_norm: float  # ||dW||
+    error_norm: float  # ||round(W + dW) - round(W) - dW||
+
+    @property
+    def relative_error(self) -> float:
+        return self.error_norm / self.update_norm if self.update_norm else 0.0
+
+    @property
+    def lost_fraction(self) -> float:
+        return self.lost / self.changed if self.changed else 0.0
+
+
+def rounding_loss(name: str, base: torch.Tensor, merged: torch.Tensor, dtype: torch.dtype) -> LayerRounding:
+    """Measure what rounding ``merged`` (the fp32 ``W + dW``) to ``dtype`` does to the update
+    ``dW = merged - base``, relative to the rounded base ``round(base)``."""
+    base, merged = base.detach().float(), merged.detach().float()
+    update = merged - base  # dW, the update the fp32 merge applied
+    kept = merged.to(dtype).float() - base.to(dtype).float()  # round(W + dW) - round(W)
+    changed = update != 0
+    return LayerRounding(
+        name=name,
+        changed=int(changed.sum()),
+        lost=int((changed & (kept == 0)).sum()),
+        update_norm=float(torch.linalg.vector_norm(update)),
+        error_norm=float(torch.linalg.vector_norm(kept - update)),
+    )
+
+
+@dataclass
+class RoundingReport:
+    """Per-layer and pooled rounding loss of a merge into bf16 or fp16."""
+
+    dtype: str
+    layers: list[LayerRounding]
+
+    @property
+    def relative_error(self) -> float:
+        """sqrt(sum of squared layer errors) / sqrt(sum of squared layer update norms)."""
+        update = sum(l.update_norm ** 2 for l in self.layers) ** 0.5
+        error = sum(l.error_norm ** 2 for l in self.layers) ** 0.5
+        return error / update if update else 0.0
+
+    @property
+    def lost_fraction(self) -> float:
+        changed = sum(l.changed for l in self.layers)
+        return sum(l.lost for l in self.layers) / changed if changed else 0.0
+
+    def worst(self, k: int = 5) -> list[LayerRounding]:
+        """The ``k`` layers with the largest relative error."""
+        return sorted(self.layers, key=lambda l: -l.relative_error)[:k]
+
+    def warning(self) -> str | None:
+        """A one-line warning when a large share of the update is lost, else None."""
+        if self.relative_error < WARN_RELATIVE_ERROR and self.lost_fraction < WARN_LOST_FRACTION:
+            return None
+        return (f"WARNING: rounding to {self.dtype} loses {self.relative_error:.1%} of the adapter's update "
+                f"(relative error) and leaves {self.lost_fraction:.1%} of the changed weights at their base "
+                f"value; the merged model may not behave like the adapter. Merge with --dtype fp32, or keep "
+                f"the adapter separate (lorakit generate --adapter)")
+
+    def summary(self, top: int = 5) -> str:
+        lines = [f"rounding to {self.dtype}: {len(self.layers)} layers, relative error "
+                 f"{self.relative_error:.2%}, lost {self.lost_fraction:.2%} of changed elements",
+                 f"  {'layer (largest error first)':<48} {'rel. error':>10} {'lost':>8} {'||dW||':>10}"]
+        for l in self.worst(top):
+            lines.append(f"  {l.name:<48} {l.relative_error:>10.2%} {l.lost_fraction:>8.2%} {l.update_norm:>10.4g}")
+        warning = self.warning()
+        return "\n".join(lines + ([warning] if warning else []))
+
+    def as_dict(self) -> dict:
+        return {"dtype": self.dtype, "relative_error": self.relative_error, "lost_fraction": self.lost_fraction,
+                "layers": [{"name": l.name, "changed": l.changed, "lost": l.lost, "update_norm": l.update_norm,
+                            "error_norm": l.error_norm, "relative_error": l.relative_error,
+                            "lost_fraction": l.lost_fraction} for l in self.layers]}
+
+
+@dataclass
+class MergeReport:
+    """What `merge_adapter` wrote."""
+
+    out_dir: Path
+    adapter_dir: Path
+    base_model: str
+    dtype: str
+    merged_layers: int
+    files: list[str]
+    untied: list[str] = field(default_factory=list)
+    """LoRA layers whose weight was shared with another (tied embeddings) and was given its own copy."""
+    rounding: RoundingReport | None = None
+    """None for an fp32 merge."""
+
+    def summary(self) -> str:
+        lines = [f"merged {self.merged_layers} LoRA layers of {self.adapter_dir} into {self.base_model} ({self.dtype})",
+                 f"wrote {self.out_dir}: {', '.join(self.files)}"]
+        if self.untied:
+            lines.append(f"untied from shared weights (the update applies to these only): {', '.join(self.untied)}")
+        if self.rounding is not None:
+            lines.append(self.rounding.summary())
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"out_dir": str(self.out_dir), "adapter_dir": str(self.adapter_dir), "base_model": self.base_model,
+                "dtype": self.dtype, "merged_layers": self.merged_layers, "files": self.files,
+                "untied": self.untied, "rounding": self.rounding.as_dict() if self.rounding else None}
+
+
+def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, model: str | None = None,
+                  dtype: str | torch.dtype | None = None, *, force: bool = False,
+                  max_shard_size: str | int | None = None) -> MergeReport:
+    """Merge the adapter in ``adapter_dir`` into its base model (``model``, else the adapter's
+    ``base_model_name_or_path``) and write the full model to ``out_dir``.
+
+    ``dtype`` is the saved weights' dtype (fp32, bf16 or fp16; default: the base model's own, from
+    its config.json, else fp32); for bf16 and fp16 the report measures the rounding loss. The
+    directory is written under a temporary name next to ``out_dir`` and renamed into place; a
+    non-empty ``out_dir`` is replaced only with ``force``. Weights are safetensors, sharded as
+    transformers does (``max_shard_size``, transformers' default when None).
+    """
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    base_name = model or LoraConfig.from_pretrained(adapter_dir).base_model_name_or_path or "smollm2-135m"
+    base_dir = resolve_model_dir(base_name)
+    _check_out_dir(out_dir, force, protected=[adapter_dir, base_dir])
+    target = parse_dtype(dtype) if dtype is not None else _saved_dtype(base_dir)
+    if target not in _DTYPE_NAMES:
+        raise ConfigError(f"dtype {dtype!r} cannot be merged into; use fp32, bf16 or fp16")
+
+    base, tokenizer = load_model(base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    layers = [(name, layer) for name, layer in lora_layers(peft_model.get_base_model())]
+    untied = _untie_shared_weights(peft_model.get_base_model(), layers)
+    before = {name: layer.base_layer.weight.detach().clone() for name, layer in layers} \
+        if target != torch.float32 else {}
+    merged = peft_model.merge_and_unload()
+    rounding = None
+    if before:
+        rounding = RoundingReport(_DTYPE_NAMES[target], [
+            rounding_loss(name, before.pop(name), layer.base_layer.weight, target) for name, layer in layers])
+    merged = merged.to(target)
+    _check_finite(merged, target)
+
+    files = _write_atomically(out_dir, lambda tmp: _save(merged, tokenizer, tmp, max_shard_size))
+    return MergeReport(out_dir, adapter_dir, str(base_name), _DTYPE_NAMES[target], len(layers), files,
+                       untied, rounding)
+
+
+def _saved_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a model directory's config.json names (``dtype`` or the older ``torch_dtype``)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    try:
+        return parse_dtype(name)
+    except ConfigError:
+        return torch.float32
+
+
+def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
+    resolved = out_dir.resolve()
+    for path in protected:
+        if resolved == path.resolve():
+            raise ConfigError(f"--out {out_dir} is the adapter or base model directory; pick a new directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; pass a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ConfigError(f"--out {out_dir} is not empty; pick another directory or pass --force to replace it")
+
+
+def _untie_shared_weights(model: nn.Module, layers) -> list[str]:
+    """Give each LoRA layer whose base weight is shared (tied input and output embeddings) its own
+    copy, so the merged update lands in that layer only, and record the untying in the config."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    untied = []
+    for name, layer in layers:
+        weight = layer.base_layer.weight
+        if owners.get(id(weight), 0) > 1:
+            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            untied.append(name)
+    if untied:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    return untied
+
+
+def _check_finite(model: nn.Module, dtype: torch.dtype) -> None:
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise LorakitError(f"the merged weights are not finite in {dtype} ({', '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}); fp16 overflows above 65504: merge with --dtype bf16 "
+                           "or fp32, or check the adapter with `lorakit inspect`")
+
+
+def _save(model: nn.Module, tokenizer, directory: Path, max_shard_size) -> None:
+    options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(directory, **options)
+    tokenizer.save_pretrained(directory)
+
+
+def _write_atomically(out_dir: Path, write) -> list[str]:
+    """Run ``write(tmp)`` on a temporary directory beside ``out_dir``, then rename it into place
+    (an existing ``out_dir`` is moved aside first and removed after). Returns the file names."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private to its writer
+    try:
+        write(tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "dir")
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return files
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -29,8 +29,6 @@ TINY_CASES = [
 @pytest.mark.parametrize("arch, settings", TINY_CASES, ids=lambda v: v if isinstance(v, str) else None)
 def test_tiny_models_count_as_get_peft_model_does(impl, arch, settings, tmp_path):
     config_json = write_config(tmp_path / arch, TINY[arch])
-    if impl == "lorakit" and settings.get("use_dora"):
-        pytest.skip("lorakit refuses use_dora=True until DoRA lands in lorakit.variants")
     LoraConfig, get_peft_model = IMPLEMENTATIONS[impl]
     config = LoraConfig(**settings)
     base = build(TINY[arch])

@@ -32,8 +32,6 @@ def _file_tensors(path):
 @implementations
 @pytest.mark.parametrize("arch, settings", CASES, ids=lambda v: v if isinstance(v, str) else None)
 def test_planned_size_is_the_saved_file_size(impl, arch, settings, tmp_path):
-    if impl == "lorakit" and settings.get("use_dora"):
-        pytest.skip("lorakit refuses use_dora=True until DoRA lands in lorakit.variants")
     LoraConfig, get_peft_model = IMPLEMENTATIONS[impl]
     model = get_peft_model(build(TINY[arch]), LoraConfig(**settings))
     model.save_pretrained(tmp_path / "adapter")

@@ -95,11 +95,12 @@ def test_cat_is_the_exact_weighted_sum(rslora_a, rslora_b):
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_svd_at_full_rank_is_exact(rslora):
+@pytest.mark.parametrize("rank", [6, 20])  # 20: above v_proj's min(out, in) = 16, zero-padded
+def test_svd_at_full_rank_is_exact(rslora, rank):
     model = two_adapters(rslora, not rslora)
     weights = [-0.4, 2.0]
-    model.add_weighted_adapter(["a", "b"], weights, "svd", combination_type="svd", svd_rank=6)
-    assert model.peft_config["svd"].r == 6
+    model.add_weighted_adapter(["a", "b"], weights, "svd", combination_type="svd", svd_rank=rank)
+    assert model.peft_config["svd"].r == rank
     assert_exact(model, "svd", exact_updates(model, ["a", "b"], weights))
 
 
@@ -339,3 +340,33 @@ def test_linear_with_weights_that_cancel_is_an_error_naming_the_layer():
     with pytest.raises(ConfigError, match="layer model.layers.0.self_attn.v_proj.*sum to 0"):
         model.add_weighted_adapter(["a", "b"], [1.0, -1.0], "lin", combination_type="linear")
     assert sorted(model.peft_config) == ["a", "b"]
+
+
+def test_dora_inputs_are_refused():
+    """A DoRA update is not s B A (the magnitude renormalises it): no weighted sum of factors."""
+    model = two_adapters()
+    model.add_adapter("d", lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ConfigError, match="'d' is not a plain LoRA adapter"):
+        model.add_weighted_adapter(["a", "d"], [1.0, 1.0], "new", combination_type="cat")
+    assert "new" not in model.peft_config
+
+
+def test_modules_to_save_clash_is_an_error_and_a_single_owner_is_copied():
+    from interop.conftest import tiny_bert
+
+    def build(task_b):
+        torch.manual_seed(4)
+        model = lorakit.get_peft_model(tiny_bert(), lorakit.LoraConfig(
+            r=2, task_type="SEQ_CLS", target_modules=["query"], init_lora_weights=False), "a")
+        model.add_adapter("b", lorakit.LoraConfig(r=2, task_type=task_b, target_modules=["value"],
+                                                  init_lora_weights=False))
+        return model
+
+    with pytest.raises(ConfigError, match=r"save the same modules in full \(\['classifier'\]\)"):
+        build("SEQ_CLS").add_weighted_adapter(["a", "b"], [1, 1], "new", combination_type="cat")
+    model = build(None)
+    head = model.get_base_model().classifier
+    with torch.no_grad():
+        head.modules_to_save["a"].weight.add_(1.0)  # a trained head
+    model.add_weighted_adapter(["a", "b"], [1, 1], "new", combination_type="cat")
+    assert torch.equal(head.modules_to_save["new"].weight, head.modules_to_save["a"].weight)

@@ -47,7 +47,7 @@ from lorakit.inject import ModulesToSave, logical_modules, lora_layers
 
 __all__ = [
     "Part", "combine_cat", "combine_linear", "combine_svd", "COMBINATIONS", "UNSUPPORTED",
-    "add_weighted_adapter",
+    "new_rank", "add_weighted_adapter",
 ]
 
 
@@ -81,8 +81,9 @@ def combine_svd(parts: list[Part], rank: int, scale: float, clamp: Optional[floa
     so that the factors are right to the last bit of their fp32 storage."""
     delta = sum(p.t * (p.B.double() @ p.A.double()) for p in parts)  # (out, in)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
-    B = U[:, :rank] @ torch.diag(S[:rank])  # (out, k')
-    A = Vh[:rank, :]  # (k', in)
+    k = min(rank, S.numel())  # a rank above min(out, in) is zero-padded below
+    B = U[:, :k] @ torch.diag(S[:k])  # (out, k)
+    A = Vh[:k, :]  # (k, in)
     if clamp is not None:
         hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
         B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)

@@ -27,8 +27,11 @@ Where lorakit differs from PEFT 0.21 (`LoraModel.add_weighted_adapter`):
     [0.5, 0.5]. With one adapter both agree.
   - PEFT's "svd" with k above min(out, in) stores a factor of the wrong shape; lorakit pads
     with zeros.
-  - An existing adapter_name, a weights list of another length, or density on a type that
-    ignores it are errors here, not silently skipped.
+  - PEFT gives the new adapter an untrained copy of a modules_to_save module; lorakit copies
+    the trained one of the single input that saves it.
+  - An existing adapter_name, a weights list of another length, density on a type that
+    ignores it, or "linear" weights with sum_i t_i = 0 on a layer are errors here, not silently
+    skipped (or NaN).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ unchanged and the JSON file loads in either library. Validation happens once, in
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -154,8 +155,9 @@ class LoraConfig:
 
     def _problems(self):
         """Yield one message per invalid field; every message names the field and the fix."""
-        if self.peft_type not in ("LORA", None):
-            yield f"peft_type={self.peft_type!r}: lorakit reads LoRA adapters only (peft_type 'LORA')"
+        if self.peft_type not in (self.PEFT_TYPE, None):
+            yield (f"peft_type={self.peft_type!r}: a {type(self).__name__} has peft_type "
+                   f"{self.PEFT_TYPE!r}; lorakit reads {', '.join(sorted(CONFIG_CLASSES))} adapters")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             yield f"r={self.r!r}: the rank must be a positive integer, e.g. r=16"
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
@@ -175,7 +177,7 @@ class LoraConfig:
         ):
             yield f"modules_to_save={self.modules_to_save!r}: must be a list of module names"
         yield from self._layer_problems()
-        yield from _mapping_problems("rank_pattern", self.rank_pattern, positive_int=True)
+        yield from self._rank_pattern_problems()
         yield from _mapping_problems("alpha_pattern", self.alpha_pattern, positive_int=False)
         init = self.init_lora_weights
         if not any(init is v if isinstance(v, bool) else init == v for v in SUPPORTED_INITS):
@@ -204,6 +206,12 @@ class LoraConfig:
         if self.layers_pattern and layers is None:
             yield ("layers_pattern: only has a meaning together with layers_to_transform; "
                    "set layers_to_transform or remove layers_pattern")
+
+    PEFT_TYPE = "LORA"
+    """The peft_type this class reads and writes (a class attribute, not a field)."""
+
+    def _rank_pattern_problems(self):
+        yield from _mapping_problems("rank_pattern", self.rank_pattern, positive_int=True)
 
     # --- the file
     def to_dict(self) -> dict[str, Any]:
@@ -252,11 +260,23 @@ class LoraConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
-        if data.get("peft_type", "LORA") != "LORA":
-            raise ConfigError(
-                f"{path}: peft_type is {data.get('peft_type')!r}; lorakit loads LoRA adapters only"
-            )
-        return cls.from_dict(data)
+        peft_type = data.get("peft_type") or "LORA"
+        if peft_type not in CONFIG_CLASSES:
+            raise ConfigError(f"{path}: peft_type is {peft_type!r}; lorakit loads "
+                              f"{', '.join(sorted(CONFIG_CLASSES))} adapters only")
+        module, name = CONFIG_CLASSES[peft_type]
+        config_class = getattr(importlib.import_module(module), name)
+        if not issubclass(config_class, cls):
+            raise ConfigError(f"{path}: peft_type is {peft_type!r}, not a {cls.__name__}; read it with "
+                              f"{config_class.__name__}.from_pretrained (or LoraConfig.from_pretrained)")
+        return config_class.from_dict(data)
+
+
+# adapter_config.json's peft_type -> (module, class) that reads it, imported on first use.
+CONFIG_CLASSES = {
+    "LORA": ("lorakit.config", "LoraConfig"),
+    "ADALORA": ("lorakit.variants.adalora.config", "AdaLoraConfig"),
+}
 
 
 def _pattern_problems(name: str, value: Any):

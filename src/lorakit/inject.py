@@ -233,6 +233,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
     """Add adapter ``adapter_name`` to every targeted module of ``model`` (in place).
 
     Returns the config with concrete target_modules (what is saved)."""
+    if config.peft_type == "ADALORA":  # SVD-form layers of their own (imports this module)
+        from lorakit.variants.adalora.layer import inject_adalora
+        return inject_adalora(model, config, adapter_name, autocast_adapter_dtype)
     config = resolve_targets(model, config)
     found = _match_targets(model, config)
     if config.use_dora:

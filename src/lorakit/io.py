@@ -4,6 +4,8 @@
     <dir>/adapter_model.safetensors   base_model.model.<module>.lora_A.weight        (r, in)
                                       base_model.model.<module>.lora_B.weight        (out, r)
                                       base_model.model.<module>.lora_magnitude_vector (out,) DoRA
+                                      base_model.model.<module>.lora_A / lora_E / lora_B
+                                                              (k, in) (k, 1) (out, k) AdaLoRA, k kept
                                       base_model.model.<module>.lora_embedding_A     (r, vocab)
                                       base_model.model.<module>.lora_embedding_B     (dim, r)
                                       base_model.model.<module>.base_layer.bias      bias modes
@@ -32,6 +34,8 @@ from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
 from lorakit.inject import ModulesToSave, bias_parameters, logical_modules
 from lorakit.layer import LoraLayer
+from lorakit.variants.adalora.config import pattern_for
+from lorakit.variants.adalora.layer import SVDAdapter
 
 __all__ = [
     "WEIGHTS_NAME", "PREFIX", "adapter_tensors", "save_adapter", "read_adapter",
@@ -86,7 +90,9 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
         elif hasattr(module, "adapters") and adapter_name in module.adapters:
             a = module.adapters[adapter_name]
             lora_layer_names.append(name)
-            if module.is_embedding:
+            if isinstance(a, SVDAdapter):  # AdaLoRA: no ".weight", only the kept triplets
+                tensors.update(_svd_tensors(f"{PREFIX}{name}", a, pattern_for(config.rank_pattern, name)))
+            elif module.is_embedding:
                 tensors[f"{PREFIX}{name}.lora_embedding_A"] = a.lora_A
                 tensors[f"{PREFIX}{name}.lora_embedding_B"] = a.lora_B
             else:
@@ -116,6 +122,21 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
     if save_embedding_layers:
         tensors.update(_embedding_tensors(model, targeted))
     return tensors
+
+
+def _svd_tensors(prefix: str, a: SVDAdapter, kept: list[bool] | None) -> dict[str, torch.Tensor]:
+    """An AdaLoRA layer's tensors, PEFT's keys ``<module>.lora_A / lora_E / lora_B``: the rows
+    (of B, the columns) that ``kept`` (its rank_pattern entry) marks, unless the layer already
+    has exactly that many (it was loaded so). ``ranknum`` is not saved: it is init_r."""
+    rows = a.lora_A.shape[0]
+    if kept is None or sum(kept) == rows:
+        return {f"{prefix}.lora_A": a.lora_A, f"{prefix}.lora_E": a.lora_E, f"{prefix}.lora_B": a.lora_B}
+    if len(kept) != rows:
+        raise AdapterFormatError(f"{prefix}: rank_pattern has {len(kept)} entries ({sum(kept)} kept) for a "
+                                 f"layer of rank {rows}; the pattern belongs to another adapter")
+    keep = torch.tensor(kept, dtype=torch.bool, device=a.lora_A.device)
+    return {f"{prefix}.lora_A": a.lora_A[keep], f"{prefix}.lora_E": a.lora_E[keep],
+            f"{prefix}.lora_B": a.lora_B[:, keep]}
 
 
 def _modules_to_save(model: nn.Module, adapter_name: str):

@@ -33,9 +33,17 @@ class LoraModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}  # the PeftModel's dict, shared (PEFT's layout)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def check_new_adapter(self, config: LoraConfig) -> None:
+        """Refuse an adapter of another kind than those already here: one model, one peft_type."""
+        kinds = {c.peft_type for c in self.peft_config.values()}
+        if kinds and config.peft_type not in kinds:
+            raise ConfigError(f"this model holds {', '.join(sorted(kinds))} adapters; a {config.peft_type} "
+                              "adapter needs a model of its own (use a fresh copy of the base model)")
 
     def __getattr__(self, name: str):
         try:
@@ -52,9 +60,9 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True):
         super().__init__()
-        self.base_model = LoraModel(model)
+        self.base_model = _base_model_class(peft_config)(model)
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.peft_config: dict[str, LoraConfig] = {}
+        self.peft_config: dict[str, LoraConfig] = self.base_model.peft_config
         self._active: list[str] = []
         for p in model.parameters():
             p.requires_grad_(False)
@@ -98,6 +106,7 @@ class PeftModel(nn.Module):
                               "or delete_adapter() it first")
         if not isinstance(peft_config, LoraConfig):
             raise ConfigError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}")
+        self.base_model.check_new_adapter(peft_config)
         model = self.get_base_model()
         trainable_before = {id(p) for p in model.parameters() if p.requires_grad}
         config = inject_adapter(model, copy.deepcopy(peft_config), adapter_name,
@@ -277,6 +286,15 @@ class PeftModel(nn.Module):
                                 tensors, model_id)
         if not is_trainable:
             self.eval()
+
+
+def _base_model_class(config: LoraConfig) -> type[LoraModel]:
+    """PeftModel.base_model's class: LoraModel, or AdaLoraModel (rank allocation, orthogonal
+    regulariser) for an AdaLoraConfig, imported on use (it builds on this module)."""
+    if getattr(config, "peft_type", None) == "ADALORA":
+        from lorakit.variants.adalora.model import AdaLoraModel
+        return AdaLoraModel
+    return LoraModel
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",

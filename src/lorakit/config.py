@@ -40,8 +40,13 @@ class TaskType:
     ALL = (SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION)
 
 
-# init_lora_weights values this version of lorakit implements.
-SUPPORTED_INITS = (True, False, "gaussian")
+# init_lora_weights values this version of lorakit implements (checked by _init_problems): True,
+# False, "gaussian", "pissa", "pissa_niter_<N>" (N >= 0 subspace iterations) and "olora";
+# "gaussian" and "olora" in any case, as PEFT compares them lower-cased. PiSSA and OLoRA replace
+# the base weights by a residual: see lorakit.variants.inits.
+PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
+# PEFT's other initialisations, which lorakit does not implement.
+PEFT_ONLY_INITS = ("loftq", "eva", "corda", "orthogonal", "mica", "lora_ga")
 
 # PEFT fields lorakit keeps for a faithful round trip of the file but does not implement:
 # each must stay at its default value, or the config is refused with a clear message.
@@ -108,7 +113,10 @@ class LoraConfig:
     """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
     init_lora_weights: Union[bool, str] = True
     """True: A kaiming-uniform, B zero (the update starts at 0). "gaussian": A ~ N(0, 1/r).
-    False: A and B random (for tests; the update is not zero)."""
+    False: A and B random (for tests; the update is not zero). "pissa", "pissa_niter_<N>" (PiSSA,
+    randomized SVD with N iterations) and "olora" (OLoRA) start A and B on the base weight's
+    principal directions and REPLACE THE BASE WEIGHTS by the residual W - scale * B A; the adapter
+    then loads only onto the original base (see `lorakit.variants.inits`)."""
     layers_to_transform: Optional[Union[list[int], int]] = None
     """Only adapt these layer indices (with layers_pattern naming the layer list)."""
     layers_pattern: Optional[Union[list[str], str]] = None
@@ -179,10 +187,7 @@ class LoraConfig:
         yield from self._layer_problems()
         yield from self._rank_pattern_problems()
         yield from _mapping_problems("alpha_pattern", self.alpha_pattern, positive_int=False)
-        init = self.init_lora_weights
-        if not any(init is v if isinstance(v, bool) else init == v for v in SUPPORTED_INITS):
-            yield (f"init_lora_weights={init!r}: lorakit supports True (PEFT's default), "
-                   "'gaussian' and False")
+        yield from _init_problems(self.init_lora_weights)
         if not isinstance(self.use_dora, bool):
             yield f"use_dora={self.use_dora!r}: must be True (DoRA) or False (plain LoRA)"
         for name, default in UNSUPPORTED_AT_DEFAULT.items():
@@ -277,6 +282,22 @@ CONFIG_CLASSES = {
     "LORA": ("lorakit.config", "LoraConfig"),
     "ADALORA": ("lorakit.variants.adalora.config", "AdaLoraConfig"),
 }
+
+
+def _init_problems(init: Any):
+    if isinstance(init, bool) or (isinstance(init, str) and (
+            init == "pissa" or PISSA_NITER.fullmatch(init)
+            or init.lower() in ("gaussian", "olora"))):
+        return
+    supported = "True (PEFT's default), 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora' or False"
+    if isinstance(init, str) and init.lower() in PEFT_ONLY_INITS:
+        yield (f"init_lora_weights={init!r}: PEFT's {init.lower()} initialisation is not implemented "
+               f"in lorakit; use {supported}")
+    elif isinstance(init, str) and init.lower().startswith("pissa"):
+        yield (f"init_lora_weights={init!r}: write 'pissa' (exact SVD) or 'pissa_niter_<N>' with N a "
+               "non-negative integer (randomized SVD, e.g. 'pissa_niter_4'), in lower case as PEFT reads it")
+    else:
+        yield f"init_lora_weights={init!r}: lorakit supports {supported}"
 
 
 def _pattern_problems(name: str, value: Any):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lorakit import fused
 from lorakit.errors import LorakitError
-from lorakit.variants import dora
+from lorakit.variants import dora, inits
 
 __all__ = ["Adapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "is_conv1d", "supported_layer"]
 
@@ -140,6 +140,8 @@ class LoraLayer(nn.Module):
             lora_dropout=0.0 if self.is_embedding else lora_dropout, use_rslora=use_rslora,
             init=init, embedding=self.is_embedding, dtype=dtype, device=weight.device,
         )
+        if inits.uses_base_weight(init):  # PiSSA, OLoRA: A, B from W, and W <- W - scale * B A
+            inits.init_from_base(self, adapter, init)
         self.adapters[name] = adapter
         return adapter
 

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import warnings
 
 import torch.nn as nn
 
@@ -23,6 +24,7 @@ from lorakit.inject import (
     mark_trainable, replace_module,
 )
 from lorakit.layer import LoraLayer
+from lorakit.variants import inits
 
 __all__ = ["LoraModel", "PeftModel", "get_peft_model"]
 
@@ -108,6 +110,13 @@ class PeftModel(nn.Module):
             raise ConfigError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}")
         self.base_model.check_new_adapter(peft_config)
         model = self.get_base_model()
+        inits.check_targets(model, peft_config)  # before any base weight becomes a residual
+        if self.peft_config and any(inits.uses_base_weight(c.init_lora_weights)
+                                    for c in [peft_config, *self.peft_config.values()]):
+            warnings.warn("an adapter initialised with PiSSA/OLoRA changed the base weights, so it should "
+                          "not share the model with other adapters; convert it into a plain LoRA adapter "
+                          "first (save_pretrained(..., path_initial_model_for_weight_conversion=...))",
+                          stacklevel=2)
         trainable_before = {id(p) for p in model.parameters() if p.requires_grad}
         config = inject_adapter(model, copy.deepcopy(peft_config), adapter_name,
                                 autocast_adapter_dtype=self.autocast_adapter_dtype)
@@ -149,7 +158,9 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Inside the block the model is exactly the base model (merged adapters are unmerged
-        for the duration and merged back after)."""
+        for the duration and merged back after). After PiSSA/OLoRA that base is the residual
+        model, not the original one (a warning says so)."""
+        self._warn_residual("disable_adapter() gives", stacklevel=4)  # through contextlib
         layers = [m for _, m in logical_modules(self.get_base_model()) if isinstance(m, (LoraLayer, ModulesToSave))]
         merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, LoraLayer) and m.merged}
         for m in layers:
@@ -198,8 +209,18 @@ class PeftModel(nn.Module):
         return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """Remove every LoRA layer without merging; returns the original model."""
+        """Remove every LoRA layer without merging; returns the base model, which after PiSSA/OLoRA
+        is the residual model ``W - scale * B0 A0``, not the original one (a warning says so)."""
+        self._warn_residual("unload() returns", stacklevel=3)
         return self._unload(merge=False)
+
+    def _warn_residual(self, what: str, stacklevel: int) -> None:
+        mutated = sorted(n for n, c in self.peft_config.items() if inits.uses_base_weight(c.init_lora_weights))
+        if mutated:
+            warnings.warn(f"{what} the residual model, not the original: adapters {mutated} were initialised "
+                          "with PiSSA/OLoRA, which replaced the base weights by W - scale * B0 A0; "
+                          "merge_and_unload() gives the fine-tuned model, and the original weights come "
+                          "from reloading the base model", stacklevel=stacklevel)
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         model = self.get_base_model()
@@ -232,9 +253,17 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None,
                         save_embedding_layers: bool | str = "auto", is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         **kwargs) -> None:
         """Write each adapter in PEFT's layout: "default" in ``save_directory``, others in
-        ``save_directory/<name>``. Weights are safetensors only."""
+        ``save_directory/<name>``. Weights are safetensors only.
+
+        A PiSSA/OLoRA adapter saved as is loads correctly only onto the same original base model
+        (loading re-runs the init there). ``path_initial_model_for_weight_conversion``: the
+        directory of that adapter saved right after initialisation, before training; each
+        adapter is then written as a plain LoRA adapter for the ORIGINAL base (rank 2r,
+        ``init_lora_weights=True``, see `lorakit.variants.inits.convert_to_lora`), usable beside
+        other adapters and in PEFT. Unlike PEFT, lorakit leaves that directory unchanged."""
         if not safe_serialization:
             raise ConfigError("safe_serialization=False would write a pickle; lorakit writes "
                               "safetensors only (drop the argument)")
@@ -248,11 +277,19 @@ class PeftModel(nn.Module):
             return
         model = self.get_base_model()
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        initial = None
+        if path_initial_model_for_weight_conversion is not None:
+            initial = io.read_adapter(path_initial_model_for_weight_conversion)[1]
         for name in names:
             config = self.peft_config[name]
             if config.base_model_name_or_path is None and base_name:
                 config = dataclasses.replace(config, base_model_name_or_path=base_name)
             tensors = io.adapter_tensors(model, name, config, save_embedding_layers)
+            if initial is not None:
+                config = inits.converted_config(config)
+                tensors = inits.convert_to_lora(tensors, initial, str(path_initial_model_for_weight_conversion))
+            else:
+                inits.warn_if_randomized(config.init_lora_weights, f"adapter {name!r} was saved")
             io.save_adapter(io.adapter_subdir(save_directory, name), config, tensors)
 
     @classmethod
@@ -261,13 +298,16 @@ class PeftModel(nn.Module):
                         autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
                         subfolder: str | None = None, **kwargs) -> "PeftModel":
         """Load an adapter directory onto ``model``. Frozen and in eval mode unless
-        ``is_trainable=True``."""
+        ``is_trainable=True``. An adapter saved with init "pissa*"/"olora" re-runs that init on
+        ``model`` (making the residual) before its trained A, B are loaded, as PEFT does: pass
+        the ORIGINAL base model, not a residual one."""
         if kwargs:
             raise ConfigError(f"from_pretrained got arguments lorakit does not support: {sorted(kwargs)} "
                               "(adapters load from a local directory)")
         directory = os.path.join(model_id, subfolder) if subfolder else model_id
         file_config, tensors = io.read_adapter(directory)
         config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
+        inits.warn_if_randomized(config.init_lora_weights, f"{directory} is loaded")
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
         io.load_adapter_tensors(peft_model.get_base_model(), adapter_name,
                                 peft_model.peft_config[adapter_name], tensors, directory)
@@ -281,6 +321,7 @@ class PeftModel(nn.Module):
         if kwargs:
             raise ConfigError(f"load_adapter got arguments lorakit does not support: {sorted(kwargs)}")
         file_config, tensors = io.read_adapter(model_id)
+        inits.warn_if_randomized(file_config.init_lora_weights, f"{model_id} is loaded")
         self.add_adapter(adapter_name, dataclasses.replace(file_config, inference_mode=not is_trainable))
         io.load_adapter_tensors(self.get_base_model(), adapter_name, self.peft_config[adapter_name],
                                 tensors, model_id)

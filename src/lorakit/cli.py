@@ -18,6 +18,7 @@ from lorakit.errors import LorakitError, TrainingError, TrainingInterrupted
 # Modules that contribute sub-commands, in the order `lorakit --help` lists them.
 COMMAND_MODULES = (
     "lorakit.train.commands",
+    "lorakit.infer.commands",
     "lorakit.plan.commands",
 )
 

@@ -1,0 +1,57 @@
+"""`lorakit merge` and `lorakit compare`: parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("merge", help="merge an adapter into its base model and save a full model directory",
+                              description="Merge an adapter into its base model and write a model directory "
+                                          "that plain transformers loads (safetensors, config, tokenizer), "
+                                          "atomically. bf16 and fp16 merges report how much of the update "
+                                          "survives rounding.")
+    p.add_argument("--adapter", required=True, help="an adapter directory")
+    p.add_argument("--out", required=True, help="the model directory to write (must be new or empty)")
+    p.add_argument("--model", help="the base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="the saved weights' dtype (default: the base model's); bf16 and fp16 report "
+                        "how much of the update survives rounding")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--max-shard-size", help="largest safetensors file, e.g. 2GB (default: transformers')")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_merge)
+
+    p = subparsers.add_parser("compare", help="score several adapters (and the base model) on the same held-out data",
+                              description="Score adapters side by side on one held-out set; the base model "
+                                          "is loaded once and the adapters are swapped on it.")
+    p.add_argument("--adapter", required=True, action="append", metavar="NAME=DIR",
+                   help="an adapter to compare, named (repeat for each)")
+    p.add_argument("--include-base", action="store_true", help="score the base model without adapters too")
+    p.add_argument("--model", help="the base model (default: the adapters' base_model_name_or_path)")
+    p.add_argument("--data", default="task-api", help="task-api (its held-out split) or a JSONL file")
+    p.add_argument("--examples", type=int, default=200, help="how many examples to score")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--show", type=int, default=3, help="how many disagreements to print")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_compare)
+
+
+def _merge(args) -> int:
+    from lorakit.infer.merge import merge_adapter
+
+    report = merge_adapter(args.adapter, args.out, model=args.model, dtype=args.dtype, force=args.force,
+                           max_shard_size=args.max_shard_size)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
+def _compare(args) -> int:
+    from lorakit.infer.compare import compare_adapters, parse_adapter_specs
+
+    result = compare_adapters(parse_adapter_specs(args.adapter), include_base=args.include_base, model=args.model,
+                              data=args.data, examples=args.examples, max_new_tokens=args.max_new_tokens)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary(show=args.show))
+    return 0

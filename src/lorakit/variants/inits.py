@@ -29,11 +29,13 @@ which fails or changes the model, so no adapter would load in PEFT with the same
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from lorakit.config import PISSA_NITER
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
@@ -174,8 +176,6 @@ class _Probe:
     """The view of a not yet wrapped layer that `layer_problem` needs."""
 
     def __init__(self, module, fan_in_fan_out: bool):
-        import torch.nn as nn
-
         self.base_layer = module
         self.is_embedding = isinstance(module, nn.Embedding)
         conv1d = type(module).__name__ == "Conv1D"
@@ -225,8 +225,6 @@ def converted_config(config):
     """The converted adapter's config: init True, every rank doubled and alpha changed so that
     every module keeps its scale: alpha x 2 (alpha/r), alpha x sqrt 2 with rsLoRA (alpha/sqrt r),
     alpha_pattern included (PEFT doubles it even with rsLoRA, so it refuses that case)."""
-    import dataclasses
-
     if config.init_lora_weights is False:
         raise ConfigError("path_initial_model_for_weight_conversion: this adapter was initialised with "
                           "init_lora_weights=False (a random, non-zero B0 A0), so B A - B0 A0 is not the "

@@ -95,6 +95,8 @@ class AdaLoraConfig(LoraConfig):
         if not isinstance(self.init_lora_weights, bool):
             yield (f"init_lora_weights={self.init_lora_weights!r}: AdaLoRA has one initialisation: "
                    "True (E = 0, A and B ~ N(0, 0.02)) or False (all random)")
+        if self.use_dora:
+            yield "use_dora=True: AdaLoRA does not combine with DoRA (nor does PEFT); set use_dora=False"
         if self.use_rslora:
             yield "use_rslora=True: AdaLoRA scales by lora_alpha / init_r; set use_rslora=False"
         if self.alpha_pattern:

@@ -59,6 +59,10 @@ class TrainConfig:
     """How the adapter starts: true (B zero), false, gaussian, pissa, pissa_niter_N (fast SVD) or olora."""
     loraplus_ratio: Optional[float] = None
     """LoRA+: B trains at learning_rate x this ratio (e.g. 16), A at learning_rate; unset: plain AdamW."""
+    method: str = "lora"
+    """lora, or adalora (AdaLoRA: each layer starts at rank ceil(1.5 r) and is pruned by importance to
+    r on average; warm-up 10% of the steps, the last 20% at the final ranks, a reallocation every
+    max(1, steps // 100) steps; the adapter is saved PEFT's way, with its rank_pattern)."""
 
     # --- optimisation
     epochs: float = 1.0
@@ -158,6 +162,12 @@ class TrainConfig:
             yield f"overlong={self.overlong!r}: must be truncate or drop"
         if self.val_file and self.val_fraction:
             yield "val_file and val_fraction: give one way to get held-out data, not both"
+        if self.method not in ("lora", "adalora"):
+            yield f"method={self.method!r}: must be lora or adalora"
+        elif self.method == "adalora" and (self.use_dora or self.use_rslora or self.loraplus_ratio is not None
+                                           or not isinstance(self.init_lora_weights, bool)):
+            yield ("method=adalora: AdaLoRA has its own scale and initialisation; leave use_dora, use_rslora, "
+                   "loraplus_ratio and init_lora_weights at their defaults")
 
     def lora_config(self) -> LoraConfig:
         """The adapter: the preset, with r / lora_alpha / lora_dropout / targets overridden."""
@@ -170,6 +180,22 @@ class TrainConfig:
         if self.r is not None and self.lora_alpha is None:
             overrides["lora_alpha"] = self.r  # alpha = rank unless said otherwise
         return preset(self.preset, **overrides)
+
+    def adapter_config(self, total_steps: int) -> LoraConfig:
+        """The adapter ``method`` trains: `lora_config()`, or for adalora an `AdaLoraConfig` with its
+        targets, lora_alpha and dropout and target_r = r, init_r = ceil(1.5 r), total_step = the
+        run's optimizer steps, tinit = 10% of them, tfinal = 20%, deltaT = max(1, steps // 100)."""
+        lora = self.lora_config()
+        if self.method == "lora":
+            return lora
+        from lorakit.variants.adalora import AdaLoraConfig
+
+        return AdaLoraConfig(
+            task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path,
+            target_modules=lora.target_modules, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+            target_r=lora.r, init_r=math.ceil(1.5 * lora.r), total_step=total_steps,
+            tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=max(1, total_steps // 100),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,7 +228,8 @@ def _variant_problems(config: TrainConfig):
 
 def variant_summary(config: TrainConfig) -> str:
     """The LoRA variant a run trains, in words: "LoRA", or e.g. "DoRA, rsLoRA, init pissa, LoRA+ ratio 16"."""
-    parts = (["DoRA"] if config.use_dora else []) + (["rsLoRA"] if config.use_rslora else [])
+    parts = (["AdaLoRA"] if config.method == "adalora" else []) + (["DoRA"] if config.use_dora else []) \
+        + (["rsLoRA"] if config.use_rslora else [])
     if config.init_lora_weights is not True:
         parts.append(f"init {str(config.init_lora_weights).lower()}")
     if config.loraplus_ratio is not None:

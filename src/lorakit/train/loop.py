@@ -124,6 +124,9 @@ class _Run:
 
 def _prepare(config: TrainConfig, resume: bool) -> _Run:
     run_dir = _new_run_dir(config)
+    if resume and config.method == "adalora":
+        raise CheckpointError("resuming an AdaLoRA run is not supported: its rank allocator's importance "
+                              "averages are not checkpointed; start a new run")
     if resume and not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir}: no checkpoints to resume from")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +150,9 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
         examples = [examples[i] for i in picked]
     heldout = list(splits.val.examples) if splits.val is not None else []
 
-    peft_model = get_peft_model(model, config.lora_config())
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    peft_model = get_peft_model(model, config.adapter_config(total_steps))
     for note in speed_up(peft_model, attention=config.attention, fused_norms=config.fused_norms,
                          gradient_checkpointing=config.gradient_checkpointing, compile=config.compile):
         print(note, flush=True)
@@ -161,8 +166,6 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     elif config.packing:
         print(f"packing off: {model.config.model_type} with {model.config._attn_implementation} attention may let "
               "packed examples see each other, so training uses padded batches (same loss, more padding)", flush=True)
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     return _Run(
         config=config, run_dir=run_dir, device=device, precision=precision,
         autocast=autocast_for(precision, device), peft_model=peft_model, tokenizer=tokenizer, splits=splits,
@@ -229,6 +232,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                         loss, _ = loss_sum(model, batch)
                     (loss / step_tokens).backward()
                     step_loss += loss.item()
+                if config.method == "adalora":  # AdaLoRA's orthogonal regulariser, once per step
+                    model.base_model.orthogonal_loss().backward()
                 step_loss /= step_tokens
                 if not math.isfinite(step_loss):
                     optimizer.zero_grad(set_to_none=True)
@@ -239,6 +244,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                     )
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
                 optimizer.step()
+                if config.method == "adalora":  # score the triplets on this step's gradients, mask to budget
+                    model.base_model.update_and_allocate(step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batch_pos += len(group)

@@ -69,7 +69,7 @@ def test_unknown_keys_from_a_newer_version_are_dropped_with_a_warning():
     ("rank_pattern", {"q_proj": 0}, "rank_pattern"),
     ("alpha_pattern", {"q_proj": "x"}, "alpha_pattern"),
     ("init_lora_weights", "unknown-init", "init_lora_weights"),
-    ("use_dora", True, "use_dora"),
+    ("use_dora", "yes", "use_dora='yes'"),
     ("lora_bias", True, "lora_bias"),
     ("peft_type", "IA3", "peft_type"),
 ])

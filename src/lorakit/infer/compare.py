@@ -112,8 +112,11 @@ class Comparison:
 
 def _tail(prompt: str, chars: int = 100) -> str:
     """A prompt on one line, its end kept (where the question is)."""
-    flat = " ".join(prompt.split())
-    return flat if len(flat) <= chars else "..." + flat[-chars:]
+    words = prompt.split()
+    kept = []
+    while words and len(" ".join(kept + words[-1:])) <= chars:
+        kept.insert(0, words.pop())
+    return " ".join(kept) if not words else "... " + " ".join(kept)
 
 
 def compare_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mapping[str, str | os.PathLike], *,

@@ -115,10 +115,10 @@ class RoundingReport:
         """A one-line warning when a large share of the update is lost, else None."""
         if self.relative_error < WARN_RELATIVE_ERROR and self.lost_fraction < WARN_LOST_FRACTION:
             return None
-        return (f"WARNING: rounding to {self.dtype} loses {self.relative_error:.1%} of the adapter's update "
-                f"(relative error) and leaves {self.lost_fraction:.1%} of the changed weights at their base "
-                f"value; the merged model may not behave like the adapter. Merge with --dtype fp32, or keep "
-                f"the adapter separate (lorakit generate --adapter)")
+        return (f"WARNING: rounding to {self.dtype} leaves {self.lost_fraction:.1%} of the changed weights at "
+                f"their base value, and the update the weights carry is off by {self.relative_error:.1%} of its "
+                f"norm (relative error); the merged model may not behave like the adapter. Merge with --dtype "
+                f"fp32, or keep the adapter separate (lorakit generate --adapter)")
 
     def summary(self, top: int = 5) -> str:
         lines = [f"rounding to {self.dtype}: {len(self.layers)} layers, relative error "

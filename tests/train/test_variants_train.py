@@ -149,3 +149,57 @@ def test_the_variant_fields_reach_the_lora_config():
     config = TrainConfig(use_rslora=True, init_lora_weights=False)
     lora = config.lora_config()
     assert lora.use_rslora is True and lora.init_lora_weights is False and lora.use_dora is False
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def load_both(tiny_model_dir, adapter_dir):
+    """The adapter on a fresh, unmodified base model, in lorakit and in PEFT."""
+    ours = PeftModel.from_pretrained(load_model(str(tiny_model_dir))[0], adapter_dir).eval()
+    theirs = peft.PeftModel.from_pretrained(load_model(str(tiny_model_dir))[0], str(adapter_dir)).eval()
+    return ours, theirs
+
+
+IDS = torch.tensor([[1, 520, 3300, 42, 977, 12, 2]])
+
+
+def test_a_dora_run_trains_and_its_adapter_loads_back_in_both_libraries(tiny_config, tiny_model_dir, monkeypatch):
+    made = record_optimizers(monkeypatch)
+    # not lm_head: its padding row is zero, and DoRA divides by each row's norm (NaN, in PEFT too)
+    result = train(tiny_config(max_steps=3, use_dora=True, score_examples=0, save_every=0,
+                               target_modules=["q_proj", "v_proj"]), progress=False)
+    trained = made[0][1].eval()
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    magnitudes = [k for k in saved if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == 4  # q_proj, v_proj in 2 layers
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["use_dora"] is True
+    assert result.summary["heldout_after"] < result.summary["heldout_before"]  # it trained
+    ours, theirs = load_both(tiny_model_dir, result.adapter_dir)
+    torch.testing.assert_close(outputs(ours, IDS), outputs(theirs, IDS), rtol=0, atol=1e-6)
+    torch.testing.assert_close(outputs(ours, IDS), outputs(trained, IDS), rtol=0, atol=1e-4)
+    assert "- Variant: DoRA" in (result.run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_run_saves_an_adapter_for_the_original_base(init, tiny_config, tiny_model_dir, monkeypatch,
+                                                                      tmp_path):
+    made = record_optimizers(monkeypatch)
+    # not lm_head: it shares its weight with the embedding here, and the residual would change both
+    common = dict(max_steps=3, score_examples=0, save_every=0, target_modules=["q_proj", "v_proj"])
+    plain = train(tiny_config(run_dir=str(tmp_path / "plain"), **common), progress=False)
+    result = train(tiny_config(run_dir=str(tmp_path / init), init_lora_weights=init, **common), progress=False)
+    trained = made[-1][1].eval()
+    # the fresh adapter over the residual is the untuned model
+    assert result.summary["heldout_before"] == pytest.approx(plain.summary["heldout_before"], abs=1e-4)
+    assert result.summary["heldout_after"] < result.summary["heldout_before"]
+    assert (result.run_dir / "initial_adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert (config["init_lora_weights"], config["r"], config["lora_alpha"]) == (True, 8, 8)  # rank 2r, same scale
+    ours, theirs = load_both(tiny_model_dir, result.adapter_dir)  # onto the unmodified base
+    torch.testing.assert_close(outputs(ours, IDS), outputs(theirs, IDS), rtol=0, atol=1e-6)
+    torch.testing.assert_close(outputs(ours, IDS), outputs(trained, IDS), rtol=0, atol=1e-4)
+    report = (result.run_dir / "report.md").read_text()
+    assert f"init {init}" in report and "plain LoRA adapter of rank 8 for the original base model" in report

@@ -31,8 +31,12 @@ from lorakit.train.evaluate import heldout_loss, loss_sum, score_examples, score
 from lorakit.train.fast import make_optimizer, speed_up
 from lorakit.train.report import MetricsLog, plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at, warmup_steps
+from lorakit.variants import inits
 
 __all__ = ["train", "RunResult", "autocast_for", "resolve_precision"]
+
+INITIAL_ADAPTER = "initial_adapter"
+"""PiSSA / OLoRA runs: the adapter as initialised, kept to convert the final one."""
 
 
 @dataclass
@@ -153,6 +157,10 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     peft_model = get_peft_model(model, config.adapter_config(total_steps))
+    if inits.uses_base_weight(config.init_lora_weights) and not (run_dir / INITIAL_ADAPTER).is_dir():
+        # PiSSA / OLoRA made the base weights a residual: keep the adapter as initialised, to save
+        # the trained one as a plain LoRA adapter for the original base model (see _save_final)
+        peft_model.save_pretrained(run_dir / INITIAL_ADAPTER)
     for note in speed_up(peft_model, attention=config.attention, fused_norms=config.fused_norms,
                          gradient_checkpointing=config.gradient_checkpointing, compile=config.compile):
         print(note, flush=True)
@@ -187,7 +195,10 @@ def _measure_before(run: _Run, progress: bool) -> dict[str, Any]:
                                                run.config.batch_size, run.autocast)
         run.metrics.write("eval", step=0, eval_loss=state["heldout_before"])
     if run.score_set and run.config.score_before:
-        with run.peft_model.disable_adapter():
+        # PiSSA / OLoRA: the base is a residual; the fresh adapter on it is the untuned model
+        untuned = contextlib.nullcontext() if inits.uses_base_weight(run.config.init_lora_weights) \
+            else run.peft_model.disable_adapter()
+        with untuned:
             result = score_examples(run.peft_model, run.tokenizer, run.score_set, scorer=run.scorer,
                                     max_new_tokens=run.config.max_new_tokens, autocast=run.autocast)
         state["score_before"] = result.as_dict()
@@ -301,10 +312,29 @@ def _resume(run: _Run) -> dict:
     return state
 
 
+def _save_final(run: _Run, adapter_dir: Path) -> str | None:
+    """Write the run's adapter/; returns a note for the report when it is not saved as trained.
+
+    PiSSA / OLoRA: saved as a plain LoRA adapter (rank 2r) for the ORIGINAL base model, from the
+    adapter kept at initialisation (``path_initial_model_for_weight_conversion``). DoRA over them
+    has no such form: saved as is, it loads onto the original base by re-running the init."""
+    lora, peft_model = run.peft_model.peft_config["default"], run.peft_model
+    if not inits.uses_base_weight(lora.init_lora_weights):
+        peft_model.save_pretrained(adapter_dir)
+        return None
+    if lora.use_dora:
+        peft_model.save_pretrained(adapter_dir)
+        return (f"init {lora.init_lora_weights} with DoRA: saved as trained; it loads onto the original base "
+                f"model (loading re-runs the init, in lorakit and PEFT)")
+    peft_model.save_pretrained(adapter_dir, path_initial_model_for_weight_conversion=run.run_dir / INITIAL_ADAPTER)
+    return (f"init {lora.init_lora_weights}: saved as a plain LoRA adapter of rank {2 * lora.r} for the original "
+            f"base model (converted from {INITIAL_ADAPTER}/, the adapter at initialisation)")
+
+
 def _finish(run: _Run, state: dict, progress: bool) -> RunResult:
     config, run_dir, peft_model, metrics = run.config, run.run_dir, run.peft_model, run.metrics
     adapter_dir = run_dir / "adapter"
-    peft_model.save_pretrained(adapter_dir)
+    adapter_note = _save_final(run, adapter_dir)
     heldout_after = None
     if run.eval_set:
         heldout_after = heldout_loss(peft_model, run.eval_set, run.collate, config.batch_size, run.autocast)
@@ -334,6 +364,7 @@ def _finish(run: _Run, state: dict, progress: bool) -> RunResult:
         "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "final_loss": train_losses[-1] if train_losses else None,
         "heldout_before": state.get("heldout_before"), "heldout_after": heldout_after,
+        "adapter_note": adapter_note,
     }
     splits = run.splits
     data = {"train": f"{splits.train.summary()} ({len(run.examples):,} used)",

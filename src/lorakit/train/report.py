@@ -96,7 +96,8 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         f"- Base model: `{config['model']}`",
         f"- Adapter: r={summary['r']}, lora_alpha={summary['lora_alpha']}, dropout={summary['lora_dropout']}, "
         f"targets {', '.join(summary['target_modules'])}",
-        f"- Variant: {summary.get('variant', 'LoRA')}",
+        f"- Variant: {summary.get('variant', 'LoRA')}"
+        + (f"; adapter/: {summary['adapter_note']}" if summary.get("adapter_note") else ""),
         f"- Trainable parameters: {summary['trainable']:,} of {summary['total']:,} "
         f"({100 * summary['trainable'] / summary['total']:.4f}%)",
         f"- Precision: {summary['precision']}",

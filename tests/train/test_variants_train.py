@@ -203,3 +203,20 @@ def test_a_pissa_or_olora_run_saves_an_adapter_for_the_original_base(init, tiny_
     torch.testing.assert_close(outputs(ours, IDS), outputs(trained, IDS), rtol=0, atol=1e-4)
     report = (result.run_dir / "report.md").read_text()
     assert f"init {init}" in report and "plain LoRA adapter of rank 8 for the original base model" in report
+
+
+def test_the_planner_reports_rslora_and_its_settings_feed_the_trainer(capsys):
+    args = ["plan", "--model", "Llama-3-8B", "--task", "behavior", "--examples", "5000"]
+    assert main(args + ["--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)["recommendation"]
+    settings = rec["settings"]
+    assert (settings["r"], settings["lora_alpha"], settings["use_rslora"]) == (64, 16, True)
+    assert "rsLoRA" in rec["reasons"]["use_rslora"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "use_rslora          on" in text and "64 / 16 rs" in text
+    # what the plan advises is what `lorakit train --r 64 --lora-alpha 16 --use-rslora` trains
+    config = load_train_config(None, r=settings["r"], lora_alpha=settings["lora_alpha"],
+                               use_rslora=settings["use_rslora"])
+    lora = config.lora_config()
+    assert (lora.r, lora.lora_alpha, lora.use_rslora) == (64, 16, True)

@@ -9,7 +9,8 @@ its own process through the trainer's Python API (`lorakit.train.train`) and rec
   ``--score-examples`` held-out examples);
 - held-out loss after training (on ``--eval-examples`` held-out examples);
 - training time (the run summary's ``train_seconds``) and the process's wall time;
-- trainable parameters, and the size of the saved ``adapter_model.safetensors``.
+- trainable parameters, and the size of the saved ``adapter_model.safetensors`` (PiSSA and OLoRA
+  runs save a plain LoRA adapter of rank 2r for the original base, so twice the size).
 
 A variant this lorakit cannot build (a field or option it does not have yet) is listed as
 skipped, with the reason, instead of stopping the others.
@@ -142,6 +143,9 @@ def _docs_text(result: dict) -> str:
         f"held-out loss on {s['eval_examples']}.",
         "",
         table(result["variants"]),
+        "",
+        "PiSSA and OLoRA adapters are saved as the trainer saves them: converted to plain LoRA adapters of rank "
+        "2r for the original base model, hence twice the file size. LoRA+ trains B at lr x 16, A at lr.",
         "",
         f"Machine: {m['cpu']} ({m['cores']} cores){', GPU ' + m['gpu'] if m['gpu'] else ''}, {m['platform']}; "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, lorakit {m['lorakit']}.",

@@ -113,7 +113,9 @@ def weight_norm(layer: "LoraLayer", adapter: "Adapter") -> torch.Tensor:
     with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
         a = adapter.lora_A.float()  # (r, in)
         b = adapter.lora_B.float()  # (out, r)
-        wa = w.float() @ a.t()  # (out, r)
+        # W A^T in W's own dtype (a bf16 W is not copied to fp32 every step; products accumulate
+        # in fp32 and only the (out, r) result is rounded, as under autocast)
+        wa = (w @ a.to(w.dtype).t()).float()  # (out, r)
         aa = a @ a.t()  # (r, r)
         sq = _row_sq_norms(adapter, w) + 2 * s * (b * wa).sum(1) + s * s * ((b @ aa) * b).sum(1)  # (out,)
         return sq.clamp_min_(0).sqrt_()
@@ -164,7 +166,7 @@ class _DoraLinear(torch.autograd.Function):
         z = x_d @ weight.t()  # (N, out)
         z.addmm_(h, lora_b.t(), alpha=scaling)
         same = x_d is x
-        y = torch.addcmul(z, z, (c - 1).to(z.dtype))  # (N, out): c * z
+        y = torch.addcmul(z, z, (c - 1).to(z.dtype))  # (N, out): c * z, z kept for dm
         if not same:
             y.addmm_(x - x_d, weight.t())
         if bias is not None:
@@ -191,13 +193,13 @@ class _DoraLinear(torch.autograd.Function):
             grad_m = (g * z).sum(0, dtype=torch.float32) / norm  # (out,)
         if ctx.same_input:
             if need_x:
-                grad_x = g @ (weight * c.unsqueeze(1)).to(dtype)  # (N, in)
+                grad_x = g @ (weight * c.to(dtype).unsqueeze(1))  # (N, in)
                 grad_x.addmm_(gh, lora_a)
         else:
             if need_x:
                 grad_x = g @ weight  # (N, in)
             if need_xd:
-                grad_xd = g @ (weight * (c - 1).unsqueeze(1)).to(dtype)  # (N, in)
+                grad_xd = g @ (weight * (c - 1).to(dtype).unsqueeze(1))  # (N, in)
                 grad_xd.addmm_(gh, lora_a)
         if need_bias:
             grad_bias = g.sum(0)

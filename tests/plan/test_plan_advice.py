@@ -117,3 +117,25 @@ def test_plan_shows_the_presets_beside_the_recommendation():
     document = json.loads(json.dumps(plan.to_dict()))
     assert document["recommendation"]["settings"]["r"] == 16
     assert document["presets"]["balanced"]["trainable_params"] == 4_884_480
+
+
+
+@pytest.mark.parametrize("task, examples, memory_gb", [("behavior", 5000, None), ("format", 200, None),
+                                                       ("domain", 1000, 1.5)])
+def test_the_train_command_it_prints_trains_the_recommended_adapter(task, examples, memory_gb):
+    from lorakit.cli import build_parser
+    from lorakit.plan.report import format_plan
+    from lorakit.train.config import TrainConfig, load_train_config
+
+    plan = make_plan(SHAPE, task, examples, memory_gb=memory_gb)
+    rec = plan.recommendation
+    assert "lorakit train --data YOUR.jsonl " + " ".join(rec.train_args()) in format_plan(plan)
+    args = build_parser().parse_args(["train", *rec.train_args()])
+    config = load_train_config(None, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                                        if f.name != "extra"})
+    lora = config.lora_config()
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_rslora, lora.target_modules) == \
+        (rec.r, rec.lora_alpha, rec.lora_dropout, rec.use_rslora, set(rec.target_modules))
+    assert (config.learning_rate, config.epochs, config.batch_size, config.grad_accum,
+            config.gradient_checkpointing) == (rec.learning_rate, rec.num_epochs, rec.batch_size,
+                                               rec.gradient_accumulation_steps, rec.gradient_checkpointing)

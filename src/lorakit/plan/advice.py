@@ -79,11 +79,24 @@ class Recommendation:
         return dict(r=self.r, lora_alpha=self.lora_alpha, target_modules=list(self.target_modules),
                     lora_dropout=self.lora_dropout, use_rslora=self.use_rslora)
 
+    def train_args(self) -> list[str]:
+        """The `lorakit train` flags that train this recommendation (rsLoRA included)."""
+        args = ["--r", str(self.r), "--lora-alpha", f"{self.lora_alpha:g}", "--lora-dropout", f"{self.lora_dropout:g}",
+                "--target-modules", *self.target_modules, "--lr", f"{self.learning_rate:g}",
+                "--epochs", str(self.num_epochs), "--batch-size", str(self.batch_size),
+                "--grad-accum", str(self.gradient_accumulation_steps)]
+        if self.use_rslora:
+            args.append("--use-rslora")
+        if self.gradient_checkpointing:
+            args.append("--gradient-checkpointing")
+        return args
+
     def to_dict(self) -> dict[str, Any]:
         settings = {k: getattr(self, k) for k in self.reasons}
         settings["target_modules"] = list(self.target_modules)
         return {"task": self.task, "examples": self.examples, "settings": settings,
-                "reasons": dict(self.reasons), "estimate": self.estimate.to_dict()}
+                "reasons": dict(self.reasons), "estimate": self.estimate.to_dict(),
+                "train_args": self.train_args()}
 
 
 def recommend(task: str, examples: int, shape: ModelShape, memory_gb: float | None = None, *,

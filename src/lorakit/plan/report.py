@@ -72,7 +72,8 @@ def format_plan(plan: "Plan") -> str:
             lines.append(f"  {_FIELD_LABELS[key]:<19} {value:<8} {why}")
     lines += ["", *_cost_table(plan),
               "  (rs = rsLoRA, ckpt = gradient checkpointing; memory formula: lorakit.plan.memory)",
-              "", f"  recommended: {rec.estimate.peft_line()}"]
+              "", f"  recommended: {rec.estimate.peft_line()}",
+              f"  train it:    lorakit train --data YOUR.jsonl {' '.join(rec.train_args())}"]
     return "\n".join(lines)
 
 

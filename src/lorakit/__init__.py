@@ -11,11 +11,13 @@ from lorakit.errors import (
     LorakitError, ModelLoadError, TrainingError, TrainingInterrupted,
 )
 from lorakit.model import LoraModel, PeftModel, get_peft_model
+from lorakit.optimizers import create_loraplus_optimizer
+from lorakit.variants.adalora import AdaLoraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "TaskType", "PRESETS", "preset",
+    "LoraConfig", "AdaLoraConfig", "TaskType", "PRESETS", "preset", "create_loraplus_optimizer",
     "get_peft_model", "PeftModel", "LoraModel",
     "LorakitError", "ConfigError", "AdapterFormatError", "CompatibilityError", "CheckpointError",
     "DataError", "ModelLoadError", "TrainingError", "TrainingInterrupted",

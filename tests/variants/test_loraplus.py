@@ -140,3 +140,12 @@ def test_a_negative_weight_decay_or_embedding_lr_is_refused():
         create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=-1)
     with pytest.raises(ConfigError, match="loraplus_lr_embedding"):
         create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_lr_embedding=0)
+
+
+def test_public_imports_match_peft_paths():
+    import lorakit
+    from lorakit.optimizers import create_loraplus_optimizer as from_optimizers
+
+    assert lorakit.create_loraplus_optimizer is from_optimizers
+    assert lorakit.AdaLoraConfig(total_step=10).peft_type == "ADALORA"
+    assert {"AdaLoraConfig", "create_loraplus_optimizer"} <= set(lorakit.__all__)

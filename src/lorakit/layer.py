@@ -112,6 +112,8 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        # inside `lorakit.batching.mixed_batch`: each row's adapter (a LayerRows), else None
+        self.row_adapters = None
 
     # -- the per-kind pieces
     @property
@@ -228,6 +230,8 @@ class LoraLinear(LoraLayer):
         one autograd node. The loop below is the reference, and the path for everything else.
         An adapter with a variant (DoRA) runs its variant's own forward, fused or reference.
         """
+        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.batching)
+            return self.row_adapters.forward(self, x, *args, **kwargs)
         adapters = self._adapters_for_forward()
         if len(adapters) == 1 and fused.enabled() and not args and not kwargs and not self.fan_in_fan_out \
                 and type(self.base_layer) is nn.Linear:
@@ -272,6 +276,8 @@ class LoraEmbedding(LoraLayer):
         return self.adapters[name].delta_weight().T  # (vocab, dim), the table's layout
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.batching)
+            return self.row_adapters.forward(self, ids, *args, **kwargs)
         result = self.base_layer(ids, *args, **kwargs)  # (..., dim)
         adapters = self._adapters_for_forward()
         if not adapters:

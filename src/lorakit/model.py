@@ -16,7 +16,7 @@ import warnings
 
 import torch.nn as nn
 
-from lorakit import io
+from lorakit import batching, io
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.inject import (
@@ -80,11 +80,23 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- passing through
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's forward. ``adapter_names`` (PEFT's argument): one adapter name per row of the
+        batch, "__base__" for a row without an adapter; each row runs through its own adapter in
+        this one pass (eval mode only; `lorakit.batching`)."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with batching.mixed_batch(self, adapter_names, rows=batching.batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's generate; ``adapter_names`` as in `forward` (one name per prompt; repeated
+        for each beam or returned sequence), every step of the KV-cached loop per row."""
+        model = self.get_base_model()
+        if adapter_names is None:
+            return model.generate(*args, **kwargs)
+        with batching.mixed_batch(self, batching.names_for_generate(model, adapter_names, args, kwargs)):
+            return model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with the LoRA layers in it)."""

@@ -1,0 +1,249 @@
+"""Mixed-adapter batches (`lorakit.batching`, ``adapter_names``): every row of a batch equals that
+row run with its adapter alone, in forward, in generate with a KV cache and in a decode loop of
+one's own; the same as PEFT's ``adapter_names`` on the same adapter files; the refusals."""
+
+import peft
+import pytest
+import torch
+
+import lorakit
+from lorakit import ConfigError, LoraConfig, get_peft_model
+from lorakit import batching
+from lorakit.batching import BASE, mixed_batch
+from lorakit.inject import lora_layers
+
+from core.tiny import SEVEN, input_ids, tiny_llama
+
+# adapter name -> its config: different ranks, rsLoRA, targets that only partly overlap
+# (a layer without the row's adapter adds nothing), the embedding and the output head
+ADAPTERS = {
+    "a": dict(r=2, lora_alpha=4, target_modules=SEVEN),
+    "b": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    "c": dict(r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "down_proj", "lm_head"]),
+}
+ROWS = ["a", BASE, "b", "c", "a"]  # three adapters of ranks 2, 4, 8 and a base row, one repeated
+PATHS = {"dense": 10**6, "gather": 0}  # batching.DENSE_MAX that forces each way of applying the stack
+
+
+def build(names=("a", "b", "c"), dora_adapter=False, seed=0):
+    """A tiny Llama with the adapters of ``names`` (random, non-zero updates), in eval mode."""
+    torch.manual_seed(seed)
+    model = None
+    for name in names:
+        config = LoraConfig(**ADAPTERS[name], init_lora_weights=False)
+        if model is None:
+            model = get_peft_model(tiny_llama(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    if dora_adapter:  # DoRA with a magnitude that is not the norm (c != 1)
+        model.add_adapter("d", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj", "o_proj"],
+                                          use_dora=True, init_lora_weights=False))
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for _, layer in lora_layers(model.get_base_model()):
+                if "d" in layer.adapters:
+                    m = layer.adapters["d"].lora_magnitude_vector
+                    m.mul_(0.5 + torch.rand(m.shape, generator=g))
+    return model.eval()
+
+
+def alone(model, name, fn):
+    """``fn()`` with only ``name`` active ("__base__": adapters disabled)."""
+    if name == BASE:
+        with model.disable_adapter():
+            return fn()
+    model.set_adapter(name)
+    return fn()
+
+
+def per_row(model, rows, fn):
+    """The reference: the whole batch run once per adapter alone, row b taken from its adapter's run."""
+    runs = {name: alone(model, name, fn) for name in set(rows)}
+    return torch.stack([runs[name][b] for b, name in enumerate(rows)])
+
+
+@torch.no_grad()
+def logits(model, ids, **kwargs):
+    return model(input_ids=ids, **kwargs).logits  # (B, T, vocab)
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rows", [ROWS, ["b", "b", "b"], [BASE, "c"], ["c", "a", "b"]], ids=str)
+def test_forward_equals_each_adapter_alone(monkeypatch, path, rows):
+    monkeypatch.setattr(batching, "DENSE_MAX", PATHS[path])
+    model = build()
+    ids = input_ids(batch=len(rows))
+    mixed = logits(model, ids, adapter_names=rows)
+    close(mixed, per_row(model, rows, lambda: logits(model, ids)))
+    b = next(i for i, name in enumerate(rows) if name != BASE)
+    assert not torch.equal(mixed[b], logits(model, ids, adapter_names=[BASE] * len(rows))[b])  # adapters act
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dora_rows_equal_dora_alone(monkeypatch, path):
+    monkeypatch.setattr(batching, "DENSE_MAX", PATHS[path])
+    model = build(dora_adapter=True)
+    rows = ["d", "a", BASE, "d", "b"]
+    ids = input_ids(batch=len(rows))
+    close(logits(model, ids, adapter_names=rows), per_row(model, rows, lambda: logits(model, ids)))
+
+
+def test_all_base_rows_are_the_base_model():
+    model = build()
+    ids = input_ids(batch=3)
+    with model.disable_adapter():
+        expected = logits(model, ids)
+    torch.testing.assert_close(logits(model, ids, adapter_names=[BASE] * 3), expected, rtol=0, atol=0)
+
+
+def left_padded(batch=5, length=6):
+    ids = input_ids(batch=batch, length=length, seed=3)
+    mask = torch.ones_like(ids)
+    for b in range(1, batch, 2):  # every other prompt two tokens shorter, padded on the left
+        ids[b, :2], mask[b, :2] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_kv_cache_equals_each_adapter_alone(num_beams):
+    model = build(dora_adapter=True)
+    model.generation_config.pad_token_id = 0
+    rows = ["a", "d", BASE, "c", "b"]
+    ids, mask = left_padded(len(rows))
+
+    def generate(**kwargs):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                  do_sample=False, num_beams=num_beams, output_logits=True,
+                                  return_dict_in_generate=True, **kwargs)
+
+    mixed = generate(adapter_names=rows)
+    assert torch.equal(mixed.sequences, per_row(model, rows, lambda: generate().sequences))
+    if num_beams == 1:  # with beams, each prompt's beams run its adapter (the names repeated per beam)
+        steps = per_row(model, rows, lambda: torch.stack(generate().logits, 1))  # (B, steps, vocab)
+        close(torch.stack(mixed.logits, 1), steps)
+    assert len({tuple(s) for s in mixed.sequences.tolist()}) > 1
+
+
+def test_own_decode_loop_inside_mixed_batch(monkeypatch):
+    """The engine's use: a KV-cached greedy loop of one's own inside ``mixed_batch`` (prefill takes
+    the gather path, each one-token step the dense one)."""
+    model = build()
+    rows = ["c", BASE, "a", "b"]
+    ids = input_ids(batch=len(rows), length=20, seed=4)
+
+    @torch.no_grad()
+    def loop():
+        out = model(input_ids=ids, use_cache=True)
+        steps = [out.logits[:, -1]]
+        for _ in range(4):
+            token = steps[-1].argmax(-1, keepdim=True)  # (B, 1)
+            out = model(input_ids=token, cache=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+        return torch.stack(steps, 1)  # (B, steps, vocab)
+
+    monkeypatch.setattr(batching, "DENSE_MAX", 8)  # 20-token prompts gather, one-token steps are dense
+    with mixed_batch(model, rows):
+        mixed = loop()
+    close(mixed, per_row(model, rows, loop))
+    assert all(layer.row_adapters is None for _, layer in lora_layers(model.get_base_model()))
+
+
+def test_same_as_peft_adapter_names(tmp_path):
+    """The same adapter files loaded in PEFT and in lorakit: ``adapter_names`` gives the same logits."""
+    build().save_pretrained(tmp_path, save_embedding_layers=False)  # a, b, c each in its own folder
+    ids = input_ids(batch=len(ROWS))
+    outputs = []
+    for lib in (peft, lorakit):
+        model = lib.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"), adapter_name="a")
+        for name in ("b", "c"):
+            model.load_adapter(str(tmp_path / name), adapter_name=name)
+        outputs.append(logits(model.eval(), ids, adapter_names=ROWS))
+    close(outputs[1], outputs[0])
+
+
+def test_stack_is_reused_and_follows_weight_changes():
+    model = build()
+    ids = input_ids(batch=len(ROWS))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    logits(model, ids, adapter_names=ROWS)
+    stack = batching._STACKS[layer]
+    logits(model, ids, adapter_names=ROWS)
+    assert batching._STACKS[layer] is stack  # built once, reused
+    with torch.no_grad():
+        layer.adapters["b"].lora_B.mul_(3)  # an in-place change (what loading does) is seen
+    close(logits(model, ids, adapter_names=ROWS), per_row(model, ROWS, lambda: logits(model, ids)))
+    assert batching._STACKS[layer] is not stack
+    model.add_adapter("e", LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False))
+    rows = ["e", "b", BASE]
+    ids = input_ids(batch=3)
+    close(logits(model.eval(), ids, adapter_names=rows), per_row(model, rows, lambda: logits(model, ids)))
+    model.delete_adapter("e")
+    with pytest.raises(ConfigError, match="'e'"):
+        logits(model, ids, adapter_names=rows)
+
+
+def test_bf16_autocast_rows_follow_each_adapter_alone():
+    model = build()
+    ids = input_ids(batch=len(ROWS))
+
+    def run(**kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return logits(model, ids, **kwargs).float()
+
+    torch.testing.assert_close(run(adapter_names=ROWS), per_row(model, ROWS, run), rtol=0.05, atol=0.05)
+
+
+# --------------------------------------------------------------------------- refusals
+
+def test_unknown_names_are_listed_with_the_loaded_ones():
+    model = build()
+    with pytest.raises(ConfigError, match=r"unknown adapter names \['zz'\]; loaded adapters: \['a', 'b', 'c'\]"):
+        logits(model, input_ids(batch=3), adapter_names=["a", "zz", BASE])
+
+
+def test_wrong_number_of_names():
+    model = build()
+    with pytest.raises(ConfigError, match="2 names but the batch has 3 rows"):
+        logits(model, input_ids(batch=3), adapter_names=["a", "b"])
+    with pytest.raises(ConfigError, match="one adapter name per row"):  # found by the layer in a loop
+        with mixed_batch(model, ["a", "b"]), torch.no_grad():
+            model(input_ids=input_ids(batch=3))
+    with pytest.raises(ConfigError, match="one adapter name per prompt"):
+        model.generate(input_ids=input_ids(batch=3), max_new_tokens=1, adapter_names=["a"])
+    with pytest.raises(ConfigError, match="list with one adapter name per row"):
+        logits(model, input_ids(batch=1), adapter_names="a")
+
+
+def test_training_mode_is_refused():
+    model = build().train()
+    with pytest.raises(ConfigError, match="eval mode"):
+        model(input_ids=input_ids(batch=2), adapter_names=["a", "b"])
+
+
+def test_merged_adapters_are_refused():
+    model = build()
+    model.merge_adapter(["a"])
+    with pytest.raises(ConfigError, match=r"\['a'\] are merged.*unmerge_adapter"):
+        logits(model, input_ids(batch=2), adapter_names=["a", "b"])
+    model.unmerge_adapter()
+    logits(model, input_ids(batch=2), adapter_names=["a", "b"])
+
+
+def test_adalora_and_modules_to_save_are_refused():
+    from lorakit.variants.adalora import AdaLoraConfig
+
+    ada = get_peft_model(tiny_llama(), AdaLoraConfig(total_step=5, target_modules=["q_proj"])).eval()
+    with pytest.raises(ConfigError, match="AdaLoRA"):
+        logits(ada, input_ids(batch=1), adapter_names=["default"])
+    model = build()
+    model.add_adapter("m", LoraConfig(target_modules=["q_proj"], modules_to_save=["norm"]))
+    with pytest.raises(ConfigError, match=r"\['m'\] train whole modules"):
+        logits(model.eval(), input_ids(batch=2), adapter_names=["m", "a"])
+    rows = ["a", BASE]  # other adapters still mix: the saved module's original is used for them
+    ids = input_ids(batch=2)
+    close(logits(model, ids, adapter_names=rows), per_row(model, rows, lambda: logits(model, ids)))

@@ -1,0 +1,296 @@
+"""The serving worker: one thread owns the model and runs everything waiting as one batch.
+
+Request threads put `Job`s (one or more prompts for one model: the base model or an adapter)
+and `AdapterChange`s on a queue. The worker takes the first item and everything else waiting
+behind it, up to ``max_batch`` rows, and runs the rows together with
+`lorakit.infer.engine.generate_batch`, each row with its own adapter and sampling. Each token
+is routed back to its job as it is produced (a job's ``events`` queue), so streaming clients
+see text while the batch is still running. Adapter changes are applied by the same thread
+between batches, so a batch never sees the model change under it; a change queued behind jobs
+runs after them. An exception inside generation fails that batch's jobs only (their handlers
+answer 500) and the worker takes the next batch.
+
+``batches`` records each batch (how many requests and rows, for which models), so a test or an
+operator can see that concurrent requests were served together. ``pause`` / ``resume`` hold the
+worker before it gathers a batch (for tests that must queue several requests first).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lorakit.errors import LorakitError
+from lorakit.infer.engine import Request, eos_token_ids, finish_reason, generate_batch
+from lorakit.infer.openai_api import Call, RequestError
+from lorakit.infer.textstream import TextStream
+
+__all__ = ["Scheduler", "Job", "Row", "AdapterChange", "Batch"]
+
+_STOP = object()
+
+
+@dataclass
+class Row:
+    """One prompt of a job: its ids, its text so far, and how it ended."""
+
+    prompt_ids: list[int]
+    stream: TextStream
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class Job:
+    """One HTTP request's generation. ``events`` receives, in order: ``("text", row, piece)``
+    while streaming, then ``("done", None, None)`` or ``("error", RequestError, None)``."""
+
+    call: Call
+    adapter: str | None  # None: the base model
+    rows: list[Row]
+    stream: bool
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False  # the client went away: stop sending it text
+
+    @classmethod
+    def from_call(cls, call: Call, adapter: str | None, tokenizer) -> "Job":
+        rows = [Row(ids, TextStream(tokenizer, call.stop)) for ids in call.prompts]
+        return cls(call, adapter, rows, call.stream)
+
+    def fail(self, error: RequestError) -> None:
+        self.events.put(("error", error, None))
+
+
+@dataclass
+class AdapterChange:
+    """Add (``path`` given) or remove an adapter, between batches; ``done`` is set after, with
+    ``error`` holding what went wrong, if anything."""
+
+    name: str
+    path: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one call of the engine held."""
+
+    requests: int
+    rows: int
+    models: tuple[str | None, ...]  # each request's adapter (None: the base model)
+
+
+class Scheduler:
+    """Owns the model; runs queued jobs in batches on one worker thread (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, autocast: Callable | None = None):
+        self.model = model  # the base model, or a PeftModel once it holds adapters
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.autocast = autocast
+        # name -> the directory it was loaded from; replaced (never changed in place) by the worker,
+        # so request threads read it without a lock
+        self.adapters: dict[str, str] = {}
+        self.batches: list[Batch] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._held: list = []  # taken from the queue but left for the next batch
+        self._gate = threading.Event()
+        self._gate.set()
+        self._submitted = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="lorakit-serve-worker", daemon=True)
+
+    # -- the request threads' side
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, item: Job | AdapterChange) -> None:
+        self._queue.put(item)
+        with self._cond:
+            self._submitted += 1
+            self._cond.notify_all()
+
+    @property
+    def submitted(self) -> int:
+        """How many jobs and adapter changes have been queued since the start."""
+        return self._submitted
+
+    def wait_submitted(self, count: int, timeout: float | None = None) -> bool:
+        """Block until ``submitted`` reaches ``count`` (False if ``timeout`` passes first)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._submitted >= count, timeout)
+
+    def pause(self) -> None:
+        """Hold the worker before it gathers its next batch; requests keep queueing."""
+        self._gate.clear()
+
+    def resume(self) -> None:
+        self._gate.set()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the worker after its current batch; jobs still queued get a 503."""
+        self._queue.put(_STOP)
+        self._gate.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        leftovers = self._held + _drain(self._queue)
+        for item in leftovers:
+            if isinstance(item, Job):
+                item.fail(RequestError("the server is shutting down; retry against a running server", status=503,
+                                       type="server_error", code="shutting_down"))
+            elif isinstance(item, AdapterChange):
+                item.error = RequestError("the server is shutting down", status=503, type="server_error")
+                item.done.set()
+
+    # -- adapters (called on the worker thread, or before it starts)
+    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load the adapter directory ``path`` under ``name`` onto the base model."""
+        from lorakit.model import PeftModel
+
+        if name in self.adapters:
+            raise RequestError(f"an adapter named {name!r} is already served (from {self.adapters[name]}); "
+                               f"remove it first (DELETE /v1/adapters/{name}) or pick another name",
+                               status=409, param="name", code="adapter_exists")
+        if not self.adapters:
+            try:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            except Exception:
+                _strip_adapters(self.model)  # the base model as it was
+                raise
+        else:
+            try:
+                self.model.load_adapter(path, name)
+            except Exception:
+                if name in self.model.peft_config:  # injected, then its weights failed to load
+                    self.model.delete_adapter(name)
+                raise
+        self.adapters = {**self.adapters, name: str(Path(path))}  # replaced, never changed: readers see one state
+
+    def remove_adapter(self, name: str) -> None:
+        """Remove an adapter; removing the last one leaves the plain base model."""
+        if name not in self.adapters:
+            raise RequestError(f"no adapter named {name!r} is served; adapters: {', '.join(self.adapters) or 'none'}",
+                               status=404, param="name", code="model_not_found")
+        if len(self.adapters) == 1:
+            self.model = self.model.unload()
+        else:
+            self.model.delete_adapter(name)
+        self.adapters = {n: p for n, p in self.adapters.items() if n != name}
+
+    # -- the worker
+    def _run(self) -> None:
+        while True:
+            item = self._held.pop(0) if self._held else self._queue.get()
+            self._gate.wait()
+            if item is _STOP:
+                return
+            if isinstance(item, AdapterChange):
+                self._change(item)
+                continue
+            jobs, rows = [item], len(item.rows)
+            while not self._held:  # everything waiting that fits, in order
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(nxt, Job) and rows + len(nxt.rows) <= self.max_batch:
+                    jobs.append(nxt)
+                    rows += len(nxt.rows)
+                else:
+                    self._held.append(nxt)
+            try:
+                self._run_batch(jobs)
+            except Exception as err:  # a bug outside generation: fail these requests, keep serving
+                for job in jobs:
+                    job.fail(RequestError(f"the server failed on this batch: {type(err).__name__}: {err}",
+                                          status=500, type="server_error", code="internal_error"))
+
+    def _change(self, change: AdapterChange) -> None:
+        try:
+            if change.path is not None:
+                self.add_adapter(change.name, change.path)
+            else:
+                self.remove_adapter(change.name)
+        except Exception as err:  # reported to the request that asked for it
+            change.error = err
+        finally:
+            change.done.set()
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        live = []
+        for job in jobs:  # an adapter removed while the job waited
+            if job.adapter is not None and job.adapter not in self.adapters:
+                job.fail(RequestError(f"the model {job.adapter!r} was removed before this request ran; models: "
+                                      f"{', '.join(self.adapters) or '(the base model only)'}", status=404,
+                                      param="model", code="model_not_found"))
+            else:
+                live.append(job)
+        if not live:
+            return
+        rows = [(job, row) for job in live for row in job.rows]
+        requests = [Request(prompt_ids=row.prompt_ids, adapter=job.adapter, sampling=job.call.sampling)
+                    for job, row in rows]
+        self.batches.append(Batch(len(live), len(rows), tuple(job.adapter for job in live)))
+
+        def on_token(index: int, token_id: int) -> None:
+            job, row = rows[index]
+            piece = row.stream.push(token_id)
+            if piece and job.stream and not job.cancelled:
+                job.events.put(("text", row, piece))
+
+        try:
+            outputs = generate_batch(self.model, self.tokenizer, requests, on_token=on_token,
+                                     autocast=self.autocast)
+        except Exception as err:  # this batch's requests fail; the worker goes on
+            detail = f"{type(err).__name__}: {err}" if not isinstance(err, LorakitError) else str(err)
+            for job in live:
+                job.fail(RequestError(f"generation failed: {detail}", status=500, type="server_error",
+                                      code="generation_failed"))
+            return
+        for (job, row), ids in zip(rows, outputs):
+            self._finish_row(job, row, list(ids))
+        for job in live:
+            job.events.put(("done", None, None))
+
+    def _finish_row(self, job: Job, row: Row, ids: list[int]) -> None:
+        """Take the tokens ``on_token`` did not see (an engine may report some only at the end),
+        release the held-back text, and say why the row ended."""
+        stream = row.stream
+        for token_id in ids[len(stream.ids):]:
+            piece = stream.push(token_id)
+            if piece and job.stream and not job.cancelled:
+                job.events.put(("text", row, piece))
+        piece = stream.finish()
+        if piece and job.stream and not job.cancelled:
+            job.events.put(("text", row, piece))
+        row.completion_tokens = len(stream.ids)
+        ended = finish_reason(ids, Request(row.prompt_ids, job.adapter, job.call.sampling),
+                              eos_token_ids(self.model, self.tokenizer))
+        row.finish_reason = "stop" if stream.stopped else ended
+
+
+def _drain(q: queue.Queue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def _strip_adapters(model) -> None:
+    """Undo a half-done first load: every LoRA layer and modules_to_save wrapper in ``model``
+    back to the module it wraps."""
+    from lorakit.inject import ModulesToSave, logical_modules, replace_module
+    from lorakit.layer import LoraLayer
+
+    for name, module in list(logical_modules(model)):
+        if isinstance(module, LoraLayer):
+            replace_module(model, name, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            replace_module(model, name, module.original_module)

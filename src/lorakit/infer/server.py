@@ -1,0 +1,417 @@
+"""`lorakit serve`: an OpenAI-compatible HTTP server over one base model and its adapters.
+
+Endpoints (JSON in, JSON out; OpenAI's shapes, `lorakit.infer.openai_api`):
+
+    POST   /v1/completions        prompt (string, strings or token ids) -> text_completion
+    POST   /v1/chat/completions   messages, rendered with the chat template -> chat.completion
+    GET    /v1/models             the base model and each adapter
+    GET    /v1/models/NAME        one of them
+    POST   /v1/adapters           {"name": ..., "path": ...}: load an adapter directory
+    DELETE /v1/adapters/NAME      remove it
+    GET    /health                {"status": "ok"}
+
+A request's ``model`` picks the base model (its name, or "base") or an adapter by name. With
+``"stream": true`` the answer comes as Server-Sent Events (``data: {chunk}`` lines, ending
+``data: [DONE]``). Every request thread hands its work to one `Scheduler`, whose worker thread
+runs all requests waiting together in one batch, each row with its own adapter. Standard library
+HTTP only (``http.server.ThreadingHTTPServer``); bad requests get OpenAI's error object with a
+4xx status, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import unquote, urlsplit
+
+import torch
+
+from lorakit import io
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.infer import openai_api as api
+from lorakit.infer.openai_api import Limits, RequestError
+from lorakit.infer.scheduler import AdapterChange, Job, Scheduler
+
+__all__ = ["Server", "load_server", "BASE_ALIAS"]
+
+BASE_ALIAS = "base"
+"""A request's ``model`` may always name the base model this way."""
+
+_DROP_LIMIT = 64 << 20
+"""A refused request's body up to this size is read and dropped before the answer (closing a
+connection with unread data can reset it before the client reads the answer); a larger one
+closes the connection."""
+
+
+class Server:
+    """The HTTP front of a `Scheduler`. ``start()`` serves from background threads (``url`` then
+    answers); ``serve_forever()`` serves from the calling thread until Ctrl-C; ``close()`` stops
+    both. ``scheduler.batches`` tells what each batch held."""
+
+    def __init__(self, scheduler: Scheduler, *, base_id: str, base_aliases: Sequence[str] = (BASE_ALIAS,),
+                 host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
+                 max_body_bytes: int = 1 << 20, log_requests: bool = False):
+        self.scheduler = scheduler
+        self.tokenizer = scheduler.tokenizer
+        self.base_id = base_id
+        self.base_names = {base_id, *base_aliases}  # what a request's "model" may call the base model
+        self.limits = limits or Limits(max_prompts=scheduler.max_batch)
+        self.max_body_bytes = max_body_bytes
+        self.log_requests = log_requests
+        self.created = int(time.time())
+        self.httpd = ThreadingHTTPServer((host, port), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.app = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self.httpd.server_address[0]
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
+
+    def start(self) -> "Server":
+        self.scheduler.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="lorakit-serve-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.scheduler.start()
+        try:
+            self.httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.httpd.server_close()
+            self.scheduler.close()
+
+    def close(self) -> None:
+        """Stop accepting requests, finish the running batch, fail what is still queued (503)."""
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.httpd.server_close()
+        self.scheduler.close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- models
+    def model_ids(self) -> list[str]:
+        return [self.base_id, *self.scheduler.adapters]
+
+    def resolve(self, model: str) -> str | None:
+        """The adapter a request's ``model`` names; None for the base model."""
+        if model in self.base_names:
+            return None
+        if model in self.scheduler.adapters:
+            return model
+        raise RequestError(f"the model {model!r} does not exist; served models: {', '.join(self.model_ids())} "
+                           f"(or {BASE_ALIAS!r} for the base model)", status=404, param="model",
+                           code="model_not_found")
+
+    def card(self, model: str) -> dict:
+        adapters = dict(self.scheduler.adapters)
+        if model in adapters:
+            return api.model_card(model, self.created, parent=self.base_id, root=adapters[model])
+        return api.model_card(self.base_id, self.created)
+
+
+def base_model_id(model: str) -> str:
+    """The id /v1/models lists for a base model: an embedded model's name, or the last part of a path."""
+    if "/" in model or os.sep in model or Path(model).exists():
+        return Path(model).name or model
+    return model
+
+
+def load_server(model: str = "smollm2-135m", adapters: Sequence[tuple[str, str | os.PathLike]] = (), *,
+                host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_tokens: int = 512,
+                temperature: float = 1.0, precision: str = "fp32", max_body_bytes: int = 1 << 20,
+                log_requests: bool = False) -> Server:
+    """Load ``model`` and the named adapter directories on it, and bind (not start) a `Server`."""
+    from lorakit.models import load_model
+
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision {precision!r}: use fp32 or bf16")
+    if max_batch < 1 or max_tokens < 1:
+        raise ConfigError(f"--max-batch ({max_batch}) and --max-tokens ({max_tokens}) must be at least 1")
+    base_id = base_model_id(str(model))
+    problems, names = [], set()
+    for name, directory in adapters:
+        if name in (base_id, BASE_ALIAS, str(model)):
+            problems.append(f"the adapter name {name!r} is the base model's; pick another")
+        if name in names:
+            problems.append(f"the adapter name {name!r} is given twice")
+        names.add(name)
+        if not Path(directory, "adapter_config.json").is_file():
+            problems.append(f"{directory} holds no adapter_config.json (pass an adapter directory)")
+    if problems:
+        raise ConfigError("--adapter: " + "; ".join(problems))
+    base, tokenizer = load_model(model)
+    device = next(base.parameters()).device
+    bf16 = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)  # bf16 autocast, per batch
+    scheduler = Scheduler(base, tokenizer, max_batch=max_batch, autocast=bf16 if precision == "bf16" else None)
+    for name, directory in adapters:
+        scheduler.add_adapter(io.check_adapter_name(name), directory)
+    context = getattr(base.config, "max_position_embeddings", None)
+    limits = Limits(max_tokens=max_tokens, context=context, max_prompts=max_batch, temperature=temperature)
+    return Server(scheduler, base_id=base_id, base_aliases=(BASE_ALIAS, str(model)), host=host, port=port,
+                  limits=limits, max_body_bytes=max_body_bytes, log_requests=log_requests)
+
+
+# -- endpoints: (app, handler, *path parts) -> None; each sends its answer or raises RequestError
+def _models(app: Server, h: "_Handler") -> None:
+    h.send_json(200, api.model_list([app.card(m) for m in app.model_ids()]))
+
+
+def _model(app: Server, h: "_Handler", name: str) -> None:
+    app.resolve(name)
+    h.send_json(200, app.card(name))
+
+
+def _health(app: Server, h: "_Handler") -> None:
+    h.send_json(200, {"status": "ok"})
+
+
+def _completions(app: Server, h: "_Handler") -> None:
+    _generate(app, h, api.parse_completion(h.read_json(), app.tokenizer, app.limits))
+
+
+def _chat(app: Server, h: "_Handler") -> None:
+    _generate(app, h, api.parse_chat(h.read_json(), app.tokenizer, app.limits))
+
+
+def _generate(app: Server, h: "_Handler", call: api.Call) -> None:
+    job = Job.from_call(call, app.resolve(call.model), app.tokenizer)
+    app.scheduler.submit(job)
+    rid = ("chatcmpl-" if call.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    event = job.events.get()
+    if event[0] == "error":
+        raise event[1]
+    if call.stream:
+        return _stream(app, h, job, rid, event)
+    while event[0] != "done":  # text events come only when streaming
+        event = job.events.get()
+        if event[0] == "error":
+            raise event[1]
+    use = api.usage(sum(len(r.prompt_ids) for r in job.rows), sum(r.completion_tokens for r in job.rows))
+    if call.kind == "chat":
+        row = job.rows[0]
+        h.send_json(200, api.chat_response(rid, app.created, call.model, row.stream.text, row.finish_reason, use))
+    else:
+        choices = [(r.stream.text, r.finish_reason) for r in job.rows]
+        h.send_json(200, api.completion_response(rid, app.created, call.model, choices, use))
+
+
+def _stream(app: Server, h: "_Handler", job: Job, rid: str, event: tuple) -> None:
+    """Send the job's events as Server-Sent Events, as they come, from the first one on."""
+    call, created = job.call, app.created
+    index = {id(row): i for i, row in enumerate(job.rows)}
+    chat = call.kind == "chat"
+    try:
+        h.start_events()
+        if chat:
+            h.send_event(api.chat_chunk(rid, created, call.model, {"role": "assistant", "content": ""}, None))
+        while True:
+            kind, row, piece = event
+            if kind == "text":
+                h.send_event(api.chat_chunk(rid, created, call.model, {"content": piece}, None) if chat else
+                             api.completion_chunk(rid, created, call.model, index[id(row)], piece, None))
+            elif kind == "error":
+                h.send_event(row.body())  # the RequestError
+                break
+            else:  # done
+                for i, r in enumerate(job.rows):
+                    h.send_event(api.chat_chunk(rid, created, call.model, {}, r.finish_reason) if chat else
+                                 api.completion_chunk(rid, created, call.model, i, "", r.finish_reason))
+                if call.include_usage:
+                    use = api.usage(sum(len(r.prompt_ids) for r in job.rows),
+                                    sum(r.completion_tokens for r in job.rows))
+                    h.send_event(api.usage_chunk(rid, created, call.model, call.kind, use))
+                break
+            event = job.events.get()
+        h.send_event("[DONE]")
+    except (BrokenPipeError, ConnectionResetError):
+        job.cancelled = True  # the client left; the batch finishes without it
+
+
+def _add_adapter(app: Server, h: "_Handler") -> None:
+    body = h.read_json()
+    name = api.get_field(body, "name", (str,))
+    path = api.get_field(body, "path", (str,))
+    try:
+        io.check_adapter_name(name)
+    except ConfigError as err:
+        raise RequestError(str(err), param="name", code="invalid_value") from None
+    if name in app.base_names:
+        raise RequestError(f"{name!r} names the base model; pick another adapter name", param="name",
+                           code="invalid_value")
+    if not Path(path, "adapter_config.json").is_file():
+        raise RequestError(f"no adapter at {path!r}: it must be a directory on the server's machine holding "
+                           "adapter_config.json (relative paths start where the server was started)",
+                           param="path", code="adapter_not_found")
+    _change(app, AdapterChange(name, path))
+    h.send_json(200, app.card(name))
+
+
+def _remove_adapter(app: Server, h: "_Handler", name: str) -> None:
+    if name not in app.scheduler.adapters:
+        raise RequestError(f"no adapter named {name!r} is served; adapters: "
+                           f"{', '.join(app.scheduler.adapters) or 'none'}", status=404, param="name",
+                           code="model_not_found")
+    _change(app, AdapterChange(name))
+    h.send_json(200, {"id": name, "object": "model", "deleted": True})
+
+
+def _change(app: Server, change: AdapterChange) -> None:
+    """Queue an adapter change (it runs between batches) and wait for it."""
+    app.scheduler.submit(change)
+    change.done.wait()
+    err = change.error
+    if isinstance(err, RequestError):
+        raise err
+    if isinstance(err, LorakitError):
+        raise RequestError(str(err), param="path", code="adapter_invalid")
+    if err is not None:
+        raise RequestError(f"changing adapter {change.name!r} failed: {type(err).__name__}: {err}", status=500,
+                           type="server_error", code="internal_error")
+
+
+_ROUTES = [
+    ("GET", re.compile(r"/v1/models"), _models),
+    ("GET", re.compile(r"/v1/models/([^/]+)"), _model),
+    ("POST", re.compile(r"/v1/completions"), _completions),
+    ("POST", re.compile(r"/v1/chat/completions"), _chat),
+    ("POST", re.compile(r"/v1/adapters"), _add_adapter),
+    ("DELETE", re.compile(r"/v1/adapters/([^/]+)"), _remove_adapter),
+    ("GET", re.compile(r"/health"), _health),
+]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "lorakit"
+    body_read = False
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_PATCH(self) -> None:
+        self._route("PATCH")
+
+    def _route(self, method: str) -> None:
+        app: Server = self.server.app
+        self.body_read = False
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        try:
+            matches = [(m, f, r.fullmatch(path)) for m, r, f in _ROUTES if r.fullmatch(path)]
+            found = [(f, match) for m, f, match in matches if m == method]
+            if not found:
+                allowed = sorted({m for m, _, _ in matches})
+                if allowed:
+                    raise RequestError(f"{method} is not allowed on {path}; use {', '.join(allowed)}", status=405,
+                                       code="method_not_allowed")
+                raise RequestError(f"no such endpoint: {method} {path}; endpoints: POST /v1/completions, POST "
+                                   "/v1/chat/completions, GET /v1/models, POST /v1/adapters, DELETE "
+                                   "/v1/adapters/NAME", status=404, code="not_found")
+            func, match = found[0]
+            func(app, self, *(unquote(g) for g in match.groups()))
+        except RequestError as err:
+            self.send_json(err.status, err.body())
+        except Exception as err:  # a bug: this request gets a 500, the server goes on
+            self.send_json(500, api.error_body(f"internal error: {type(err).__name__}: {err}", "server_error",
+                                               code="internal_error"))
+
+    def _length(self) -> int:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raise RequestError("chunked request bodies are not supported; send Content-Length", status=411,
+                               code="length_required")
+        value = (self.headers.get("Content-Length") or "0").strip()
+        if not value.isdigit():
+            raise RequestError(f"Content-Length {value!r} is not a number of bytes", code="invalid_header")
+        return int(value)
+
+    def read_json(self) -> dict:
+        length = self._length()
+        limit = self.server.app.max_body_bytes
+        if length > limit:
+            raise RequestError(f"the request body is {length} bytes; at most {limit} (the server's "
+                               "--max-body-bytes)", status=413, code="request_too_large")
+        self.body_read = True
+        return api.parse_json(self.rfile.read(length) if length else b"")
+
+    def _drop_body(self) -> None:
+        """Read and drop a body no endpoint read (a refused request's), so that the client gets
+        the answer and the connection stays usable; one too large to read closes the connection."""
+        if self.body_read:
+            return
+        self.body_read = True
+        try:
+            remaining = self._length()
+        except RequestError:
+            remaining = _DROP_LIMIT + 1
+        if remaining > _DROP_LIMIT:
+            self.close_connection = True
+            return
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
+    def send_json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        try:
+            self._drop_body()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def start_events(self) -> None:
+        self._drop_body()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+
+    def send_event(self, obj: dict | str) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj)
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args) -> None:
+        if self.server.app.log_requests:
+            super().log_message(format, *args)

@@ -1,4 +1,4 @@
-"""`lorakit merge` and `lorakit compare`: parse, call the library, print."""
+"""`lorakit merge`, `lorakit compare` and `lorakit serve`: parse, call the library, print."""
 
 from __future__ import annotations
 
@@ -37,6 +37,40 @@ def register(subparsers) -> None:
     p.add_argument("--show", type=int, default=3, help="how many disagreements to print")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_compare)
+
+    p = subparsers.add_parser("serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
+                              description="Serve /v1/completions, /v1/chat/completions and /v1/models (OpenAI's "
+                                          "API; a request's model picks the base model or an adapter) until "
+                                          "Ctrl-C. Concurrent requests run together in one batch, each with its "
+                                          "own adapter. See docs/SERVING.md.")
+    p.add_argument("--model", default="smollm2-135m", help="the base model (default: smollm2-135m)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter to serve under NAME (repeatable); more can be added with POST /v1/adapters")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="the most rows (prompts) one batch runs together")
+    p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens a request may ask for")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="the temperature of requests that give none (OpenAI's default, 1; 0 = greedy)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 runs the forward passes under bf16 autocast")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
+    p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from lorakit.infer.compare import parse_adapter_specs
+    from lorakit.infer.server import load_server
+
+    server = load_server(args.model, parse_adapter_specs(args.adapter), host=args.host, port=args.port,
+                         max_batch=args.max_batch, max_tokens=args.max_tokens, temperature=args.temperature,
+                         precision=args.precision, max_body_bytes=args.max_body_bytes,
+                         log_requests=not args.quiet)
+    models = ", ".join(server.model_ids())
+    print(f"serving {models} on {server.url}/v1 (Ctrl-C stops)", flush=True)
+    server.serve_forever()
+    return 0
 
 
 def _merge(args) -> int:

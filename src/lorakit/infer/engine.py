@@ -1,0 +1,316 @@
+"""The generation engine: many requests in one batch, each with its own adapter and sampling.
+
+All requests run together in one left-padded batch over the model's own KV cache::
+
+    prefill   logits, cache = model(prompts, mask, positions)             # (B, T) -> (B, V)
+    decode    logits, cache = model(last tokens, mask + 1, positions + 1) # (B, 1) -> (B, V)
+
+Left padding shifts each row's tokens to the right, so positions come from the attention mask
+(``cumsum(mask) - 1``, as transformers' ``generate`` computes them) and every row sees its own
+prompt at positions 0..len-1. Each row stops on its own (at EOS, at one of its stop tokens, or
+after its ``max_new_tokens``) and leaves the batch: its row is dropped from the batch and from the
+cache, so the rows still generating do not pay for it.
+
+Each row picks its next token by its own `Sampling`: greedy (``temperature=0``, the argmax) or
+sampled from ``softmax(warp(logits))`` with a `torch.Generator` of its own, seeded by
+``Sampling.seed``, so a row's draws do not depend on its batch neighbours. ``warp`` is
+transformers' temperature, then top-k, then top-p (nucleus, Holtzman et al. 2019) warping.
+Greedy output equals ``model.generate(do_sample=False)`` on the prompt alone, and a seeded row
+equals ``torch.manual_seed(seed); model.generate(do_sample=True, ...)`` alone (on CPU).
+
+Each row's adapter: one adapter (or the base model) for every row is the plain PEFT way
+(``set_adapter`` / ``disable_adapter``, restored afterwards); different adapters per row use
+`lorakit.batching.mixed_batch`, where every forward takes its row's adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from lorakit.errors import ConfigError
+
+__all__ = ["Sampling", "Request", "generate_batch", "warp_logits", "eos_token_ids", "finish_reason", "BASE"]
+
+BASE = "__base__"
+"""PEFT's name for a row without an adapter (``adapter_names``); a Request's ``adapter=None``."""
+
+
+@dataclass
+class Sampling:
+    """How one request picks its tokens."""
+
+    temperature: float = 0.0
+    """0 = greedy (the most likely token); above 0, logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens whose probabilities add up to top_p (1 = all)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = all)."""
+    seed: int | None = None
+    """Seeds this request's own generator: the same seed gives the same tokens (None = random)."""
+    max_new_tokens: int = 128
+    """At most this many generated tokens."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end the completion (besides the model's EOS); the stop token is kept in the output."""
+
+    def __post_init__(self):
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        problems = []
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (0 = no top-k cut), got {self.top_k!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            problems.append(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
+        if problems:
+            raise ConfigError("Sampling: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Request:
+    """One prompt (token ids, e.g. from `lorakit.infer.chat_prompt_ids`) and how to complete it."""
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    """The adapter's name on the model; None (or "__base__") = the base model without adapters."""
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, requests: Sequence[Request], *,
+                   on_token: Callable[[int, int], None] | None = None,
+                   autocast: Callable | None = None) -> list[list[int]]:
+    """Complete every request in one batch; the generated ids per request, in order.
+
+    ``on_token(i, token_id)`` is called for each token as it is produced (request ``i``'s
+    tokens in order), for streaming; returning False from it ends request ``i`` there (a
+    client that went away). A row's ids end with the token that stopped it (EOS or
+    one of its ``stop_token_ids``, as transformers' ``generate`` keeps EOS) unless it ran
+    to ``max_new_tokens``; `finish_reason` tells which. ``autocast``: a callable giving a
+    context manager for the forward passes (e.g. bf16 autocast). The model runs in eval mode
+    and is put back as it was, with its active adapters.
+    """
+    requests = list(requests)
+    if not requests:
+        return []
+    _check_requests(model, requests)
+    device = next(model.parameters()).device
+    eos = eos_token_ids(model, tokenizer)
+    pad = _pad_token_id(model, tokenizer, eos)
+    stops = [eos | set(r.sampling.stop_token_ids) for r in requests]
+    generators = [_generator(r.sampling.seed, device) for r in requests]
+
+    ids, mask = _left_pad([r.prompt_ids for r in requests], pad)  # (B, T), (B, T)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each prompt at 0..len-1
+    cache_arg, extra = _forward_arguments(model)
+    cache = None
+    outputs: list[list[int]] = [[] for _ in requests]
+    live = list(range(len(requests)))  # the requests still generating, in the batch's row order
+    was_training = model.training
+    model.eval()
+    try:
+        with contextlib.ExitStack() as adapters:
+            adapters.enter_context(_adapters(model, [requests[i].adapter for i in live]))
+            while True:
+                with autocast() if autocast else contextlib.nullcontext():
+                    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                   **({cache_arg: cache} if cache is not None else {}), **extra)
+                cache = result[cache_arg]
+                logits = result.logits[:, -1, :].float()  # (rows, V)
+                tokens = _next_tokens(logits, [requests[i].sampling for i in live], [generators[i] for i in live])
+                finished = set()
+                for i, token in zip(live, tokens):
+                    outputs[i].append(token)
+                    cancelled = on_token is not None and on_token(i, token) is False
+                    if cancelled or token in stops[i] or len(outputs[i]) >= requests[i].sampling.max_new_tokens:
+                        finished.add(i)
+                keep = [row for row, i in enumerate(live) if i not in finished]
+                if not keep:
+                    break
+                if finished:  # drop the finished rows from the batch and its cache
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    mask, positions = mask[index], positions[index]
+                    live = [live[row] for row in keep]
+                    adapters.close()
+                    adapters.enter_context(_adapters(model, [requests[i].adapter for i in live]))
+                ids = torch.tensor([outputs[i][-1] for i in live], device=device).unsqueeze(1)  # (rows, 1)
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)  # (rows, T + steps)
+                positions = positions[:, -1:] + 1  # (rows, 1)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def warp_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor) -> torch.Tensor:
+    """transformers' sampling warpers, one setting per row: logits (B, V) / temperature (B,),
+    then keep the top_k (B,) largest (0 = all; ties with the k-th kept), then the smallest set of
+    most likely tokens whose probability reaches top_p (B,) (1 = all; the most likely always
+    kept). Removed tokens get -inf."""
+    scores = logits / temperature.unsqueeze(1)  # (B, V)
+    vocab = scores.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))  # (B,)
+    kth = scores.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))  # (B, 1)
+    cut_k = (scores < kth) & (top_k > 0).unsqueeze(1)  # (B, V)
+    scores = scores.masked_fill(cut_k, -float("inf"))
+    ascending, order = scores.sort(dim=-1)  # (B, V)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    cut_p = cumulative <= (1 - top_p).unsqueeze(1)  # (B, V), in ascending order
+    cut_p[:, -1] = False  # keep the most likely token
+    cut_p &= (top_p < 1).unsqueeze(1)
+    return scores.masked_fill(cut_p.scatter(1, order, cut_p), -float("inf"))
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a completion: the model's generation config's EOS (one or a list) and
+    the tokenizer's."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for source in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def finish_reason(ids: list[int], request: Request, eos: set[int]) -> str:
+    """"stop" when the completion ended at EOS or a stop token, else "length" (OpenAI's words)."""
+    stopped = bool(ids) and (ids[-1] in eos or ids[-1] in request.sampling.stop_token_ids)
+    return "stop" if stopped else "length"
+
+
+# -- the pieces of the loop
+
+def _next_tokens(logits: torch.Tensor, settings: list[Sampling], generators: list[torch.Generator]) -> list[int]:
+    """Each row's next token: the argmax of its logits (rows, V), or a draw from its warped
+    distribution with its own generator."""
+    tokens = logits.argmax(dim=-1).tolist()  # (rows,)
+    rows = [j for j, s in enumerate(settings) if not s.greedy]
+    if rows:
+        device = logits.device
+        warped = warp_logits(logits[rows],
+                             torch.tensor([settings[j].temperature for j in rows], device=device, dtype=logits.dtype),
+                             torch.tensor([settings[j].top_k for j in rows], device=device),
+                             torch.tensor([settings[j].top_p for j in rows], device=device, dtype=logits.dtype))
+        probs = warped.softmax(dim=-1)  # (sampled rows, V)
+        for k, j in enumerate(rows):
+            tokens[j] = int(torch.multinomial(probs[k:k + 1], 1, generator=generators[j]))
+    return tokens
+
+
+def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (B, longest): each prompt right-aligned, padding on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def _generator(seed: int | None, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()  # a fresh non-deterministic seed
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def _pad_token_id(model, tokenizer, eos: set[int]) -> int:
+    """The tokenizer's pad id, else the model's, else an EOS id, else 0 (padding is masked out)."""
+    for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return min(eos) if eos else 0
+
+
+def _forward_arguments(model) -> tuple[str, dict]:
+    """The KV cache's argument name (transformers 5.x calls it ``cache``; earlier releases
+    ``past_key_values``) and ``logits_to_keep=1`` where the model takes it (the prefill then
+    computes the LM head for the last position only)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+def _check_requests(model, requests: list[Request]) -> None:
+    """Every problem with the requests, in one ConfigError."""
+    problems = []
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "base_layer", embeddings).num_embeddings  # through a LoRA-wrapped embedding
+    peft_config = getattr(model, "peft_config", None)
+    known = sorted(peft_config) if isinstance(peft_config, dict) else []
+    for i, r in enumerate(requests):
+        if not isinstance(r, Request):
+            problems.append(f"request {i} is a {type(r).__name__}, not a lorakit.infer.engine.Request")
+            continue
+        if not r.prompt_ids:
+            problems.append(f"request {i} has an empty prompt; give at least one token id")
+        elif not all(_is_int(t) and 0 <= t < vocab for t in r.prompt_ids):
+            problems.append(f"request {i}'s prompt has ids that are not integers in the vocabulary [0, {vocab}); "
+                            "tokenize with the model's own tokenizer")
+        if r.adapter not in (None, BASE) and r.adapter not in known:
+            problems.append(f"request {i} asks for adapter {r.adapter!r}, which the model does not have "
+                            f"(adapters: {known or 'none, it is a plain model'}; None = the base model)")
+    if problems:
+        raise ConfigError("generate_batch: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def _adapters(model, names: list[str | None]):
+    """Inside: row i uses adapter names[i] (None = the base model)."""
+    rows = [BASE if n is None else n for n in names]
+    if not isinstance(getattr(model, "peft_config", None), dict):  # a plain model: every row is the base model
+        yield
+    elif all(n == BASE for n in rows):
+        with model.disable_adapter():
+            yield
+    elif len(set(rows)) == 1:
+        with _only(model, rows[0]):
+            yield
+    else:
+        from lorakit.batching import mixed_batch
+
+        with mixed_batch(model, rows, rows=len(rows)):
+            yield
+
+
+@contextlib.contextmanager
+def _only(model, name: str):
+    """``set_adapter(name)`` for the block; the active adapters and what was trainable restored."""
+    previous = model.active_adapters
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

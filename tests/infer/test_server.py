@@ -5,6 +5,9 @@ still answering after errors."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -376,3 +379,22 @@ def test_cli_serve_parses_its_flags():
     args = build_parser().parse_args(["serve", "--model", "m", "--adapter", "a=x", "--adapter", "b=y", "--port", "0",
                                       "--max-batch", "2", "--precision", "bf16"])
     assert args.func.__name__ == "_serve" and args.adapter == ["a=x", "b=y"] and args.max_batch == 2
+
+
+def test_lorakit_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir, adapter_dirs):
+    command = [sys.executable, "-m", "lorakit.cli", "serve", "--model", str(tiny_model_dir), "--adapter",
+               f"a={adapter_dirs['a']}", "--port", "0", "--quiet"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            line = process.stdout.readline()  # printed once the server listens
+            assert line.startswith(f"serving {tiny_model_dir.name}, a on http://127.0.0.1:"), line
+            url = line.split(" on ")[1].split()[0]
+            with urllib.request.urlopen(url + "/models", timeout=60) as response:
+                assert [m["id"] for m in json.load(response)["data"]] == [tiny_model_dir.name, "a"]
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, err
+    assert out.strip() == "stopped"

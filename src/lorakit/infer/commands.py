@@ -70,6 +70,7 @@ def _serve(args) -> int:
     models = ", ".join(server.model_ids())
     print(f"serving {models} on {server.url}/v1 (Ctrl-C stops)", flush=True)
     server.serve_forever()
+    print("stopped", flush=True)
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,12 +88,17 @@ class Server:
         return self
 
     def serve_forever(self) -> None:
+        """Serve until Ctrl-C or SIGTERM (from the main thread), then close as `close` does."""
         self.scheduler.start()
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
             self.httpd.serve_forever()
         except KeyboardInterrupt:
             pass
         finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
             self.httpd.server_close()
             self.scheduler.close()
 
@@ -130,6 +136,10 @@ class Server:
         if model in adapters:
             return api.model_card(model, self.created, parent=self.base_id, root=adapters[model])
         return api.model_card(self.base_id, self.created)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does
 
 
 def base_model_id(model: str) -> str:

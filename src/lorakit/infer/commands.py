@@ -1,4 +1,5 @@
-"""`lorakit merge`, `lorakit compare` and `lorakit serve`: parse, call the library, print."""
+"""`lorakit merge`, `lorakit compare`, `lorakit generate` and `lorakit serve`: parse, call the
+library, print."""
 
 from __future__ import annotations
 
@@ -37,6 +38,28 @@ def register(subparsers) -> None:
     p.add_argument("--show", type=int, default=3, help="how many disagreements to print")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_compare)
+
+    p = subparsers.add_parser("generate", help="complete prompts with a base model and adapters (streaming, sampling)",
+                              description="Complete prompts as one-turn chats. The base model is loaded once and "
+                                          "the adapters onto it; all prompts run in one batch, each with its own "
+                                          "adapter. One completion streams as it is produced.")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="an adapter to load, named (repeatable); a lone bare DIR is named 'default'")
+    p.add_argument("--model", help="the base model (default: the adapters' base_model_name_or_path, else smollm2-135m)")
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                   help="a user message, completed with the adapter (with each adapter when there are several, "
+                        "with the base model when there is none); repeatable")
+    p.add_argument("--prompt-for", dest="prompts", action="append", nargs=2, metavar=("NAME", "TEXT"),
+                   help="a user message completed with adapter NAME ('base': the base model); repeatable")
+    p.add_argument("--system", help="a system message, e.g. the one the adapter was trained with")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default); above 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability (1 = all)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, help="the sampling seed: the same seed gives the same completion")
+    p.add_argument("--no-stream", action="store_true", help="print a lone completion when it is done, not as it grows")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every completion")
+    p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
                               description="Serve /v1/completions, /v1/chat/completions and /v1/models (OpenAI's "
@@ -89,4 +112,33 @@ def _compare(args) -> int:
     result = compare_adapters(parse_adapter_specs(args.adapter), include_base=args.include_base, model=args.model,
                               data=args.data, examples=args.examples, max_new_tokens=args.max_new_tokens)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary(show=args.show))
+    return 0
+
+
+def _generate(args) -> int:
+    import dataclasses
+
+    from lorakit.infer.engine import Sampling
+    from lorakit.infer.prompting import assign_prompts, complete_prompts, load_with_adapters, parse_adapters
+
+    pairs = parse_adapters(args.adapter)
+    prompts = assign_prompts([p if isinstance(p, str) else tuple(p) for p in args.prompts or []],
+                             [name for name, _ in pairs])
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                        max_new_tokens=args.max_new_tokens)
+    model, tokenizer = load_with_adapters(pairs, model=args.model)
+    stream = len(prompts) == 1 and not (args.no_stream or args.json)
+    on_text = (lambda i, piece: print(piece, end="", flush=True)) if stream else None
+    completions = complete_prompts(model, tokenizer, prompts, system=args.system, sampling=sampling, on_text=on_text)
+    if args.json:
+        print(json.dumps({"sampling": dataclasses.asdict(sampling),
+                          "completions": [c.as_dict() for c in completions]}, indent=2))
+    elif stream:
+        print()
+    elif len(completions) == 1:
+        print(completions[0].text.strip())
+    else:
+        for i, c in enumerate(completions, 1):
+            print(f"[{i}] {c.adapter}: {c.prompt}")
+            print(c.text.strip(), end="\n\n" if i < len(completions) else "\n")
     return 0

@@ -1,4 +1,4 @@
-"""`lorakit train`, `lorakit eval`, `lorakit generate`: parse, call the library, print."""
+"""`lorakit train` and `lorakit eval`: parse, call the library, print."""
 
 from __future__ import annotations
 
@@ -33,14 +33,6 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval)
-
-    p = subparsers.add_parser("generate", help="complete a prompt with a base model and an adapter")
-    p.add_argument("--adapter", help="an adapter directory (default: the base model alone)")
-    p.add_argument("--model", help="the base model (default: the adapter's, else smollm2-135m)")
-    p.add_argument("--prompt", required=True, action="append", help="a user message (repeatable)")
-    p.add_argument("--system", help="a system message, e.g. the one the adapter was trained with")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.set_defaults(func=_generate)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -89,17 +81,4 @@ def _eval(args) -> int:
     result = evaluate_adapter(args.adapter, model=args.model, data=args.data, examples=args.examples,
                               max_new_tokens=args.max_new_tokens)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
-    return 0
-
-
-def _generate(args) -> int:
-    from lorakit.infer import complete, load_adapted
-    from lorakit.models import load_model
-
-    if args.adapter:
-        model, tokenizer = load_adapted(args.adapter, model=args.model)
-    else:
-        model, tokenizer = load_model(args.model or "smollm2-135m")
-    for text in complete(model, tokenizer, args.prompt, system=args.system, max_new_tokens=args.max_new_tokens):
-        print(text)
     return 0

@@ -369,7 +369,16 @@ def test_start_refuses_bad_adapters_and_close_stops_cleanly(tiny_model_dir, adap
         load_server(str(tiny_model_dir), [("base", adapter_dirs["a"])], port=0)
     server = load_server(str(tiny_model_dir), [("a", adapter_dirs["a"])], port=0).start()
     assert call(server, "POST", "/v1/completions", OK)[0] == 200
+    queued = []  # a request still queued when the server closes gets a 503
+    server.scheduler.pause()
+    before = server.scheduler.submitted
+    thread = threading.Thread(target=lambda: queued.append(call(server, "POST", "/v1/completions", OK)))
+    thread.start()
+    assert server.scheduler.wait_submitted(before + 1, timeout=60)
     server.close()
+    thread.join(timeout=60)
+    status, err = queued[0]
+    assert status == 503 and err["error"]["code"] == "shutting_down"
     assert not server.scheduler._thread.is_alive()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url + "/v1/models", timeout=10)

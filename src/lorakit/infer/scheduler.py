@@ -102,6 +102,7 @@ class Scheduler:
         self._gate = threading.Event()
         self._gate.set()
         self._submitted = 0
+        self._closing = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="lorakit-serve-worker", daemon=True)
 
@@ -110,6 +111,8 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, item: Job | AdapterChange) -> None:
+        if self._closing:
+            return _refuse(item)
         self._queue.put(item)
         with self._cond:
             self._submitted += 1
@@ -133,19 +136,16 @@ class Scheduler:
         self._gate.set()
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Stop the worker after its current batch; jobs still queued get a 503."""
+        """Stop the worker: the batch running now finishes, and every job or adapter change still
+        queued is refused with a 503 (by the worker, or here once it has stopped)."""
+        self._closing = True
         self._queue.put(_STOP)
         self._gate.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        leftovers = self._held + _drain(self._queue)
-        for item in leftovers:
-            if isinstance(item, Job):
-                item.fail(RequestError("the server is shutting down; retry against a running server", status=503,
-                                       type="server_error", code="shutting_down"))
-            elif isinstance(item, AdapterChange):
-                item.error = RequestError("the server is shutting down", status=503, type="server_error")
-                item.done.set()
+        if not self._thread.is_alive():  # else the worker refuses the rest when its batch ends
+            for item in self._held + _drain(self._queue):
+                _refuse(item)
 
     # -- adapters (called on the worker thread, or before it starts)
     def add_adapter(self, name: str, path: str | os.PathLike) -> None:
@@ -189,6 +189,9 @@ class Scheduler:
             self._gate.wait()
             if item is _STOP:
                 return
+            if self._closing:
+                _refuse(item)
+                continue
             if isinstance(item, AdapterChange):
                 self._change(item)
                 continue
@@ -294,3 +297,14 @@ def _strip_adapters(model) -> None:
             replace_module(model, name, module.base_layer)
         elif isinstance(module, ModulesToSave):
             replace_module(model, name, module.original_module)
+
+
+def _refuse(item) -> None:
+    """Answer a queued job or adapter change with a 503: the server is shutting down."""
+    error = RequestError("the server is shutting down; send the request to a running server", status=503,
+                         type="server_error", code="shutting_down")
+    if isinstance(item, Job):
+        item.fail(error)
+    elif isinstance(item, AdapterChange):
+        item.error = error
+        item.done.set()

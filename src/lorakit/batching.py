@@ -69,7 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit.errors import ConfigError
-from lorakit.inject import ModulesToSave
+from lorakit.inject import ModulesToSave, logical_modules
 from lorakit.layer import Adapter, LoraLayer
 from lorakit.variants import dora
 
@@ -83,23 +83,22 @@ _STACKS: "weakref.WeakKeyDictionary[LoraLayer, Stack]" = weakref.WeakKeyDictiona
 
 # --------------------------------------------------------------------------- the stack of one layer
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor keeps no version: never trust a cache of it
-        return None
-
-
 def _sources(layer: LoraLayer) -> tuple[list[torch.Tensor], tuple]:
-    """The tensors a layer's stack is built from, and a stamp that changes when any of them does."""
-    tensors, stamp = [], []
+    """The tensors a layer's stack is built from, and a stamp that changes when any of them does:
+    names, scales and variants, the tensors' versions (an in-place write bumps it) and addresses
+    (a new tensor, a move). Checked on every block entry, so kept to plain tuples."""
+    tensors, kinds = [], []
     for name, a in layer.adapters.items():
-        ts = [a.lora_A, a.lora_B]
-        if a.variant is not None:  # DoRA's c depends on m and on the base weight too
-            ts += [a.lora_magnitude_vector, layer.base_layer.weight]
-        tensors += ts
-        stamp.append((name, a.scaling, a.variant, tuple((_version(t), t.data_ptr(), t.dtype, t.device) for t in ts)))
-    return tensors, tuple(stamp)
+        if a.variant is None:
+            tensors += (a.lora_A, a.lora_B)
+        else:  # DoRA's c depends on m and on the base weight too
+            tensors += (a.lora_A, a.lora_B, a.lora_magnitude_vector, layer.base_layer.weight)
+        kinds.append((name, a.scaling, a.variant))
+    try:
+        versions = tuple(t._version for t in tensors)
+    except RuntimeError:  # an inference tensor keeps no version: never trust a cache of it
+        versions = None
+    return tensors, (tuple(kinds), versions, tuple(t.data_ptr() for t in tensors))
 
 
 class Stack:
@@ -141,9 +140,8 @@ class Stack:
     def fresh(self, layer: LoraLayer) -> bool:
         """Whether the layer's adapters are still exactly what the stack was built from."""
         tensors, stamp = _sources(layer)
-        return (stamp == self.stamp and len(tensors) == len(self.refs)
-                and all(ref() is t for ref, t in zip(self.refs, tensors))
-                and all(v is not None for entry in stamp for v, *_ in entry[3]))
+        return (stamp == self.stamp and stamp[1] is not None and len(tensors) == len(self.refs)
+                and all(ref() is t for ref, t in zip(self.refs, tensors)))
 
     def cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, Bt) in ``dtype`` (autocast's), cast once and kept."""
@@ -277,7 +275,7 @@ def _compute_dtype(x: torch.Tensor, stack: Stack) -> torch.dtype:
 
 # --------------------------------------------------------------------------- the block
 
-def _check(model: nn.Module, adapter_names, layers: list[LoraLayer]) -> list[str]:
+def _check(model: nn.Module, adapter_names, layers: list[LoraLayer], wrappers: list[ModulesToSave]) -> list[str]:
     """The names as a list, or one ConfigError naming every problem and its fix."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
         raise ConfigError(f"adapter_names must be a list with one adapter name per row of the batch, got "
@@ -311,8 +309,7 @@ def _check(model: nn.Module, adapter_names, layers: list[LoraLayer]) -> list[str
     if odd:
         problems.append(f"adapter variants {odd} have no mixed-batch forward; run them alone with set_adapter()")
     wanted = set(names) - {BASE}
-    whole = sorted({n for m in model.modules() if isinstance(m, ModulesToSave) for n in m.modules_to_save
-                    if n in wanted})
+    whole = sorted({n for m in wrappers for n in m.modules_to_save if n in wanted})
     if whole:
         problems.append(f"adapters {whole} train whole modules (modules_to_save), which have no per-row form "
                         "in lorakit's mixed batches; run them alone with set_adapter()")
@@ -327,12 +324,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], rows: int | None
     ``adapter_names[b]`` (``"__base__"``: the base model). ``model``: a `PeftModel` (or the model
     inside it) in eval mode. ``rows``: the batch size, when known, checked now (else at the first
     forward). See the module docstring for the math and what is refused."""
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    names = _check(model, adapter_names, layers)
+    found = [m for _, m in logical_modules(model)]  # LoRA layers and wrappers, not entered
+    layers = [m for m in found if isinstance(m, LoraLayer)]
+    wrappers = [m for m in found if isinstance(m, ModulesToSave)]
+    names = _check(model, adapter_names, layers, wrappers)
     if rows is not None and rows != len(names):
         raise ConfigError(f"adapter_names has {len(names)} names but the batch has {rows} rows; give "
                           f"exactly one adapter name per row ({BASE!r} for a row without an adapter)")
-    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSave)]
     saved = [(layer, layer.row_adapters) for layer in layers]
     saved_wrappers = [(m, m.disable_adapters) for m in wrappers]
     try:

@@ -247,3 +247,35 @@ def test_adalora_and_modules_to_save_are_refused():
     rows = ["a", BASE]  # other adapters still mix: the saved module's original is used for them
     ids = input_ids(batch=2)
     close(logits(model, ids, adapter_names=rows), per_row(model, rows, lambda: logits(model, ids)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_rows_using_scattered_adapters(monkeypatch, path):
+    """Rows on the first and last of five adapters: the dense path takes copies of those two
+    instead of a view of the whole run of slots."""
+    monkeypatch.setattr(batching, "DENSE_MAX", PATHS[path])
+    model = build()
+    for k in range(3):
+        model.add_adapter(f"q{k}", LoraConfig(r=2 + k, target_modules=["q_proj"], init_lora_weights=False))
+    rows = ["q2", "a", BASE, "q2"]
+    ids = input_ids(batch=len(rows))
+    close(logits(model.eval(), ids, adapter_names=rows), per_row(model, rows, lambda: logits(model, ids)))
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.adapters.keys() == {"a", "b", "q0", "q1", "q2"} and not q_proj.row_adapters
+    assert [rows.cols for rows in batching._STACKS[q_proj]._rows.values()] == [[1, 5]]
+
+
+def test_bf16_base_with_fp32_adapters():
+    """A bf16 model whose adapters stayed fp32 (autocast_adapter_dtype): the update is computed in
+    fp32, as each adapter alone computes it."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=SEVEN,
+                                                                     init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False))
+    model.eval()
+    layer = model.get_base_model().model.layers[0].mlp.down_proj
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.adapters["a"].lora_A.dtype == torch.float32
+    rows = ["b", "a", BASE]
+    ids = input_ids(batch=3)
+    mixed = logits(model, ids, adapter_names=rows)  # (B, T, vocab) bf16: equal up to one rounding
+    torch.testing.assert_close(mixed, per_row(model, rows, lambda: logits(model, ids)))

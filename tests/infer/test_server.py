@@ -3,6 +3,7 @@ greedy `generate` with each adapter alone, streaming, one batch for concurrent r
 adapters, adapters added and removed through the API, every refused request, and the server
 still answering after errors."""
 
+import http.client
 import json
 import shutil
 import signal
@@ -20,6 +21,7 @@ from lorakit.errors import ConfigError
 from lorakit.infer import chat_prompt_ids
 from lorakit.infer import scheduler as scheduler_module
 from lorakit.infer.server import load_server
+from lorakit.infer.textstream import TextStream
 from lorakit.model import PeftModel
 from lorakit.models import load_model
 
@@ -407,3 +409,36 @@ def test_lorakit_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir, adap
                 process.kill()
     assert process.returncode == 0, err
     assert out.strip() == "stopped"
+
+
+def test_one_connection_keeps_working_after_refused_requests(server):
+    """HTTP/1.1 keep-alive: a refused request's body is read and dropped, so the next request on
+    the same connection is answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        for path, body, status in [("/v1/nothing", OK, 404), ("/v1/completions", {"model": "zzz", "prompt": "x"}, 404),
+                                   ("/v1/completions", b"{broken", 400), ("/v1/completions", OK, 200),
+                                   ("/v1/completions", b"{" + b" " * 5000 + b"}", 413), ("/v1/completions", OK, 200)]:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            connection.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+            assert response.status == status, answer
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("text,stops", [("naïve café ☕ 日本語の文 🎉🎉 done", ()),
+                                        ("one, two; three: four. five", (": f", "!")),
+                                        ("abc abd abe", ("abe", "abd"))])
+def test_text_stream_pieces_join_to_the_cut_text(reference, text, stops):
+    tokenizer = reference.tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [2]
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    cuts = [whole.find(s) for s in stops if s in whole]
+    expected_text = whole[:min(cuts)] if cuts else whole
+    stream = TextStream(tokenizer, stops)
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == expected_text == stream.text
+    assert not any("\ufffd" in p for p in pieces)
+    assert stream.stopped == bool(cuts)

@@ -78,7 +78,7 @@ def register(subparsers) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 runs the forward passes under bf16 autocast")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
-    p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.add_argument("--quiet", action="store_true", help="do not log each batch and request")
     p.set_defaults(func=_serve)
 
 

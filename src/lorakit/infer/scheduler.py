@@ -97,6 +97,7 @@ class Scheduler:
         # so request threads read it without a lock
         self.adapters: dict[str, str] = {}
         self.batches: list[Batch] = []
+        self.on_batch: Callable[[Batch], None] | None = None  # told of each batch as it starts (logging)
         self._queue: queue.Queue = queue.Queue()
         self._held: list = []  # taken from the queue but left for the next batch
         self._gate = threading.Event()
@@ -238,7 +239,10 @@ class Scheduler:
         rows = [(job, row) for job in live for row in job.rows]
         requests = [Request(prompt_ids=row.prompt_ids, adapter=job.adapter, sampling=job.call.sampling)
                     for job, row in rows]
-        self.batches.append(Batch(len(live), len(rows), tuple(job.adapter for job in live)))
+        batch = Batch(len(live), len(rows), tuple(job.adapter for job in live))
+        self.batches.append(batch)
+        if self.on_batch is not None:
+            self.on_batch(batch)
 
         def on_token(index: int, token_id: int) -> None:
             job, row = rows[index]

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,6 +67,8 @@ class Server:
         self.limits = limits or Limits(max_prompts=scheduler.max_batch)
         self.max_body_bytes = max_body_bytes
         self.log_requests = log_requests
+        if log_requests:
+            scheduler.on_batch = self._log_batch
         self.created = int(time.time())
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
@@ -130,6 +133,10 @@ class Server:
         raise RequestError(f"the model {model!r} does not exist; served models: {', '.join(self.model_ids())} "
                            f"(or {BASE_ALIAS!r} for the base model)", status=404, param="model",
                            code="model_not_found")
+
+    def _log_batch(self, batch) -> None:
+        names = ", ".join(self.base_id if m is None else m for m in batch.models)
+        sys.stderr.write(f"batch: {batch.requests} requests, {batch.rows} rows ({names})\n")
 
     def card(self, model: str) -> dict:
         adapters = dict(self.scheduler.adapters)

@@ -76,7 +76,8 @@ def test_plain_model_equals_generate(models):
 def test_mixed_adapters_equal_each_adapter_alone(models):
     model, _, tokenizer = models
     adapters = ["a", None, "b", "a"]
-    out = generate_batch(model, tokenizer, [Request(p, a, Sampling(max_new_tokens=6)) for p, a in zip(PROMPTS, adapters)])
+    out = generate_batch(model, tokenizer,
+                         [Request(p, a, Sampling(max_new_tokens=6)) for p, a in zip(PROMPTS, adapters)])
     assert out == [alone(model, p, a) for p, a in zip(PROMPTS, adapters)]
     assert model.active_adapters == ["a"]
 
@@ -114,10 +115,12 @@ def test_top_k_1_is_greedy(models):
 
 def test_on_token_streams_every_token_in_order(models):
     model, _, tokenizer = models
-    requests = [Request(p, a, Sampling(max_new_tokens=n)) for p, a, n in zip(PROMPTS, ["a", None, "b", "a"], [2, 5, 4, 1])]
+    adapters, lengths = ["a", None, "b", "a"], [2, 5, 4, 1]
+    requests = [Request(p, a, Sampling(max_new_tokens=n)) for p, a, n in zip(PROMPTS, adapters, lengths)]
     seen = []
     out = generate_batch(model, tokenizer, requests, on_token=lambda i, t: seen.append((i, t)))
-    assert [len(o) for o in out] == [2, 5, 4, 1]
+    # rows leave the batch as they finish (the adapters of those left change): each is still itself alone
+    assert out == [alone(model, p, a, max_new_tokens=n) for p, a, n in zip(PROMPTS, adapters, lengths)]
     # step by step: every unfinished row's token of step s comes before any token of step s + 1
     expected = [(i, out[i][s]) for s in range(5) for i in range(4) if s < len(out[i])]
     assert seen == expected
@@ -153,6 +156,16 @@ def test_rows_stop_at_their_own_stop_token_or_eos(models):
         assert out[0] == alone(model, PROMPTS[1], "a", max_new_tokens=8) == full[:k + 1]
     finally:
         model.generation_config.eos_token_id = saved
+
+
+def test_autocast_equals_generate_under_the_same_autocast(models):
+    model, _, tokenizer = models
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    out = generate_batch(model, tokenizer, [Request(p, "a", Sampling(max_new_tokens=4)) for p in PROMPTS[:2]],
+                         autocast=bf16)
+    with bf16():
+        expected = [alone(model, p, "a", max_new_tokens=4) for p in PROMPTS[:2]]
+    assert out == expected
 
 
 def test_model_state_is_restored(models):

@@ -210,3 +210,20 @@ def test_bad_requests_name_every_problem(models):
     for field in ("temperature", "top_p", "top_k", "max_new_tokens", "seed"):
         assert field in str(err.value)
     assert generate_batch(model, tokenizer, []) == []
+
+
+def test_gpt2_learned_positions_and_conv1d_without_a_tokenizer():
+    """GPT-2: learned position embeddings (left padding must not shift them) and Conv1D adapters."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorakit import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                      bos_token_id=99, eos_token_id=99)).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                            init_lora_weights=False)).eval()
+    prompts = [[5, 17, 42], [8, 3, 77, 12, 61, 30, 9], [64]]
+    out = generate_batch(model, None, [Request(p, "default", Sampling(max_new_tokens=5)) for p in prompts])
+    assert out == [alone(model, p, "default", max_new_tokens=5) for p in prompts]
+    assert out != generate_batch(model, None, [Request(p, None, Sampling(max_new_tokens=5)) for p in prompts])

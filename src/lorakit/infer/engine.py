@@ -101,8 +101,9 @@ def generate_batch(model, tokenizer, requests: Sequence[Request], *,
     client that went away). A row's ids end with the token that stopped it (EOS or
     one of its ``stop_token_ids``, as transformers' ``generate`` keeps EOS) unless it ran
     to ``max_new_tokens``; `finish_reason` tells which. ``autocast``: a callable giving a
-    context manager for the forward passes (e.g. bf16 autocast). The model runs in eval mode
-    and is put back as it was, with its active adapters.
+    context manager for the forward passes (e.g. bf16 autocast). ``tokenizer`` gives the EOS and
+    padding ids (with the model's generation config); None: the model's alone. The model runs
+    in eval mode and is put back as it was, with its active adapters.
     """
     requests = list(requests)
     if not requests:

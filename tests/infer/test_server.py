@@ -21,7 +21,6 @@ from lorakit.errors import ConfigError
 from lorakit.infer import chat_prompt_ids
 from lorakit.infer import scheduler as scheduler_module
 from lorakit.infer.server import load_server
-from lorakit.infer.textstream import TextStream
 from lorakit.model import PeftModel
 from lorakit.models import load_model
 
@@ -426,19 +425,3 @@ def test_one_connection_keeps_working_after_refused_requests(server):
             assert response.status == status, answer
     finally:
         connection.close()
-
-
-@pytest.mark.parametrize("text,stops", [("naïve café ☕ 日本語の文 🎉🎉 done", ()),
-                                        ("one, two; three: four. five", (": f", "!")),
-                                        ("abc abd abe", ("abe", "abd"))])
-def test_text_stream_pieces_join_to_the_cut_text(reference, text, stops):
-    tokenizer = reference.tokenizer
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [2]
-    whole = tokenizer.decode(ids, skip_special_tokens=True)
-    cuts = [whole.find(s) for s in stops if s in whole]
-    expected_text = whole[:min(cuts)] if cuts else whole
-    stream = TextStream(tokenizer, stops)
-    pieces = [stream.push(i) for i in ids] + [stream.finish()]
-    assert "".join(pieces) == expected_text == stream.text
-    assert not any("\ufffd" in p for p in pieces)
-    assert stream.stopped == bool(cuts)

@@ -172,6 +172,17 @@ def test_streamed_completion_is_the_same_text_in_chunks(server, reference):
     assert use["choices"] == [] and use["usage"]["completion_tokens"] == len(tokens)
 
 
+def test_streamed_prompts_interleave_by_choice_index(server):
+    body = {"model": "b", "prompt": PROMPTS, "max_tokens": 6, "temperature": 0}
+    whole = call(server, "POST", "/v1/completions", body)[1]["choices"]
+    events = stream(server, "/v1/completions", body)[:-1]
+    for i, choice in enumerate(whole):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine][-1] == choice["finish_reason"]
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+
+
 def test_streamed_chat_sends_the_role_then_the_content(server, reference):
     ids = chat_prompt_ids(reference.tokenizer, "hello")
     tokens, text = expected(reference, None, ids, 10)

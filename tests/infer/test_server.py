@@ -251,6 +251,49 @@ def test_concurrent_requests_for_different_adapters_run_in_one_batch(server, ref
     assert results[2][1]["choices"][0]["message"]["content"] == expected(reference, "b", ids[2], 7)[1]
 
 
+def test_a_short_request_is_answered_while_its_batch_runs_on(server, reference, monkeypatch):
+    """The long request's row is held at its 4th token (after the short one's 2 tokens) until the
+    short answer has arrived: the short answer cannot have waited for the batch to end."""
+    real, release = scheduler_module.generate_batch, threading.Event()
+
+    def held(model, tokenizer, requests, *, on_token=None, autocast=None):
+        long_row = max(range(len(requests)), key=lambda i: requests[i].sampling.max_new_tokens)
+        count = [0]
+
+        def hold(i, token_id):
+            on_token(i, token_id)
+            count[0] += i == long_row
+            if i == long_row and count[0] == 4:
+                assert release.wait(60), "the short request was not answered while the batch ran"
+        return real(model, tokenizer, requests, on_token=hold, autocast=autocast)
+
+    monkeypatch.setattr(scheduler_module, "generate_batch", held)
+    long_ids = reference.tokenizer(PROMPTS[1])["input_ids"]
+    assert len(expected(reference, "b", long_ids, 12)[0]) > 4  # the long row reaches the token it is held at
+    results = {}
+    bodies = {"short": {"model": "a", "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0},
+              "long": {"model": "b", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0}}
+    threads = {k: threading.Thread(target=lambda k=k: results.__setitem__(k, call(server, "POST", "/v1/completions",
+                                                                                  bodies[k]))) for k in bodies}
+    scheduler, before = server.scheduler, server.scheduler.submitted
+    scheduler.pause()
+    try:
+        for t in threads.values():
+            t.start()
+        assert scheduler.wait_submitted(before + 2, timeout=60)
+    finally:
+        scheduler.resume()
+    threads["short"].join(timeout=60)
+    assert "short" in results and "long" not in results  # the long row is still held
+    release.set()
+    threads["long"].join(timeout=60)
+    assert scheduler.batches[-1].requests == 2
+    for key, name in [("short", "a"), ("long", "b")]:
+        ids = reference.tokenizer(bodies[key]["prompt"])["input_ids"]
+        text = expected(reference, name, ids, bodies[key]["max_tokens"])[1]
+        assert results[key][0] == 200 and results[key][1]["choices"][0]["text"] == text
+
+
 # -- adapters through the API
 def test_adapters_are_added_and_removed_through_the_api(tiny_model_dir, adapter_dirs, reference, tmp_path):
     """Starting with no adapter: the first one added wraps the base model, removing the last one

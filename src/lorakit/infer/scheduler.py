@@ -5,10 +5,11 @@ and `AdapterChange`s on a queue. The worker takes the first item and everything 
 behind it, up to ``max_batch`` rows, and runs the rows together with
 `lorakit.infer.engine.generate_batch`, each row with its own adapter and sampling. Each token
 is routed back to its job as it is produced (a job's ``events`` queue), so streaming clients
-see text while the batch is still running. Adapter changes are applied by the same thread
-between batches, so a batch never sees the model change under it; a change queued behind jobs
-runs after them. An exception inside generation fails that batch's jobs only (their handlers
-answer 500) and the worker takes the next batch.
+see text while the batch is still running, and a job is answered as soon as its own rows end
+(at EOS, a stop token or string, or ``max_new_tokens``), not when the batch ends. Adapter
+changes are applied by the same thread between batches, so a batch never sees the model change
+under it; a change queued behind jobs runs after them. An exception inside generation fails
+that batch's unanswered jobs only (their handlers answer 500) and the worker takes the next batch.
 
 ``batches`` records each batch (how many requests and rows, for which models), so a test or an
 operator can see that concurrent requests were served together. ``pause`` / ``resume`` hold the
@@ -40,6 +41,8 @@ class Row:
 
     prompt_ids: list[int]
     stream: TextStream
+    ids: list[int] = field(default_factory=list)  # the generated tokens, as the engine reports them
+    done: bool = False  # ended: its text and finish_reason are final
     finish_reason: str | None = None
     completion_tokens: int = 0
 
@@ -55,6 +58,7 @@ class Job:
     stream: bool
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False  # the client went away: stop sending it text
+    answered: bool = False  # "done" was sent (every row ended), maybe before the batch ended
 
     @classmethod
     def from_call(cls, call: Call, adapter: str | None, tokenizer) -> "Job":
@@ -210,7 +214,7 @@ class Scheduler:
             try:
                 self._run_batch(jobs)
             except Exception as err:  # a bug outside generation: fail these requests, keep serving
-                for job in jobs:
+                for job in (j for j in jobs if not j.answered):
                     job.fail(RequestError(f"the server failed on this batch: {type(err).__name__}: {err}",
                                           status=500, type="server_error", code="internal_error"))
 
@@ -244,41 +248,51 @@ class Scheduler:
         if self.on_batch is not None:
             self.on_batch(batch)
 
+        eos = eos_token_ids(self.model, self.tokenizer)
+
         def on_token(index: int, token_id: int) -> None:
             job, row = rows[index]
-            piece = row.stream.push(token_id)
-            if piece and job.stream and not job.cancelled:
-                job.events.put(("text", row, piece))
+            if row.done:  # cut by a stop string: the engine goes on, the answer is complete
+                return
+            row.ids.append(token_id)
+            self._send(job, row, row.stream.push(token_id))
+            sampling = job.call.sampling
+            if row.stream.stopped or token_id in eos or token_id in sampling.stop_token_ids \
+                    or len(row.ids) >= sampling.max_new_tokens:  # the engine's end of a row, or a stop string
+                self._finish_row(job, row, eos)
 
         try:
             outputs = generate_batch(self.model, self.tokenizer, requests, on_token=on_token,
                                      autocast=self.autocast)
-        except Exception as err:  # this batch's requests fail; the worker goes on
+        except Exception as err:  # the requests not yet answered fail; the worker goes on
             detail = f"{type(err).__name__}: {err}" if not isinstance(err, LorakitError) else str(err)
             for job in live:
-                job.fail(RequestError(f"generation failed: {detail}", status=500, type="server_error",
-                                      code="generation_failed"))
+                if not job.answered:
+                    job.fail(RequestError(f"generation failed: {detail}", status=500, type="server_error",
+                                          code="generation_failed"))
             return
-        for (job, row), ids in zip(rows, outputs):
-            self._finish_row(job, row, list(ids))
-        for job in live:
-            job.events.put(("done", None, None))
+        for (job, row), ids in zip(rows, outputs):  # what on_token did not see or end
+            if not row.done:
+                for token_id in list(ids)[len(row.ids):]:
+                    row.ids.append(token_id)
+                    self._send(job, row, row.stream.push(token_id))
+                self._finish_row(job, row, eos)
 
-    def _finish_row(self, job: Job, row: Row, ids: list[int]) -> None:
-        """Take the tokens ``on_token`` did not see (an engine may report some only at the end),
-        release the held-back text, and say why the row ended."""
-        stream = row.stream
-        for token_id in ids[len(stream.ids):]:
-            piece = stream.push(token_id)
-            if piece and job.stream and not job.cancelled:
-                job.events.put(("text", row, piece))
-        piece = stream.finish()
+    def _send(self, job: Job, row: Row, piece: str) -> None:
         if piece and job.stream and not job.cancelled:
             job.events.put(("text", row, piece))
-        row.completion_tokens = len(stream.ids)
-        ended = finish_reason(ids, Request(row.prompt_ids, job.adapter, job.call.sampling),
-                              eos_token_ids(self.model, self.tokenizer))
-        row.finish_reason = "stop" if stream.stopped else ended
+
+    def _finish_row(self, job: Job, row: Row, eos: set[int]) -> None:
+        """Release the row's held-back text and say why it ended; answer the job when it was the
+        job's last row, so a short request does not wait for the rest of its batch."""
+        self._send(job, row, row.stream.finish())
+        row.completion_tokens = len(row.stream.ids)
+        ended = finish_reason(row.ids, Request(row.prompt_ids, job.adapter, job.call.sampling), eos)
+        row.finish_reason = "stop" if row.stream.stopped else ended
+        row.done = True
+        if all(r.done for r in job.rows) and not job.answered:
+            job.answered = True
+            job.events.put(("done", None, None))
 
 
 def _drain(q: queue.Queue) -> list:

@@ -83,13 +83,13 @@ def _stream(app: Server, h: "_Handler", job: Job, rid: str, event: tuple) -> Non
             if kind == "text":
                 h.send_event(api.chat_chunk(rid, created, call.model, {"content": piece}, None) if chat else
                              api.completion_chunk(rid, created, call.model, index[id(row)], piece, None))
+            elif kind == "finish":  # this choice is complete (the others may go on)
+                h.send_event(api.chat_chunk(rid, created, call.model, {}, row.finish_reason) if chat else
+                             api.completion_chunk(rid, created, call.model, index[id(row)], "", row.finish_reason))
             elif kind == "error":
                 h.send_event(row.body())  # the RequestError
                 break
-            else:  # done
-                for i, r in enumerate(job.rows):
-                    h.send_event(api.chat_chunk(rid, created, call.model, {}, r.finish_reason) if chat else
-                                 api.completion_chunk(rid, created, call.model, i, "", r.finish_reason))
+            else:  # done: every choice is complete
                 if call.include_usage:
                     use = api.usage(sum(len(r.prompt_ids) for r in job.rows),
                                     sum(r.completion_tokens for r in job.rows))

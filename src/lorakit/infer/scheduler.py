@@ -49,8 +49,9 @@ class Row:
 
 @dataclass
 class Job:
-    """One HTTP request's generation. ``events`` receives, in order: ``("text", row, piece)``
-    while streaming, then ``("done", None, None)`` or ``("error", RequestError, None)``."""
+    """One HTTP request's generation. ``events`` receives, in order: when streaming,
+    ``("text", row, piece)`` for each piece of a row's text and ``("finish", row, None)`` when the
+    row ends; then ``("done", None, None)`` once every row ended, or ``("error", RequestError, None)``."""
 
     call: Call
     adapter: str | None  # None: the base model
@@ -290,6 +291,8 @@ class Scheduler:
         ended = finish_reason(row.ids, Request(row.prompt_ids, job.adapter, job.call.sampling), eos)
         row.finish_reason = "stop" if row.stream.stopped else ended
         row.done = True
+        if job.stream:
+            job.events.put(("finish", row, None))
         if all(r.done for r in job.rows) and not job.answered:
             job.answered = True
             job.events.put(("done", None, None))

@@ -233,21 +233,21 @@ class LayerRows:
         if self.base_only or layer.disable_adapters:
             return result
         x3 = self.rows_of(x, "input")  # (B, T, in)
-        y = self.rows_of(result, "output")  # (B, T, out)
         dtype = _compute_dtype(x, self.stack)
         x3 = x3.to(dtype)
-        tokens = x3.shape[1]
+        y = self.rows_of(result, "output").to(dtype)  # (B, T, out): base(x)
+        n_rows, tokens, n_out = y.shape
         if len(self.cols) == 1 or tokens * len(self.cols) <= DENSE_MAX:
             a_u, bt_u, mask = self.dense(dtype)
             h = x3 @ a_u.T  # (B, T, U R)
             if mask is not None:
                 h = h * mask  # (B, T, U R): row b keeps its adapter's R columns
-            lora = h @ bt_u  # (B, T, out)
+            y = torch.addmm(y.reshape(-1, n_out), h.reshape(-1, h.shape[-1]), bt_u)  # (B T, out): + lora
+            y = y.view(n_rows, tokens, n_out)
         else:
             a, bt = self.stack.cast(dtype)
             h = torch.bmm(x3, a.index_select(0, self.slots).transpose(1, 2))  # (B, T, R)
-            lora = torch.bmm(h, bt.index_select(0, self.slots))  # (B, T, out)
-        y = y.to(dtype) + lora  # (B, T, out)
+            y = torch.baddbmm(y, h, bt.index_select(0, self.slots))  # (B, T, out): + lora
         if self.stack.c_minus_1 is not None:  # DoRA rows: + (c - 1) * (base(x) - bias + lora)
             bias = layer.base_layer.bias
             c1 = self.stack.c_minus_1.index_select(0, self.slots).unsqueeze(1).to(dtype)  # (B, 1, out)
@@ -264,8 +264,8 @@ class LayerRows:
         a, bt = self.stack.cast(dtype)
         vocab = a.shape[1]
         h = F.embedding(ids2 + self.slots[:, None] * vocab, a.view(-1, a.shape[-1]))  # (B, T, R)
-        lora = torch.bmm(h, bt.index_select(0, self.slots))  # (B, T, dim)
-        y = self.rows_of(result, "output").to(dtype) + lora
+        y = self.rows_of(result, "output").to(dtype)  # (B, T, dim): E[ids]
+        y = torch.baddbmm(y, h, bt.index_select(0, self.slots))  # (B, T, dim): + lora
         return y.to(result.dtype).view(result.shape)
 
 

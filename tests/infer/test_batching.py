@@ -151,19 +151,28 @@ def test_own_decode_loop_inside_mixed_batch(monkeypatch):
         mixed = loop()
     close(mixed, per_row(model, rows, loop))
     assert all(layer.row_adapters is None for _, layer in lora_layers(model.get_base_model()))
+    with mixed_batch(model.get_base_model(), rows):  # the model inside the PeftModel works the same
+        torch.testing.assert_close(loop(), mixed, rtol=0, atol=0)
 
 
 def test_same_as_peft_adapter_names(tmp_path):
-    """The same adapter files loaded in PEFT and in lorakit: ``adapter_names`` gives the same logits."""
+    """The same adapter files loaded in PEFT and in lorakit: ``adapter_names`` gives the same
+    logits in forward and the same greedy tokens and step logits in generate."""
     build().save_pretrained(tmp_path, save_embedding_layers=False)  # a, b, c each in its own folder
     ids = input_ids(batch=len(ROWS))
-    outputs = []
+    outputs, generated = [], []
     for lib in (peft, lorakit):
         model = lib.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"), adapter_name="a")
         for name in ("b", "c"):
             model.load_adapter(str(tmp_path / name), adapter_name=name)
         outputs.append(logits(model.eval(), ids, adapter_names=ROWS))
+        with torch.no_grad():
+            generated.append(model.generate(input_ids=ids, adapter_names=ROWS, max_new_tokens=5, min_new_tokens=5,
+                                            do_sample=False, pad_token_id=0, output_logits=True,
+                                            return_dict_in_generate=True))
     close(outputs[1], outputs[0])
+    assert torch.equal(generated[1].sequences, generated[0].sequences)
+    close(torch.stack(generated[1].logits, 1), torch.stack(generated[0].logits, 1))
 
 
 def test_stack_is_reused_and_follows_weight_changes():
@@ -279,3 +288,16 @@ def test_bf16_base_with_fp32_adapters():
     ids = input_ids(batch=3)
     mixed = logits(model, ids, adapter_names=rows)  # (B, T, vocab) bf16: equal up to one rounding
     torch.testing.assert_close(mixed, per_row(model, rows, lambda: logits(model, ids)))
+
+
+def test_sampled_sequences_repeat_each_rows_adapter():
+    """num_return_sequences: transformers repeats each prompt, and its adapter name goes with it."""
+    model = build()
+    rows = ["a", BASE, "c"]
+    ids = input_ids(batch=3)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, adapter_names=rows, do_sample=True, num_return_sequences=2,
+                             max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
+    assert out.shape == (6, ids.shape[1] + 3) and torch.equal(out[::2, :ids.shape[1]], ids)
+    assert batching.names_for_generate(model.get_base_model(), rows, (), {"input_ids": ids, "num_beams": 3}) == \
+        ["a"] * 3 + [BASE] * 3 + ["c"] * 3

@@ -242,12 +242,13 @@ class LayerRows:
             h = x3 @ a_u.T  # (B, T, U R)
             if mask is not None:
                 h = h * mask  # (B, T, U R): row b keeps its adapter's R columns
-            y = torch.addmm(y.reshape(-1, n_out), h.reshape(-1, h.shape[-1]), bt_u)  # (B T, out): + lora
+            # in place onto base(x) (a fresh output no one saved): no second tensor of its size
+            y = y.reshape(-1, n_out).addmm_(h.reshape(-1, h.shape[-1]), bt_u)  # (B T, out): + lora
             y = y.view(n_rows, tokens, n_out)
         else:
             a, bt = self.stack.cast(dtype)
             h = torch.bmm(x3, a.index_select(0, self.slots).transpose(1, 2))  # (B, T, R)
-            y = torch.baddbmm(y, h, bt.index_select(0, self.slots))  # (B, T, out): + lora
+            y = y.baddbmm_(h, bt.index_select(0, self.slots))  # (B, T, out): + lora, in place
         if self.stack.c_minus_1 is not None:  # DoRA rows: + (c - 1) * (base(x) - bias + lora)
             bias = layer.base_layer.bias
             c1 = self.stack.c_minus_1.index_select(0, self.slots).unsqueeze(1).to(dtype)  # (B, 1, out)

@@ -251,16 +251,19 @@ class Scheduler:
 
         eos = eos_token_ids(self.model, self.tokenizer)
 
-        def on_token(index: int, token_id: int) -> None:
+        def on_token(index: int, token_id: int) -> bool:
+            """Route a token to its request; False tells the engine to drop the row (its answer
+            is complete: a stop string, or the client went away)."""
             job, row = rows[index]
-            if row.done:  # cut by a stop string: the engine goes on, the answer is complete
-                return
+            if row.done or job.cancelled:
+                return False
             row.ids.append(token_id)
             self._send(job, row, row.stream.push(token_id))
             sampling = job.call.sampling
             if row.stream.stopped or token_id in eos or token_id in sampling.stop_token_ids \
                     or len(row.ids) >= sampling.max_new_tokens:  # the engine's end of a row, or a stop string
                 self._finish_row(job, row, eos)
+            return not row.done
 
         try:
             outputs = generate_batch(self.model, self.tokenizer, requests, on_token=on_token,

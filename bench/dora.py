@@ -11,7 +11,7 @@ forward, loss, backward, optimizer step, zero_grad) with ``use_dora=True``. Conf
 
 Each config runs in its own process, rounds interleave the configs, the step time is the median
 of all timed steps (after --warmup untimed ones). The timing, FLOP counting, summary and table
-are bench/train_step.py's own functions; only the model building differs. Writes --json.
+are bench/train_step.py's own functions, the step built with use_dora=True. Writes --json.
 
     python bench/dora.py                                                   # the benchmark
     python bench/dora.py --batch 1 --seq 64 --steps 2 --warmup 0 --rounds 1 --matmul-reps 2  # smoke
@@ -48,59 +48,6 @@ def parse_args(argv=None):
     return args
 
 
-def build_step(config: str, args, device: torch.device):
-    """(step function returning the loss, precision, label tokens) for one DoRA config."""
-    import lorakit
-    from lorakit.models import load_tokenizer, resolve_model_dir
-    from lorakit.train.fast import make_optimizer
-
-    batch = train_step.fixed_batch(load_tokenizer(train_step.MODEL), args.batch, args.seq, device)
-    lora = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=train_step.TARGETS,
-                task_type="CAUSAL_LM", use_dora=True)
-    precision = config.rsplit("-", 1)[1]
-    if config.startswith("lorakit"):
-        from lorakit.train.evaluate import loss_sum
-        from lorakit.train.fast import speed_up
-        from lorakit.train.loop import autocast_for
-
-        autocast = autocast_for(precision, device)
-        model, _ = lorakit.models.load_model(
-            train_step.MODEL, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-        torch.manual_seed(0)
-        model = lorakit.get_peft_model(model, lorakit.LoraConfig(**lora))
-        speed_up(model)
-
-        def loss_of_batch():
-            with autocast():
-                loss, n = loss_sum(model, batch)
-            return loss / n
-    else:
-        import peft
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(train_step.MODEL),
-                                                     dtype=torch.float32).to(device)
-        torch.manual_seed(0)
-        model = peft.get_peft_model(model, peft.LoraConfig(**lora))
-
-        def loss_of_batch():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"]).loss
-
-    model.train()
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-
-    def step() -> torch.Tensor:
-        loss = loss_of_batch()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step, precision, int((batch["labels"][:, 1:] != -100).sum())
-
-
 def spawn(worker: str, args) -> dict:
     """Run ``--worker`` of this script in a fresh process; its last stdout line is its JSON."""
     cmd = [sys.executable, __file__, *args.argv, "--worker", worker]
@@ -119,8 +66,7 @@ def main(argv=None) -> None:
         print(json.dumps(train_step.matmul_peak(args)))
         return
     if args.worker:
-        train_step.build_step = build_step  # run_config times what build_step builds: DoRA's
-        print(json.dumps(train_step.run_config(args.worker, args)))
+        print(json.dumps(train_step.run_config(args.worker, args, use_dora=True)))
         return
 
     peaks = spawn("matmul", args)

@@ -100,22 +100,23 @@ def fixed_batch(tokenizer, batch: int, seq: int, device: torch.device) -> dict[s
             "labels": targets.to(device)}
 
 
-def build_step(config: str, args, device: torch.device):
+def build_step(config: str, args, device: torch.device, **lora_extra):
     """(step function returning the loss, precision, label tokens) for one config; model and
-    optimizer live inside the step function."""
+    optimizer live inside the step function. ``lora_extra``: more LoraConfig fields for both
+    libraries (bench/dora.py passes use_dora=True)."""
     import lorakit
     from lorakit.models import load_tokenizer, resolve_model_dir
     from lorakit.train.fast import make_optimizer
 
     batch = fixed_batch(load_tokenizer(MODEL), args.batch, args.seq, device)
     lora = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
-                task_type="CAUSAL_LM")
+                task_type="CAUSAL_LM", **lora_extra)
     if config.startswith("lorakit"):
         from lorakit.train.evaluate import loss_sum
         from lorakit.train.fast import speed_up
         from lorakit.train.loop import autocast_for, resolve_precision
 
-        precision = "fp32" if config == "lorakit-fp32" else resolve_precision("auto", device)
+        precision = {"lorakit-fp32": "fp32", "lorakit-bf16": "bf16"}.get(config) or resolve_precision("auto", device)
         autocast = autocast_for(precision, device)
         model, _ = lorakit.models.load_model(
             MODEL, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -155,10 +156,10 @@ def build_step(config: str, args, device: torch.device):
     return step, precision, int((batch["labels"][:, 1:] != -100).sum())
 
 
-def run_config(config: str, args) -> dict:
+def run_config(config: str, args, **lora_extra) -> dict:
     """Warm-up, timed steps, then one counted step; what one worker process prints."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step, precision, label_tokens = build_step(config, args, device)
+    step, precision, label_tokens = build_step(config, args, device, **lora_extra)
     losses, times = [], []
     for i in range(args.warmup + args.steps):
         sync(device)

@@ -38,7 +38,7 @@ from machine import machine  # bench/machine.py
 
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIGS = ("lorakit", "lorakit-fp32", "peft-bf16", "peft-fp32")
+CONFIGS = ("lorakit", "lorakit-fp32", "lorakit-bf16", "peft-bf16", "peft-fp32")
 MATMUL_SHAPES = [(2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (2048, 2048, 2048), (4096, 4096, 4096)]
 
 # torch's FlopCounterMode knows the CUDA attention kernels but not the CPU one; for it we count
@@ -62,12 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--rounds", type=int, default=2, help="times every config's worker is run, interleaved")
     p.add_argument("--configs", default="lorakit,peft-bf16,peft-fp32", help=f"comma list of {', '.join(CONFIGS)}")
-    p.add_argument("--json", default="bench/results/train_step.json")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora=True) in both libraries")
+    p.add_argument("--json", default=None, help="default bench/results/train_step.json (dora.json with --dora)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--matmul-reps", type=int, default=10, help="timed repetitions per matmul shape")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.json = args.json or f"bench/results/{'dora' if args.dora else 'train_step'}.json"
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -274,7 +276,7 @@ def main(argv=None) -> None:
         print(json.dumps(matmul_peak(args)))
         return
     if args.worker:
-        print(json.dumps(run_config(args.worker, args)))
+        print(json.dumps(run_config(args.worker, args, **({"use_dora": True} if args.dora else {}))))
         return
 
     peaks = spawn("matmul", args)

@@ -26,14 +26,19 @@ BASE = "base"
 """The base model's column name (``include_base``); no adapter may take it then."""
 
 
-def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
+def parse_adapter_specs(specs: Sequence[str], *, lone_dir: bool = False) -> list[tuple[str, Path]]:
     """``["A=runs/a/adapter", ...]`` -> ``[("A", Path("runs/a/adapter")), ...]``; malformed specs,
-    bad names and repeated names are reported together in one ConfigError."""
+    bad names and repeated names are reported together in one ConfigError. ``lone_dir``: one
+    bare ``DIR`` alone is accepted too, named "default" as PEFT names a lone adapter."""
+    specs = list(specs or [])
+    if lone_dir and len(specs) == 1 and "=" not in specs[0] and specs[0].strip():
+        return [("default", Path(specs[0].strip()))]
+    hint = "; a bare DIR works only for a lone adapter" if lone_dir else ""
     pairs, problems = [], []
     for spec in specs:
         name, sep, directory = spec.partition("=")
         if not sep or not name.strip() or not directory.strip():
-            problems.append(f"{spec!r} is not NAME=DIR (write e.g. --adapter tuned=runs/x/adapter)")
+            problems.append(f"{spec!r} is not NAME=DIR (write e.g. --adapter tuned=runs/x/adapter{hint})")
             continue
         pairs.append((name.strip(), Path(directory.strip())))
     if problems:

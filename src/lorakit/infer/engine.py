@@ -32,12 +32,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from lorakit.batching import BASE, mixed_batch
 from lorakit.errors import ConfigError
 
-__all__ = ["Sampling", "Request", "generate_batch", "warp_logits", "eos_token_ids", "finish_reason", "BASE"]
+__all__ = ["Sampling", "Request", "generate_batch", "warp_logits", "eos_token_ids", "finish_reason", "left_pad", "BASE"]
 
-BASE = "__base__"
-"""PEFT's name for a row without an adapter (``adapter_names``); a Request's ``adapter=None``."""
 
 
 @dataclass
@@ -115,7 +114,7 @@ def generate_batch(model, tokenizer, requests: Sequence[Request], *,
     stops = [eos | set(r.sampling.stop_token_ids) for r in requests]
     generators = [_generator(r.sampling.seed, device) for r in requests]
 
-    ids, mask = _left_pad([r.prompt_ids for r in requests], pad)  # (B, T), (B, T)
+    ids, mask = left_pad([r.prompt_ids for r in requests], pad)  # (B, T), (B, T)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each prompt at 0..len-1
     cache_arg, extra = _forward_arguments(model)
@@ -216,7 +215,7 @@ def _next_tokens(logits: torch.Tensor, settings: list[Sampling], generators: lis
     return tokens
 
 
-def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), both (B, longest): each prompt right-aligned, padding on the left."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -291,8 +290,6 @@ def _adapters(model, names: list[str | None]):
         with _only(model, rows[0]):
             yield
     else:
-        from lorakit.batching import mixed_batch
-
         with mixed_batch(model, rows, rows=len(rows)):
             yield
 

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from lorakit.config import LoraConfig
+from lorakit.infer.engine import left_pad
 from lorakit.model import PeftModel
 from lorakit.models import load_model
 
@@ -61,13 +62,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[list[int]], *, max_new_to
     stop = [tokenizer.eos_token_id] + (newline_token_ids(tokenizer) if one_line else [])
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            p = prompts[i]
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad([prompts[i] for i in chunk], pad)  # (B, width) each
+        width = ids.shape[1]
         with autocast() if autocast else contextlib.nullcontext():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False,

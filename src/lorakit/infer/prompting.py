@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from lorakit.errors import ConfigError
+from lorakit.infer.compare import _check_adapters, _common_base, parse_adapter_specs
 from lorakit.infer.engine import Request, Sampling, eos_token_ids, finish_reason, generate_batch
 from lorakit.infer.generate import chat_prompt_ids
 from lorakit.infer.textstream import TextStream
@@ -41,20 +42,7 @@ class Completion:
 def parse_adapters(specs: Sequence[str]) -> list[tuple[str, Path]]:
     """``--adapter`` values: ``NAME=DIR`` each, or one bare ``DIR`` alone, named "default" as
     PEFT names a lone adapter. Every malformed value is reported in one ConfigError."""
-    specs = list(specs or [])
-    if len(specs) == 1 and "=" not in specs[0] and specs[0].strip():
-        return [("default", Path(specs[0].strip()))]
-    pairs, problems = [], []
-    for spec in specs:
-        name, sep, directory = spec.partition("=")
-        if not sep or not name.strip() or not directory.strip():
-            problems.append(f"{spec!r} is not NAME=DIR (write e.g. --adapter tuned=runs/x/adapter; "
-                            "a bare DIR works only for a lone adapter)")
-            continue
-        pairs.append((name.strip(), Path(directory.strip())))
-    if problems:
-        raise ConfigError("--adapter: " + "; ".join(problems))
-    return pairs
+    return parse_adapter_specs(specs, lone_dir=True)
 
 
 def assign_prompts(prompts: Sequence[str | tuple[str, str]], adapters: Sequence[str]) -> list[tuple[str, str]]:
@@ -85,7 +73,6 @@ def load_with_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mappi
     """``(model, tokenizer)``: the base model (``model``, else the adapters' common
     ``base_model_name_or_path``, else smollm2-135m) loaded once, with each adapter loaded onto
     it under its name; frozen and in eval mode. Without adapters, the plain base model."""
-    from lorakit.infer.compare import _check_adapters, _common_base
     from lorakit.model import PeftModel
     from lorakit.models import load_model
 

@@ -23,6 +23,7 @@ from lorakit.variants import dora
 __all__ = [
     "ModulesToSave", "logical_modules", "resolve_targets", "inject_adapter", "mark_trainable",
     "count_parameters", "lora_layers", "pattern_value", "replace_module", "name_matches", "layer_index_ok",
+    "match_targets", "wrap_modules_to_save",
 ]
 
 # PEFT's defaults when target_modules is None, by `model.config.model_type`.
@@ -190,7 +191,7 @@ def pattern_value(patterns: dict, name: str, default):
     return best
 
 
-def _match_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def match_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     targets = config.target_modules
     found, hit_entries = [], set()
     for name, module in logical_modules(model):
@@ -237,7 +238,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
         from lorakit.variants.adalora.layer import inject_adalora
         return inject_adalora(model, config, adapter_name, autocast_adapter_dtype)
     config = resolve_targets(model, config)
-    found = _match_targets(model, config)
+    found = match_targets(model, config)
     if config.use_dora:
         dora.check_targets(found)  # before anything is wrapped
     for name, module in found:
@@ -262,11 +263,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
         )
         if config.use_dora:  # after the init, which may change W (PiSSA, OLoRA)
             dora.add_magnitude(layer, adapter_name)
-    _wrap_modules_to_save(model, config, adapter_name)
+    wrap_modules_to_save(model, config, adapter_name)
     return config
 
 
-def _wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     wanted = list(dict.fromkeys(config.modules_to_save or ()))
     if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
         wanted += [h for h in CLASSIFIER_HEADS if h not in wanted]

@@ -11,10 +11,10 @@ import torch
 from ..errors import ConfigError
 from .encode import IGNORE_INDEX, Example
 
-__all__ = ["Collator", "length_grouped_batches"]
+__all__ = ["Collator", "length_grouped_batches", "example_fields"]
 
 
-def _fields(item: Example | Mapping) -> tuple[Sequence[int], Sequence[int]]:
+def example_fields(item: Example | Mapping) -> tuple[Sequence[int], Sequence[int]]:
     if isinstance(item, Mapping):
         return item["input_ids"], item["labels"]
     return item.input_ids, item.labels
@@ -33,7 +33,7 @@ class Collator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, batch: Sequence[Example | Mapping]) -> dict[str, torch.Tensor]:
-        pairs = [_fields(item) for item in batch]
+        pairs = [example_fields(item) for item in batch]
         width = max(len(ids) for ids, _ in pairs)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.family import in_llama_family, unwrap
-from .collate import _fields
+from .collate import example_fields
 from .encode import IGNORE_INDEX, Example
 
 __all__ = ["PackingCollator", "real_token_count", "supports_packing"]
@@ -77,7 +77,7 @@ class PackingCollator:
             raise ConfigError(f"pack_length={self.pack_length!r}: must be a positive integer, e.g. 512, or None")
 
     def __call__(self, batch: Sequence[Example | Mapping]) -> dict[str, torch.Tensor]:
-        pairs = [_fields(item) for item in batch]
+        pairs = [example_fields(item) for item in batch]
         lengths = [len(ids) for ids, _ in pairs]
         rows = first_fit_decreasing(lengths, max(self.pack_length or 0, *lengths))
         width = max(sum(lengths[i] for i in row) for row in rows)

@@ -20,7 +20,7 @@ from lorakit import io
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError, LorakitError
 
-__all__ = ["parse_adapter_specs", "compare_adapters", "Comparison", "ModelScore", "Disagreement", "BASE"]
+__all__ = ["parse_adapter_specs", "compare_adapters", "Comparison", "ModelScore", "Disagreement", "BASE", "check_adapters", "common_base"]
 
 BASE = "base"
 """The base model's column name (``include_base``); no adapter may take it then."""
@@ -140,8 +140,8 @@ def compare_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mapping
     from lorakit.train.evaluate import SCORERS, heldout_loss, score_examples, scorer_for, split_prompt
 
     pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
-    configs = _check_adapters(pairs, include_base)
-    base_name = model or _common_base(configs) or "smollm2-135m"
+    configs = check_adapters(pairs, include_base)
+    base_name = model or common_base(configs) or "smollm2-135m"
 
     base, tokenizer = load_model(base_name)
     (first, first_dir), *others = pairs
@@ -180,7 +180,7 @@ def compare_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mapping
     return Comparison(str(data), len(heldout), str(base_name), scores, disagreements)
 
 
-def _check_adapters(pairs: list[tuple[str, str | os.PathLike]], include_base: bool) -> dict[str, LoraConfig]:
+def check_adapters(pairs: list[tuple[str, str | os.PathLike]], include_base: bool) -> dict[str, LoraConfig]:
     """Every problem with the names and directories, in one error; the adapters' configs."""
     if not pairs:
         raise ConfigError("compare needs at least one adapter (--adapter NAME=DIR)")
@@ -204,7 +204,7 @@ def _check_adapters(pairs: list[tuple[str, str | os.PathLike]], include_base: bo
     return {name: LoraConfig.from_pretrained(directory) for name, directory in pairs}
 
 
-def _common_base(configs: dict[str, LoraConfig]) -> str | None:
+def common_base(configs: dict[str, LoraConfig]) -> str | None:
     """The one base model the adapters name (paths compared after resolving), or raise."""
     from lorakit.models import resolve_model_dir
 

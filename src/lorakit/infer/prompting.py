@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from lorakit.errors import ConfigError
-from lorakit.infer.compare import _check_adapters, _common_base, parse_adapter_specs
+from lorakit.infer.compare import check_adapters, common_base, parse_adapter_specs
 from lorakit.infer.engine import Request, Sampling, eos_token_ids, finish_reason, generate_batch
 from lorakit.infer.generate import chat_prompt_ids
 from lorakit.infer.textstream import TextStream
@@ -82,8 +82,8 @@ def load_with_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mappi
         return base.eval(), tokenizer
     if any(name == BASE for name, _ in pairs):
         raise ConfigError(f"the adapter name {BASE!r} means the base model in --prompt-for; rename the adapter")
-    configs = _check_adapters(pairs, include_base=False)
-    base, tokenizer = load_model(model or _common_base(configs) or "smollm2-135m")
+    configs = check_adapters(pairs, include_base=False)
+    base, tokenizer = load_model(model or common_base(configs) or "smollm2-135m")
     (first, first_dir), *others = pairs
     peft_model = PeftModel.from_pretrained(base, first_dir, adapter_name=first)
     for name, directory in others:

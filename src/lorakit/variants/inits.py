@@ -157,11 +157,11 @@ def check_targets(model, config) -> None:
     layer never leaves the model half initialised; one ConfigError lists them all."""
     if not uses_base_weight(config.init_lora_weights):
         return
-    from lorakit.inject import _match_targets, pattern_value, resolve_targets  # inject imports layer
+    from lorakit.inject import match_targets, pattern_value, resolve_targets  # inject imports layer
 
     config = resolve_targets(model, config)
     problems = []
-    for name, module in _match_targets(model, config):
+    for name, module in match_targets(model, config):
         layer = module if hasattr(module, "adapters") else _Probe(module, config.fan_in_fan_out)
         problem = layer_problem(layer, pattern_value(config.rank_pattern, name, config.r),
                                 config.init_lora_weights)

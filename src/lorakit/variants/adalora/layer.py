@@ -21,7 +21,7 @@ import torch.nn as nn
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 # inject's target matching and modules_to_save wrapping, shared with LoRA (private to the core)
-from lorakit.inject import _match_targets, _wrap_modules_to_save, lora_layers, replace_module, resolve_targets
+from lorakit.inject import match_targets, wrap_modules_to_save, lora_layers, replace_module, resolve_targets
 from lorakit.layer import LoraLayer, LoraLinear, is_conv1d
 
 __all__ = ["SVDAdapter", "SVDLinear", "inject_adalora", "svd_adapters", "ADALORA_DEFAULT_TARGETS"]
@@ -116,7 +116,7 @@ def inject_adalora(model: nn.Module, config, adapter_name: str, autocast_adapter
     if config.target_modules is None and model_type in ADALORA_DEFAULT_TARGETS:
         config.target_modules = set(ADALORA_DEFAULT_TARGETS[model_type])
     config = resolve_targets(model, config)
-    for name, module in _match_targets(model, config):
+    for name, module in match_targets(model, config):
         layer = module
         if isinstance(module, LoraLayer) and not isinstance(module, SVDLinear):
             raise ConfigError(f"{name} already holds LoRA adapters; AdaLoRA and LoRA adapters cannot share "
@@ -134,5 +134,5 @@ def inject_adalora(model: nn.Module, config, adapter_name: str, autocast_adapter
         layer.add_adapter(adapter_name, r=config.rank_of(name), lora_alpha=config.lora_alpha,
                           ranknum=config.init_r, lora_dropout=config.lora_dropout,
                           init=config.init_lora_weights, autocast_fp32=autocast_adapter_dtype)
-    _wrap_modules_to_save(model, config, adapter_name)
+    wrap_modules_to_save(model, config, adapter_name)
     return config

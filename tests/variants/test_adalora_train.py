@@ -43,6 +43,7 @@ def test_adalora_run_trains_allocates_and_saves_a_peft_adapter(tmp_path, tiny_mo
     layers = 2 * 2 + 1  # q_proj and v_proj in both layers of the tiny model, lm_head
     assert len(pattern) == layers and all(len(v) == 3 for v in pattern.values())
     assert sum(sum(v) for v in pattern.values()) == 2 * layers  # the budget fell to target_r per matrix
+    assert result.summary["r"] == 2  # the summary reports the rank AdaLoRA ends at (target_r)
 
     ids = torch.tensor([[1, 200, 300, 400, 500]])
     ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)

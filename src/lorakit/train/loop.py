@@ -353,7 +353,8 @@ def _finish(run: _Run, state: dict, progress: bool) -> RunResult:
     lora = peft_model.peft_config["default"]
     trainable, total = peft_model.get_nb_trainable_parameters()
     summary = {
-        "r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+        "r": getattr(lora, "target_r", lora.r),  # AdaLoRA: the average rank it ends at
+        "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
         "variant": variant_summary(config), "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
         "init_lora_weights": lora.init_lora_weights, "loraplus_ratio": config.loraplus_ratio,
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,

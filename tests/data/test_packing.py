@@ -10,7 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.data import IGNORE_INDEX, Collator, Example, PackingCollator, real_token_count, supports_packing
+from lorakit.data import (IGNORE_INDEX, Collator, Example, PackingCollator, real_token_count, supports_packing,
+                          supports_varlen)
 from lorakit.models.attention import register as register_lorakit_attention
 from lorakit.train import TrainConfig, train
 from lorakit.train.evaluate import loss_sum
@@ -82,6 +83,15 @@ def test_an_example_longer_than_pack_length_gets_a_row_of_its_own_and_width_roun
     assert out["token_mask"].sum(1).tolist() == [50, 30]
 
 
+def test_a_varlen_batch_is_one_row_of_every_example_in_order_with_boundaries_and_no_padding():
+    examples = _examples([17, 9, 5, 12])
+    batch = PackingCollator(pad_token_id=PAD, varlen=True, pad_to_multiple_of=8)(examples)
+    assert batch["input_ids"].shape == (1, 43)  # no padding, not even to a multiple
+    assert batch["cu_seq_lens"].tolist() == [0, 17, 26, 31, 43] and batch["cu_seq_lens"].dtype == torch.int32
+    assert batch["token_mask"].all() and real_token_count(batch) == 43
+    assert _unpack(batch) == [(e.input_ids, [IGNORE_INDEX] + e.labels[1:]) for e in examples]
+
+
 def _tiny_llama(attn="sdpa", seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -127,15 +137,21 @@ def test_a_key_value_cache_would_join_packed_examples_so_the_loss_builds_none():
     assert not torch.allclose(joined[:, second], alone, atol=1e-3)
 
 
-def test_loss_and_lora_gradients_of_a_packed_batch_equal_the_padded_batch():
-    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+@pytest.mark.parametrize("attn, packed_collator", [
+    ("sdpa", PackingCollator(pad_token_id=PAD, pack_length=48)),
+    ("lorakit", PackingCollator(pad_token_id=PAD, pack_length=48)),
+    ("lorakit", PackingCollator(pad_token_id=PAD, varlen=True)),  # one row, example by example
+])
+def test_loss_and_lora_gradients_of_a_packed_batch_equal_the_padded_batch(attn, packed_collator):
+    register_lorakit_attention()
+    model = get_peft_model(_tiny_llama(attn), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     with torch.no_grad():  # nonzero B, so A has gradients too
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.2)
     examples = _examples([17, 9, 5, 12, 3, 20, 7, 14])
     results = []
-    for batch in (Collator(PAD)(examples), PackingCollator(pad_token_id=PAD, pack_length=48)(examples)):
+    for batch in (Collator(PAD)(examples), packed_collator(examples)):
         model.zero_grad(set_to_none=True)
         loss, count = loss_sum(model, batch)
         loss.backward()
@@ -152,6 +168,7 @@ def test_loss_and_lora_gradients_of_a_packed_batch_equal_the_padded_batch():
 
 def test_supports_packing_by_model_type_and_attention():
     assert supports_packing(_tiny_llama("sdpa")) and supports_packing(_tiny_llama("eager"))
+    assert supports_varlen(_tiny_llama("lorakit")) and not supports_varlen(_tiny_llama("sdpa"))
     assert supports_packing(get_peft_model(_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])))
     flex = _tiny_llama()
     flex.config._attn_implementation = "flex_attention"
@@ -179,6 +196,7 @@ def test_a_packed_training_run_follows_the_padded_run_step_for_step(tiny_model_d
         runs[packing] = (result.summary, losses)
     (packed, packed_losses), (padded, padded_losses) = runs[True], runs[False]
     assert packed["packing"] is True and padded["packing"] is False
+    assert packed["varlen"] is True  # lorakit's attention: one row a micro-batch, example by example
     assert len(packed_losses) == 4 and packed_losses[-1] < packed_losses[0]  # it trains
     assert packed_losses == pytest.approx(padded_losses, rel=1e-4)  # joined examples miss by ~5e-4 by step 3
     assert packed["tokens"] == padded["tokens"] and packed["loss_tokens"] == padded["loss_tokens"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.models.attention import ATTENTION, lorakit_attention, supports, use_lorakit_attention
+from lorakit.models import attention
+from lorakit.models.attention import ATTENTION, lorakit_attention, supports, use_lorakit_attention, varlen_layout
 
 from core.tiny import input_ids, tiny_llama
 
@@ -59,6 +60,59 @@ def test_matches_sdpa_fp32(kind, length):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _stream(lengths, seed=0):
+    """q, k, v of examples laid end to end in one row (1, H, T, D), and their boundaries."""
+    q, k, v = (t.detach() for t in _qkv(b=1, s=sum(lengths), seed=seed))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return [t.requires_grad_(True) for t in (q, k, v)], cu
+
+
+def _each_alone(q, k, v, cu):
+    """sdpa on each example of the stream by itself, joined again: (1, T, H, D)."""
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()[None, None]
+        outs.append(_sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("lengths", [[5, 70, 1, 33], [64], [3, 2]])  # 70, 64: the two-block path inside
+def test_a_stream_of_examples_with_boundaries_equals_each_example_alone(lengths):
+    (q, k, v), cu = _stream(lengths)
+    t = sum(lengths)
+    # the mask transformers builds for the row is not what keeps the examples apart here: pass none
+    out_grad = torch.randn(1, t, 4, 8, generator=torch.Generator().manual_seed(3))
+    ours, g_ours = _grads(lambda q, k, v: lorakit_attention(_Module(), q, k, v, None, cu_seq_lens_q=cu,
+                                                            cu_seq_lens_k=cu)[0], (q, k, v), out_grad)
+    ref, g_ref = _grads(lambda q, k, v: _each_alone(q, k, v, cu), (q, k, v), out_grad)
+    assert ours.shape == (1, t, 4, 8)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_stream_layout_pads_each_example_to_the_longest_and_is_built_once_per_boundaries():
+    cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    index, inverse, mask = varlen_layout(cu)
+    assert varlen_layout(cu)[0] is index  # every layer of a forward passes the same tensor
+    assert index.tolist() == [0, 1, 2, 3, 0, 0, 4, 5, 0]  # padding slots point anywhere (position 0)
+    assert inverse.tolist() == [0, 1, 2, 3, 6, 7]
+    assert mask.shape == (3, 1, 3, 3)
+    assert mask[1, 0].tolist() == [[True, False, False]] * 3  # the padding rows of a 1-token example see it only
+    assert mask[2, 0].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
+    assert varlen_layout(cu.clone())[0] is not index
+
+
+def test_a_stream_too_large_for_the_saved_probabilities_falls_back_to_the_models_mask(monkeypatch):
+    (q, k, v), cu = _stream([6, 9])
+    seq = torch.repeat_interleave(torch.arange(2), torch.tensor([6, 9]))
+    block = (torch.ones(15, 15, dtype=torch.bool).tril() & (seq[:, None] == seq[None, :]))[None, None]
+    expected = _each_alone(q, k, v, cu)
+    monkeypatch.setattr(attention, "MAX_SCORES", 4 * 9 * 9 - 1)  # the padded rows would need 2 x 4 x 9 x 9
+    out, _ = lorakit_attention(_Module(), q, k, v, block, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_no_mask_means_causal_and_bf16_within_rounding():

@@ -16,7 +16,7 @@ from .collate import Collator, length_grouped_batches
 from .dataset import OVERLONG_POLICIES, TokenizedDataset, tokenize_records
 from .encode import IGNORE_INDEX, Example, assistant_spans, encode_record
 from .load import BUILTIN_DATASETS, DataSplits, load_data, split_records
-from .packing import PackingCollator, real_token_count, supports_packing
+from .packing import PackingCollator, real_token_count, supports_packing, supports_varlen
 from .records import REASONS, ROLES, Record, parse_record, read_jsonl, records_from_dicts
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "records_from_dicts",
     "split_records",
     "supports_packing",
+    "supports_varlen",
     "task_api",
     "tokenize_records",
 ]

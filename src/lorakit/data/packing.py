@@ -11,6 +11,11 @@ consecutive positions, so a token attends only to the earlier tokens of its own 
     position_ids:   0  1  2  0  1   0     1
     labels:        -100 a1 a2 -100 b1 -100 -100
 
+With ``varlen=True`` (the trainer's choice when the model runs lorakit's attention) a micro-batch
+is one row of all its examples and no padding at all, plus ``cu_seq_lens``, the example
+boundaries: the projections, norms and MLPs run on the real tokens only, and the attention lays
+the examples out in padded rows of its own, one per example (`lorakit.models.attention`).
+
 The labels of every example's first token are IGNORE_INDEX, so no example is trained to predict
 its first token from the one before it. The loss, and its gradients, are those of the padded
 batch (tests/data/test_packing.py checks logits, loss and gradients on a tiny Llama).
@@ -18,6 +23,7 @@ batch (tests/data/test_packing.py checks logits, loss and gradients on a tiny Ll
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +34,7 @@ from ..models.family import in_llama_family, unwrap
 from .collate import example_fields
 from .encode import IGNORE_INDEX, Example
 
-__all__ = ["PackingCollator", "real_token_count", "supports_packing"]
+__all__ = ["PackingCollator", "real_token_count", "supports_packing", "supports_varlen"]
 
 PACKING_ATTENTION = ("sdpa", "eager", "lorakit")  # the implementations that build the mask from position_ids
 
@@ -69,6 +75,12 @@ class PackingCollator:
     pad_token_id: int
     pack_length: int | None = None
     pad_to_multiple_of: int | None = None
+    varlen: bool = False
+    """All examples in one row of exactly their total length (no padding at all), in the given
+    order, with ``cu_seq_lens`` (B+1,) = [0, l0, l0+l1, ..., T], the example boundaries that
+    lorakit's attention takes to attend example by example (`varlen_layout`). Only for a
+    model with that attention; any other would attend over the whole row (correct, through the
+    mask transformers builds from position_ids, but T x T work)."""
 
     def __post_init__(self) -> None:
         if self.pack_length is None:
@@ -79,9 +91,12 @@ class PackingCollator:
     def __call__(self, batch: Sequence[Example | Mapping]) -> dict[str, torch.Tensor]:
         pairs = [example_fields(item) for item in batch]
         lengths = [len(ids) for ids, _ in pairs]
-        rows = first_fit_decreasing(lengths, max(self.pack_length or 0, *lengths))
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        if self.pad_to_multiple_of:
+        if self.varlen:
+            rows, width = [list(range(len(pairs)))], sum(lengths)
+        else:
+            rows = first_fit_decreasing(lengths, max(self.pack_length or 0, *lengths))
+            width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of and not self.varlen:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (R, L)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, L)
@@ -98,7 +113,10 @@ class PackingCollator:
                 token_mask[r, start:end] = 1
                 start = end
             position_ids[r, start:] = torch.arange(width - start)  # the tail padding: a run of its own
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+        if self.varlen:
+            out["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        return out
 
 
 def real_token_count(batch: Mapping[str, torch.Tensor]) -> int:
@@ -116,3 +134,9 @@ def supports_packing(model: torch.nn.Module) -> bool:
     position_ids) with sdpa, eager or lorakit attention."""
     return (in_llama_family(model)
             and getattr(unwrap(model).config, "_attn_implementation", None) in PACKING_ATTENTION)
+
+
+def supports_varlen(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes one-row streams of examples (``PackingCollator(varlen=True)``) and
+    attends example by example: packing support with lorakit's attention."""
+    return supports_packing(model) and getattr(unwrap(model).config, "_attn_implementation", None) == "lorakit"

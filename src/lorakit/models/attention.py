@@ -26,7 +26,7 @@ import torch
 
 from lorakit.models.family import in_llama_family, unwrap
 
-__all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports"]
+__all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports", "varlen_layout"]
 
 ATTENTION = "lorakit"
 MIN_SPLIT = 64  # from this sequence length on, the masked quarter of causal attention is skipped
@@ -112,11 +112,13 @@ def _masked(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
-def _usable(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
+def _usable(module, query, key, value, attention_mask, dropout, kwargs, scores: int | None = None) -> bool:
+    """Whether `_Attention` computes what the model asks for; ``scores``: B x H x Sq x Sk as it
+    will run (the padded rows of a variable-length stream), else the query's own."""
     b, h, sq, _ = query.shape
     sk = key.shape[2]
     return (
-        sq == sk and dropout == 0.0 and b * h * sq * sk <= MAX_SCORES and h % key.shape[1] == 0
+        sq == sk and dropout == 0.0 and (scores or b * h * sq * sk) <= MAX_SCORES and h % key.shape[1] == 0
         and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
         and kwargs.get("position_bias") is None and getattr(module, "is_causal", True)
         and (attention_mask is None or attention_mask.dtype == torch.bool)
@@ -124,8 +126,61 @@ def _usable(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
     )
 
 
+_LAYOUT: tuple | None = None  # (cu_seq_lens, its layout): the last one, shared by every layer of a forward
+
+
+def varlen_layout(cu_seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How a flat stream of examples (boundaries ``cu_seq_lens`` = [0, l0, l0+l1, ..., T]) lies
+    in B padded rows of the longest length L: ``index`` (B*L,) the stream position of each slot
+    (padding slots point at position 0; their values are never seen), ``inverse`` (T,) the slot
+    of each stream position, ``mask`` (B, 1, L, L) causal within each example, True = attend.
+    Computed once per forward (every layer passes the same tensor)."""
+    global _LAYOUT
+    if _LAYOUT is not None and _LAYOUT[0] is cu_seq_lens:
+        return _LAYOUT[1]
+    starts, lengths = cu_seq_lens[:-1], cu_seq_lens.diff()  # (B,)
+    longest = int(lengths.max())
+    pos = torch.arange(longest, device=cu_seq_lens.device)
+    valid = pos < lengths[:, None]  # (B, L)
+    index = torch.where(valid, starts[:, None] + pos, 0).reshape(-1)
+    inverse = valid.reshape(-1).nonzero().squeeze(1)  # slots in stream order: example by example
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=cu_seq_lens.device).tril()
+    mask = (causal & valid[:, None, :])[:, None]  # (B, 1, L, L)
+    _LAYOUT = (cu_seq_lens, (index, inverse, mask))
+    return _LAYOUT[1]
+
+
+def _varlen(module, query, key, value, cu_seq_lens, dropout, scaling, kwargs):
+    """Attention over a (1, H, T, D) stream of examples as B padded rows, each example seeing only
+    itself: the projections before and after run on the T real tokens, with no padding rows."""
+    index, inverse, mask = varlen_layout(cu_seq_lens)
+    b, longest = mask.shape[0], mask.shape[-1]
+    if not _usable(module, query, key, value, None, dropout, kwargs, scores=b * query.shape[1] * longest ** 2):
+        return None
+
+    def rows(x):  # (1, H, T, D) -> (B, H, L, D)
+        return x[0].index_select(1, index).view(x.shape[1], b, longest, x.shape[-1]).transpose(0, 1)
+
+    q, k, v = rows(query), rows(key), rows(value)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = _Attention.apply(q, k.contiguous(), v.contiguous(), mask, scale)  # (B, H, L, D)
+    out = out.transpose(1, 2).reshape(b * longest, *out.shape[1:2], out.shape[-1])  # (B*L, H, D)
+    return out.index_select(0, inverse)[None], None  # (1, T, H, D)
+
+
 def lorakit_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers' attention-function signature; returns ((B, S, H, D) output, None)."""
+    """transformers' attention-function signature; returns ((B, S, H, D) output, None).
+
+    With ``cu_seq_lens_q`` (transformers' variable-length keyword, the example boundaries of a
+    one-row stream of packed examples) the examples are attended to one by one (`varlen_layout`);
+    otherwise, or where that does not apply, ``attention_mask`` (which for packed examples
+    transformers builds from ``position_ids``) keeps them apart."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if (cu is not None and query.shape[0] == 1 and kwargs.get("cu_seq_lens_k", cu) is cu
+            and query.shape[2] == key.shape[2] == int(cu[-1])):
+        result = _varlen(module, query, key, value, cu, dropout, scaling, kwargs)
+        if result is not None:
+            return result
     if not _usable(module, query, key, value, attention_mask, dropout, kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

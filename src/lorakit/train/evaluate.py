@@ -29,7 +29,10 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys of a batch the model takes: a padded batch has ``attention_mask``; a packed one has
     ``position_ids`` that restart at each example (and no mask), which keeps attention inside it
     as long as the forward builds no key/value cache (``use_cache=False``, as `loss_sum` passes)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "cu_seq_lens" in batch:  # one row of examples end to end (PackingCollator(varlen=True))
+        inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = batch["cu_seq_lens"]
+    return inputs
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

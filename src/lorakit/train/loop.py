@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lorakit import PeftModel, get_peft_model, io
 from lorakit.data import (Collator, PackingCollator, length_grouped_batches, load_data, real_token_count,
-                          supports_packing)
+                          supports_packing, supports_varlen)
 from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
 from lorakit.models import load_model
 from lorakit.train import checkpoint as ckpt
@@ -170,7 +170,9 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     collate = Collator(tokenizer.pad_token_id)
     train_collate = collate
     if config.packing and supports_packing(peft_model):
-        train_collate = PackingCollator(tokenizer.pad_token_id)  # rows no longer than the longest example
+        # lorakit's attention: all examples in one row, attended one by one (no padding at all);
+        # otherwise rows no longer than the longest example
+        train_collate = PackingCollator(tokenizer.pad_token_id, varlen=supports_varlen(peft_model))
     elif config.packing:
         print(f"packing off: {model.config.model_type} with {model.config._attn_implementation} attention may let "
               "packed examples see each other, so training uses padded batches (same loss, more padding)", flush=True)
@@ -359,6 +361,7 @@ def _finish(run: _Run, state: dict, progress: bool) -> RunResult:
         "init_lora_weights": lora.init_lora_weights, "loraplus_ratio": config.loraplus_ratio,
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,
         "precision": run.precision, "packing": isinstance(run.train_collate, PackingCollator),
+        "varlen": getattr(run.train_collate, "varlen", False),
         "attention": peft_model.get_base_model().config._attn_implementation,
         "steps": state["step"], "epochs": state["step"] / run.steps_per_epoch,
         "tokens": state["tokens"], "loss_tokens": state["loss_tokens"], "train_seconds": state["train_seconds"],

@@ -67,7 +67,11 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor) -
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scaling):
-        # x, x_d (N, in); weight (out, in); bias (out,) or None; lora_a (r, in); lora_b (out, r)
+        # x, x_d (N, in); weight (out, in); bias (out,) or None; lora_a (r, in); lora_b (out, r).
+        # The adapter weights come in their own dtype (fp32 under bf16 autocast) and are cast here,
+        # not by two more autograd nodes per layer; their gradients go back in that dtype.
+        ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         h = x_d @ lora_a.t()  # (N, r)
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()  # (N, out)
         y.addmm_(h, lora_b.t(), alpha=scaling)
@@ -85,9 +89,9 @@ class _LoraLinear(torch.autograd.Function):
         grad_x = grad_xd = grad_w = grad_bias = grad_a = grad_lb = None
         gh = (g @ lora_b).mul_(s)  # (N, r)
         if need_lb:
-            grad_lb = (g.t() @ h).mul_(s)  # (out, r)
+            grad_lb = (g.t() @ h).mul_(s).to(ctx.adapter_dtypes[1])  # (out, r)
         if need_a:
-            grad_a = gh.t() @ x_d  # (r, in)
+            grad_a = (gh.t() @ x_d).to(ctx.adapter_dtypes[0])  # (r, in)
         if need_x:
             grad_x = g @ weight  # (N, in)
             if ctx.same_input:
@@ -109,5 +113,5 @@ def lora_linear(x: torch.Tensor, base: nn.Linear, lora_a: torch.Tensor, lora_b: 
     x_d = x2 if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x2)
     bias = base.bias.to(dtype) if base.bias is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        y = _LoraLinear.apply(x2, x_d, base.weight.to(dtype), bias, lora_a.to(dtype), lora_b.to(dtype), scaling)
+        y = _LoraLinear.apply(x2, x_d, base.weight.to(dtype), bias, lora_a, lora_b, scaling)
     return y.view(*shape[:-1], y.shape[-1])

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from lorakit import LoraConfig, get_peft_model
 from lorakit.data import (IGNORE_INDEX, Collator, Example, PackingCollator, real_token_count, supports_packing,
                           supports_varlen)
+from lorakit.data.packing import shared_prefix
 from lorakit.models.attention import register as register_lorakit_attention
 from lorakit.train import TrainConfig, train
 from lorakit.train.evaluate import loss_sum
@@ -92,6 +93,40 @@ def test_a_varlen_batch_is_one_row_of_every_example_in_order_with_boundaries_and
     assert _unpack(batch) == [(e.input_ids, [IGNORE_INDEX] + e.labels[1:]) for e in examples]
 
 
+def _prompted(lengths, head=(5, 6, 7, 8, 9, 10), seed=0):
+    """Examples that all start with ``head`` (a system prompt), then their own prompt and answer."""
+    return [Example(list(head) + e.input_ids, [IGNORE_INDEX] * len(head) + e.labels, e.source)
+            for e in _examples(lengths, seed=seed)]
+
+
+def test_the_shared_prefix_stops_before_the_first_token_any_example_is_trained_on():
+    pairs = [(e.input_ids, e.labels) for e in _prompted([9, 12, 6])]
+    assert shared_prefix(pairs) == 6  # the head; the examples' own tokens differ from there
+    assert shared_prefix(pairs[:1]) == 0
+    pairs[1] = (pairs[1][0], [IGNORE_INDEX] * 3 + pairs[1][0][3:])  # trained from its 4th token on
+    assert shared_prefix(pairs) == 2  # position 2 predicts token 3: the prefix ends before it
+    assert shared_prefix([([1, 2, 3], [IGNORE_INDEX] * 3), ([1, 2], [IGNORE_INDEX] * 2)]) == 1  # a token of its own each
+
+
+def test_a_varlen_batch_with_a_shared_prefix_lays_it_down_once_and_each_example_continues_it():
+    examples = _prompted([9, 12, 6])
+    pairs = [(e.input_ids, e.labels) for e in examples]
+    prefix = shared_prefix(pairs)
+    batch = PackingCollator(pad_token_id=PAD, varlen=True, share_prefix=True)(examples)
+    total = sum(len(e.input_ids) for e in examples)
+    assert int(batch["shared_prefix"]) == prefix and batch["input_ids"].shape == (1, total - 2 * prefix)
+    assert real_token_count(batch) == total  # the examples' tokens, the prefix counted in each
+    bounds = batch["cu_seq_lens"].tolist()
+    assert bounds[:2] == [0, prefix] and bounds[-1] == batch["input_ids"].shape[1]
+    ids, labels, pos = (batch[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
+    for e, start, end in zip(examples, bounds[1:], bounds[2:]):  # prefix + own segment = the example
+        assert ids[:prefix] + ids[start:end] == e.input_ids
+        assert pos[:prefix] + pos[start:end] == list(range(len(e.input_ids)))
+        assert labels[start:end] == e.labels[prefix:] and labels[start] == IGNORE_INDEX
+    assert labels[:prefix] == [IGNORE_INDEX] * prefix
+    assert sum(label != IGNORE_INDEX for label in labels) == sum(e.num_loss_tokens for e in examples)
+
+
 def _tiny_llama(attn="sdpa", seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -141,6 +176,7 @@ def test_a_key_value_cache_would_join_packed_examples_so_the_loss_builds_none():
     ("sdpa", PackingCollator(pad_token_id=PAD, pack_length=48)),
     ("lorakit", PackingCollator(pad_token_id=PAD, pack_length=48)),
     ("lorakit", PackingCollator(pad_token_id=PAD, varlen=True)),  # one row, example by example
+    ("lorakit", PackingCollator(pad_token_id=PAD, varlen=True, share_prefix=True)),  # the prompt's head once
 ])
 def test_loss_and_lora_gradients_of_a_packed_batch_equal_the_padded_batch(attn, packed_collator):
     register_lorakit_attention()
@@ -149,7 +185,7 @@ def test_loss_and_lora_gradients_of_a_packed_batch_equal_the_padded_batch(attn, 
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.2)
-    examples = _examples([17, 9, 5, 12, 3, 20, 7, 14])
+    examples = _prompted([17, 9, 5, 12, 3, 20, 7, 14])
     results = []
     for batch in (Collator(PAD)(examples), packed_collator(examples)):
         model.zero_grad(set_to_none=True)
@@ -197,9 +233,16 @@ def test_a_packed_training_run_follows_the_padded_run_step_for_step(tiny_model_d
     (packed, packed_losses), (padded, padded_losses) = runs[True], runs[False]
     assert packed["packing"] is True and padded["packing"] is False
     assert packed["varlen"] is True  # lorakit's attention: one row a micro-batch, example by example
+    assert packed["shared_prefix"] is True  # no dropout: task-api's system prompt computed once a micro-batch
     assert len(packed_losses) == 4 and packed_losses[-1] < packed_losses[0]  # it trains
     assert packed_losses == pytest.approx(padded_losses, rel=1e-4)  # joined examples miss by ~5e-4 by step 3
     assert packed["tokens"] == padded["tokens"] and packed["loss_tokens"] == padded["loss_tokens"]
+
+
+@pytest.mark.slow  # needs the converted default model's tokenizer
+def test_with_lora_dropout_the_examples_keep_their_own_prefix(tiny_model_dir, tmp_path):
+    result = train(_run_config(tiny_model_dir, tmp_path / "run", lora_dropout=0.1, max_steps=1), progress=False)
+    assert result.summary["varlen"] is True and result.summary["shared_prefix"] is False
 
 
 @pytest.mark.slow  # needs the converted default model's tokenizer

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lorakit.errors import DataError
 from lorakit.models import attention
 from lorakit.models.attention import ATTENTION, lorakit_attention, supports, use_lorakit_attention, varlen_layout
 
@@ -93,6 +94,35 @@ def test_a_stream_of_examples_with_boundaries_equals_each_example_alone(lengths)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _with_prefix_alone(q, k, v, cu, prefix):
+    """sdpa on each example (the shared prefix, then its own segment) by itself; the prefix's
+    output taken from the first example, as the stream holds it once: (1, T, H, D)."""
+    outs = []
+    for b, (a, e) in enumerate(zip(cu[1:-1].tolist(), cu[2:].tolist())):
+        rows = torch.cat([torch.arange(prefix), torch.arange(a, e)])
+        n = len(rows)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        out = _sdpa(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal)  # (1, n, H, D)
+        outs.append(out if b == 0 else out[:, prefix:])
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("lengths", [[4, 5, 70, 1], [30, 40, 9]])  # the first: the prefix
+def test_a_stream_with_a_shared_prefix_equals_each_example_with_the_prefix_alone(lengths):
+    (q, k, v), cu = _stream(lengths)
+    prefix, t = lengths[0], sum(lengths)
+    out_grad = torch.randn(1, t, 4, 8, generator=torch.Generator().manual_seed(3))
+    ours, g_ours = _grads(lambda q, k, v: lorakit_attention(_Module(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                                            lorakit_shared_prefix=prefix)[0], (q, k, v), out_grad)
+    ref, g_ref = _grads(lambda q, k, v: _with_prefix_alone(q, k, v, cu, prefix), (q, k, v), out_grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ours, g_ref):  # the prefix's k and v: the sum over every example that saw them
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the whole-row mask for attention that cannot take the padded rows says the same
+    fallback = _sdpa(q, k, v, attention.stream_mask(cu, prefix))
+    torch.testing.assert_close(fallback.detach(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_the_stream_layout_pads_each_example_to_the_longest_and_is_built_once_per_boundaries():
     cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
     index, inverse, mask = varlen_layout(cu)
@@ -103,6 +133,14 @@ def test_the_stream_layout_pads_each_example_to_the_longest_and_is_built_once_pe
     assert mask[1, 0].tolist() == [[True, False, False]] * 3  # the padding rows of a 1-token example see it only
     assert mask[2, 0].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
     assert varlen_layout(cu.clone())[0] is not index
+    with pytest.raises(DataError, match="example boundaries"):
+        varlen_layout(torch.tensor([1, 3], dtype=torch.int32))
+    # a shared prefix of 2: rows are the prefix, then each example's own tokens
+    index, inverse, mask = varlen_layout(torch.tensor([0, 2, 5, 6], dtype=torch.int32), prefix=2)
+    assert index.tolist() == [0, 1, 2, 3, 4, 0, 1, 5, 0, 0]
+    assert inverse.tolist() == [0, 1, 2, 3, 4, 7]  # the prefix read back from the first row only
+    with pytest.raises(DataError, match="shared prefix"):
+        varlen_layout(torch.tensor([0, 3, 5], dtype=torch.int32), prefix=2)
 
 
 def test_a_stream_too_large_for_the_saved_probabilities_falls_back_to_the_models_mask(monkeypatch):
@@ -113,6 +151,16 @@ def test_a_stream_too_large_for_the_saved_probabilities_falls_back_to_the_models
     monkeypatch.setattr(attention, "MAX_SCORES", 4 * 9 * 9 - 1)  # the padded rows would need 2 x 4 x 9 x 9
     out, _ = lorakit_attention(_Module(), q, k, v, block, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # with a shared prefix the model's own mask (built from position ids) would be wrong: it is replaced
+    (q, k, v), cu = _stream([3, 6, 9])
+    out, _ = lorakit_attention(_Module(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, lorakit_shared_prefix=3)
+    torch.testing.assert_close(out, _with_prefix_alone(q, k, v, cu, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_boundaries_that_do_not_cover_the_row_are_refused():
+    (q, k, v), cu = _stream([6, 9])
+    with pytest.raises(DataError, match="whole one-row batch"):
+        lorakit_attention(_Module(), q[:, :, :14], k[:, :, :14], v[:, :, :14], None, cu_seq_lens_q=cu)
 
 
 def test_no_mask_means_causal_and_bf16_within_rounding():

@@ -23,7 +23,6 @@ batch (tests/data/test_packing.py checks logits, loss and gradients on a tiny Ll
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from ..models.family import in_llama_family, unwrap
 from .collate import example_fields
 from .encode import IGNORE_INDEX, Example
 
-__all__ = ["PackingCollator", "real_token_count", "supports_packing", "supports_varlen"]
+__all__ = ["PackingCollator", "real_token_count", "shared_prefix", "supports_packing", "supports_varlen"]
 
 PACKING_ATTENTION = ("sdpa", "eager", "lorakit")  # the implementations that build the mask from position_ids
 
@@ -82,6 +81,16 @@ class PackingCollator:
     model with that attention; any other would attend over the whole row (correct, through the
     mask transformers builds from position_ids, but T x T work)."""
 
+    share_prefix: bool = False
+    """With ``varlen``: the tokens every example of the batch starts with (a system prompt, an
+    instruction), up to the first token any of them is trained to predict, are laid down once at
+    the head of the row, and each example's own tokens follow with their positions continuing
+    from there: ``cu_seq_lens`` = [0, P, P+s0, ...] and ``shared_prefix`` = P. lorakit's attention
+    lets every example see the prefix as its own, so logits, loss and gradients are those of the
+    examples one by one, with the prefix computed once instead of once per example. Only where
+    nothing in the model is random per position (LoRA dropout 0): with dropout, the examples
+    would share the prefix's dropout masks."""
+
     def __post_init__(self) -> None:
         if self.pack_length is None:
             return
@@ -90,13 +99,12 @@ class PackingCollator:
 
     def __call__(self, batch: Sequence[Example | Mapping]) -> dict[str, torch.Tensor]:
         pairs = [example_fields(item) for item in batch]
-        lengths = [len(ids) for ids, _ in pairs]
         if self.varlen:
-            rows, width = [list(range(len(pairs)))], sum(lengths)
-        else:
-            rows = first_fit_decreasing(lengths, max(self.pack_length or 0, *lengths))
-            width = max(sum(lengths[i] for i in row) for row in rows)
-        if self.pad_to_multiple_of and not self.varlen:
+            return _stream(pairs, shared_prefix(pairs) if self.share_prefix else 0)
+        lengths = [len(ids) for ids, _ in pairs]
+        rows = first_fit_decreasing(lengths, max(self.pack_length or 0, *lengths))
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (R, L)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, L)
@@ -113,15 +121,52 @@ class PackingCollator:
                 token_mask[r, start:end] = 1
                 start = end
             position_ids[r, start:] = torch.arange(width - start)  # the tail padding: a run of its own
-        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
-        if self.varlen:
-            out["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        return out
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+
+
+def shared_prefix(pairs: Sequence[tuple[list[int], list[int]]]) -> int:
+    """The number of leading tokens that every (input_ids, labels) pair has in common and that no
+    loss term needs (``labels[1..P]`` all IGNORE_INDEX: position P-1 predicts nothing); 0 for a
+    single example."""
+    if len(pairs) < 2:
+        return 0
+    first = pairs[0][0]
+    common = min(len(ids) for ids, _ in pairs)
+    for ids, _ in pairs[1:]:
+        common = next((t for t in range(common) if ids[t] != first[t]), common)
+    for ids, labels in pairs:
+        trained = next((t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX), len(ids))
+        common = min(common, trained - 1)
+    return max(common, 0)
+
+
+def _stream(pairs: Sequence[tuple[list[int], list[int]]], prefix: int) -> dict[str, torch.Tensor]:
+    """One row (1, T): the shared prefix (if any), then each example's own tokens; see PackingCollator."""
+    ids = list(pairs[0][0][:prefix])
+    labels = [IGNORE_INDEX] * prefix
+    positions = list(range(prefix))
+    bounds = [0, prefix] if prefix else [0]
+    for example_ids, example_labels in pairs:
+        ids += example_ids[prefix:]
+        labels += [IGNORE_INDEX] + list(example_labels[prefix + 1:])  # its first token follows another example
+        positions += range(prefix, len(example_ids))
+        bounds.append(len(ids))
+    out = {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
+           "position_ids": torch.tensor([positions], dtype=torch.long),
+           "token_mask": torch.ones(1, len(ids), dtype=torch.long),
+           "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32)}
+    if prefix:
+        out["shared_prefix"] = torch.tensor(prefix)
+        out["example_tokens"] = torch.tensor(sum(len(example_ids) for example_ids, _ in pairs))
+    return out
 
 
 def real_token_count(batch: Mapping[str, torch.Tensor]) -> int:
-    """Tokens of the examples in a batch, padding not counted: ``attention_mask`` of a padded
-    batch, ``token_mask`` of a packed one, else every position."""
+    """Tokens of the examples in a batch, padding not counted: ``example_tokens`` of a stream
+    with a shared prefix (the prefix counted once per example, as the examples hold it),
+    ``attention_mask`` of a padded batch, ``token_mask`` of a packed one, else every position."""
+    if "example_tokens" in batch:
+        return int(batch["example_tokens"])
     for key in ("attention_mask", "token_mask"):
         if key in batch:
             return int(batch[key].sum())

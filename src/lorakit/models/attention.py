@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.errors import DataError
 from lorakit.models.family import in_llama_family, unwrap
 
-__all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports", "varlen_layout"]
+__all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports", "varlen_layout", "stream_mask"]
 
 ATTENTION = "lorakit"
 MIN_SPLIT = 64  # from this sequence length on, the masked quarter of causal attention is skipped
@@ -126,34 +127,65 @@ def _usable(module, query, key, value, attention_mask, dropout, kwargs, scores: 
     )
 
 
-_LAYOUT: tuple | None = None  # (cu_seq_lens, its layout): the last one, shared by every layer of a forward
+_LAYOUT: tuple | None = None  # (cu_seq_lens, prefix, layout): the last one, shared by every layer of a forward
 
 
-def varlen_layout(cu_seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """How a flat stream of examples (boundaries ``cu_seq_lens`` = [0, l0, l0+l1, ..., T]) lies
-    in B padded rows of the longest length L: ``index`` (B*L,) the stream position of each slot
-    (padding slots point at position 0; their values are never seen), ``inverse`` (T,) the slot
-    of each stream position, ``mask`` (B, 1, L, L) causal within each example, True = attend.
-    Computed once per forward (every layer passes the same tensor)."""
+def _segments(cu_seq_lens: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, lengths) of the examples' own segments, after the shared prefix if there is one."""
+    if cu_seq_lens.ndim != 1 or len(cu_seq_lens) < 2 + bool(prefix) or int(cu_seq_lens[0]) != 0 \
+            or (prefix and int(cu_seq_lens[1]) != prefix):
+        raise DataError(f"cu_seq_lens must be the example boundaries [0, l0, l0+l1, ..., T] of a one-row batch, "
+                        f"starting [0, P, ...] with a shared prefix of P tokens (PackingCollator(varlen=True) "
+                        f"makes them); got {cu_seq_lens.tolist()} with prefix {prefix}")
+    first = 1 if prefix else 0
+    return cu_seq_lens[first:-1], cu_seq_lens[first + 1:] - cu_seq_lens[first:-1]
+
+
+def varlen_layout(cu_seq_lens: torch.Tensor, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How a one-row stream of examples lies in B padded rows of length L, one row per example.
+
+    ``cu_seq_lens`` = [0, l0, l0+l1, ..., T] are the example boundaries. With a shared ``prefix``
+    of P tokens the stream is the prefix (the first segment, [0, P)) and then each example's own
+    tokens: row b is the prefix followed by segment b, so every example sees the prefix as if it
+    were its own (its positions continue from P). Returns ``index`` (B*L,) the stream position
+    of each slot (padding slots point at position 0; their values are never seen), ``inverse``
+    (T,) the one slot each stream position is read back from (the prefix from row 0), and
+    ``mask`` (B, 1, L, L) causal within each row, True = attend. Computed once per forward
+    (every layer passes the same tensor)."""
     global _LAYOUT
-    if _LAYOUT is not None and _LAYOUT[0] is cu_seq_lens:
-        return _LAYOUT[1]
-    starts, lengths = cu_seq_lens[:-1], cu_seq_lens.diff()  # (B,)
-    longest = int(lengths.max())
+    if _LAYOUT is not None and _LAYOUT[0] is cu_seq_lens and _LAYOUT[1] == prefix:
+        return _LAYOUT[2]
+    starts, lengths = _segments(cu_seq_lens, prefix)  # (B,)
+    longest = prefix + int(lengths.max())
     pos = torch.arange(longest, device=cu_seq_lens.device)
-    valid = pos < lengths[:, None]  # (B, L)
-    index = torch.where(valid, starts[:, None] + pos, 0).reshape(-1)
-    inverse = valid.reshape(-1).nonzero().squeeze(1)  # slots in stream order: example by example
+    valid = pos < (prefix + lengths)[:, None]  # (B, L)
+    index = torch.where(valid, torch.where(pos < prefix, pos, starts[:, None] + pos - prefix), 0).reshape(-1)
+    read = valid.clone()
+    read[1:, :prefix] = False  # each prefix position is read back once, from row 0
+    inverse = read.reshape(-1).nonzero().squeeze(1)  # slots in stream order: prefix, then example by example
     causal = torch.ones(longest, longest, dtype=torch.bool, device=cu_seq_lens.device).tril()
     mask = (causal & valid[:, None, :])[:, None]  # (B, 1, L, L)
-    _LAYOUT = (cu_seq_lens, (index, inverse, mask))
-    return _LAYOUT[1]
+    _LAYOUT = (cu_seq_lens, prefix, (index, inverse, mask))
+    return _LAYOUT[2]
 
 
-def _varlen(module, query, key, value, cu_seq_lens, dropout, scaling, kwargs):
+def stream_mask(cu_seq_lens: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """The (1, 1, T, T) mask of the same stream over the whole row, True = attend: each position
+    sees the earlier positions of its own example and the shared prefix. For attention that
+    cannot take the padded rows (`varlen_layout`); T x T work."""
+    starts, lengths = _segments(cu_seq_lens, prefix)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq_lens.device), lengths)
+    segment = torch.cat([segment.new_full((prefix,), -1), segment])  # (T,): -1 on the shared prefix
+    t = len(segment)
+    causal = torch.ones(t, t, dtype=torch.bool, device=cu_seq_lens.device).tril()
+    return (causal & ((segment[:, None] == segment[None, :]) | (segment[None, :] < 0)))[None, None]
+
+
+def _varlen(module, query, key, value, cu_seq_lens, prefix, dropout, scaling, kwargs):
     """Attention over a (1, H, T, D) stream of examples as B padded rows, each example seeing only
-    itself: the projections before and after run on the T real tokens, with no padding rows."""
-    index, inverse, mask = varlen_layout(cu_seq_lens)
+    itself (and the shared prefix): the projections before and after run on the T positions of
+    the stream, with no padding rows; None where `_Attention` does not apply."""
+    index, inverse, mask = varlen_layout(cu_seq_lens, prefix)
     b, longest = mask.shape[0], mask.shape[-1]
     if not _usable(module, query, key, value, None, dropout, kwargs, scores=b * query.shape[1] * longest ** 2):
         return None
@@ -171,16 +203,23 @@ def _varlen(module, query, key, value, cu_seq_lens, dropout, scaling, kwargs):
 def lorakit_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature; returns ((B, S, H, D) output, None).
 
-    With ``cu_seq_lens_q`` (transformers' variable-length keyword, the example boundaries of a
-    one-row stream of packed examples) the examples are attended to one by one (`varlen_layout`);
-    otherwise, or where that does not apply, ``attention_mask`` (which for packed examples
-    transformers builds from ``position_ids``) keeps them apart."""
-    cu = kwargs.get("cu_seq_lens_q")
-    if (cu is not None and query.shape[0] == 1 and kwargs.get("cu_seq_lens_k", cu) is cu
-            and query.shape[2] == key.shape[2] == int(cu[-1])):
-        result = _varlen(module, query, key, value, cu, dropout, scaling, kwargs)
+    With ``cu_seq_lens_q`` (transformers' variable-length keyword: the example boundaries of a
+    one-row stream of examples, `PackingCollator(varlen=True)`) the examples are attended to one
+    by one (`varlen_layout`), after a shared prefix of ``lorakit_shared_prefix`` tokens if given.
+    Otherwise ``attention_mask`` (which for packed rows transformers builds from
+    ``position_ids``) keeps the examples apart."""
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    cu_k = kwargs.pop("cu_seq_lens_k", cu)
+    prefix = int(kwargs.pop("lorakit_shared_prefix", 0))
+    if cu is not None:
+        if not (query.shape[0] == 1 and cu_k is cu and query.shape[2] == key.shape[2]
+                and query.shape[2] == len(varlen_layout(cu, prefix)[1])):  # the boundaries cover the row
+            raise DataError(f"cu_seq_lens_q must describe the whole one-row batch (q {tuple(query.shape)}, "
+                            f"k {tuple(key.shape)}); got {cu.tolist()} with a shared prefix of {prefix}")
+        result = _varlen(module, query, key, value, cu, prefix, dropout, scaling, kwargs)
         if result is not None:
             return result
+        attention_mask = stream_mask(cu, prefix)  # the mask transformers built knows no shared prefix
     if not _usable(module, query, key, value, attention_mask, dropout, kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

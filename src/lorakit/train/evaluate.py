@@ -32,6 +32,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if "cu_seq_lens" in batch:  # one row of examples end to end (PackingCollator(varlen=True))
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = batch["cu_seq_lens"]
+        if "shared_prefix" in batch:  # lorakit's attention: every example continues the row's first P tokens
+            inputs["lorakit_shared_prefix"] = int(batch["shared_prefix"])
     return inputs
 
 

@@ -172,7 +172,10 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     if config.packing and supports_packing(peft_model):
         # lorakit's attention: all examples in one row, attended one by one (no padding at all);
         # otherwise rows no longer than the longest example
-        train_collate = PackingCollator(tokenizer.pad_token_id, varlen=supports_varlen(peft_model))
+        # and, without LoRA dropout, the tokens all examples of a batch start with computed once
+        varlen = supports_varlen(peft_model)
+        share = varlen and not peft_model.peft_config["default"].lora_dropout
+        train_collate = PackingCollator(tokenizer.pad_token_id, varlen=varlen, share_prefix=share)
     elif config.packing:
         print(f"packing off: {model.config.model_type} with {model.config._attn_implementation} attention may let "
               "packed examples see each other, so training uses padded batches (same loss, more padding)", flush=True)
@@ -362,6 +365,7 @@ def _finish(run: _Run, state: dict, progress: bool) -> RunResult:
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,
         "precision": run.precision, "packing": isinstance(run.train_collate, PackingCollator),
         "varlen": getattr(run.train_collate, "varlen", False),
+        "shared_prefix": getattr(run.train_collate, "share_prefix", False),
         "attention": peft_model.get_base_model().config._attn_implementation,
         "steps": state["step"], "epochs": state["step"] / run.steps_per_epoch,
         "tokens": state["tokens"], "loss_tokens": state["loss_tokens"], "train_seconds": state["train_seconds"],

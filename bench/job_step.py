@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0,
                 "real_tokens": real_token_count(batch), "positions": batch["input_ids"].numel(),
-                "loss": float(loss) / labels}
+                "loss": loss.item() / labels}
 
     for index in range(args.warmup):
         for collate in layouts.values():

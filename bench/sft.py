@@ -7,7 +7,9 @@ optimizer steps with the same hyperparameters: batch size, gradient accumulation
 linear warm-up over ``warmup_steps(steps, warmup_ratio)`` steps, cosine decay to
 ``lr * min_lr_ratio``, weight decay, gradient clipping, seed. The peer is the usual recipe:
 `peft.get_peft_model` on an fp32 model, `DataCollatorForSeq2Seq` padded batches, full logits, in
-fp32 or with ``bf16=True`` (autocast). Each side runs in its own process; for each it measures
+fp32 or with ``bf16=True`` (autocast). Each side runs in its own process, ``--rounds`` times in
+turn (A B C, then C B A: this machine's speed drifts by tens of percent over minutes, and the
+turns cancel a steady drift); for each it measures (times: the median over its rounds)
 
 - wall time: the whole training process (start, imports, model and data loading, training, saved
   adapter; lorakit's also writes its run directory), measured by the parent; no scoring in it;
@@ -36,6 +38,7 @@ import json
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,7 +85,8 @@ def _peak_rss_mb() -> float:
 def _lorakit_worker(args) -> dict:
     from lorakit.train import train
 
-    config = _train_config(args, run_dir=str(Path(args.workdir) / "lorakit-run"), eval_every=0, eval_examples=1,
+    config = _train_config(args, run_dir=str(Path(args.workdir) / f"lorakit-run-{args.round}"), eval_every=0,
+                           eval_examples=1,
                            score_examples=0, score_before=False, save_every=0)
     result = train(config)
     s = result.summary
@@ -118,7 +122,7 @@ def _trainer_worker(args) -> dict:
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
         target_modules=sorted(lora.target_modules), use_rslora=lora.use_rslora, task_type="CAUSAL_LM"))
-    out_dir = Path(args.workdir) / f"trainer-{args.peer_precision}"
+    out_dir = Path(args.workdir) / f"trainer-{args.peer_precision}-{args.round}"
     training_args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
@@ -183,6 +187,17 @@ def _train_side(args, name: str, kind: str, *extra: str) -> dict:
     return result | {"wall_seconds": seconds}
 
 
+def _combine(runs: list[dict]) -> dict:
+    """One side over its rounds: the first round's adapter (the one scored), the median training
+    and wall time, the largest peak RSS, and every round's times."""
+    side = dict(runs[0])
+    side["train_seconds"] = statistics.median(r["train_seconds"] for r in runs)
+    side["wall_seconds"] = statistics.median(r["wall_seconds"] for r in runs)
+    side["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    side["rounds"] = [{k: r[k] for k in ("train_seconds", "wall_seconds", "peak_rss_mb", "final_loss")} for r in runs]
+    return side
+
+
 def _table(sides: dict[str, dict]) -> str:
     head = f"{'side':<14}{'wall s':>9}{'train s':>9}{'real tok':>10}{'tok/s':>8}{'padded tok':>11}" \
            f"{'RSS MB':>8}{'exact':>7}{'loss':>7}  fields"
@@ -209,11 +224,19 @@ def _parent(args) -> None:
     keep = args.workdir is not None
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="lorakit-sft-")
     try:
-        sides = {"lorakit": _train_side(args, "lorakit", "lorakit")}
-        steps, precision = sides["lorakit"]["steps"], sides["lorakit"]["precision"]
-        for peer in peers:
-            sides[f"trainer-{peer}"] = _train_side(args, f"trainer-{peer}", "trainer", f"--peer-precision={peer}",
-                                                   f"--steps={steps}")
+        order = ["lorakit"] + [f"trainer-{peer}" for peer in peers]
+        runs: dict[str, list[dict]] = {name: [] for name in order}
+        steps = None
+        for r in range(args.rounds):  # this machine drifts: the rounds run the sides in turn, A B C C B A ...
+            for name in order if r % 2 == 0 else order[::-1]:
+                if name == "lorakit":
+                    runs[name].append(_train_side(args, f"{name}-{r}", "lorakit", f"--round={r}"))
+                    steps = runs[name][-1]["steps"]
+                else:
+                    runs[name].append(_train_side(args, f"{name}-{r}", "trainer", f"--peer-precision={name[8:]}",
+                                                  f"--steps={steps}", f"--round={r}"))
+        sides = {name: _combine(runs[name]) for name in order}
+        precision = sides["lorakit"]["precision"]
         for name, side in sides.items():  # every adapter judged in lorakit's run precision
             score, _ = _spawn(args, f"score-{name}", "score", f"--adapter={side['adapter']}",
                               f"--score-precision={precision}")
@@ -231,6 +254,7 @@ def _parent(args) -> None:
               f"{sides['lorakit']['real_tokens']:,} real tokens): " + "; ".join(problems))
     result = {"benchmark": "sft", "command": [sys.executable, *sys.argv], "machine": machine(),
               "settings": {name: getattr(args, name) for name in SHARED} | {"peers": peers, "steps": steps,
+                                                                           "rounds": args.rounds,
                                                                            "scored_in": precision},
               "sides": sides}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -253,11 +277,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default=DEFAULTS.precision, help="lorakit's precision: auto, fp32 or bf16")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "sft.json"))
     p.add_argument("--workdir", default=None, help="keep the runs and adapters here (default: a temporary directory)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="train every side this many times, in turn (A B C C B A ...); times are medians")
     # internal: one side of the comparison, run by the parent in its own process
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--peer-precision", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
     p.add_argument("--score-precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

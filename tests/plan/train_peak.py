@@ -5,8 +5,9 @@ the peak belongs to the run alone:
     python tests/plan/train_peak.py '{"model": "smollm2-135m", "data": "data.jsonl", ...}'
 
 The argument is a TrainConfig as JSON. The trainer's loss function is wrapped only to record the
-shape of the largest training batch (batch x padded length) and the most label positions a
-training batch had.
+shape of the largest training batch (examples x longest example, as a padded batch would have
+it, also when the trainer lays the examples in one row) and the most label positions a training
+batch had.
 """
 
 import json
@@ -26,6 +27,10 @@ def main() -> None:
     def recording(model, batch):
         if torch.is_grad_enabled():  # a training step, not a held-out evaluation
             b, t = batch["input_ids"].shape
+            if "cu_seq_lens" in batch:  # one row of examples (packing): B examples, the longest of them
+                prefix = int(batch.get("shared_prefix", 0))
+                lengths = batch["cu_seq_lens"][1 if prefix else 0:].diff() + prefix
+                b, t = len(lengths), int(lengths.max())
             labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             if b * t > largest["batch_size"] * largest["seq_len"]:
                 largest.update(batch_size=b, seq_len=t)

@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     for group in run.optimizer.param_groups:  # the update runs but changes nothing: every layout sees the same weights
         group["lr"] = 0.0
     pad = run.tokenizer.pad_token_id
-    layouts = {"shared": PackingCollator(pad, varlen=True, share_prefix=True), "varlen": PackingCollator(pad, varlen=True), "rows": PackingCollator(pad), "padded": Collator(pad)}
+    layouts = {"shared": PackingCollator(pad, varlen=True, share_prefix=True),
+               "varlen": PackingCollator(pad, varlen=True), "rows": PackingCollator(pad), "padded": Collator(pad)}
     batches = loop._epoch_batches([len(e) for e in run.examples], config, 0)
 
     def step(collate, index) -> dict:

@@ -12,9 +12,15 @@ as one autograd node: grouped-query heads share their key/value head without cop
 heads of a group are stacked along the sequence axis), the softmax accumulates in fp32 inside
 PyTorch's kernel with no fp32 copy of the scores, and the backward reuses the saved P (kept in
 the compute dtype, as the matmul that follows needs it) instead of recomputing it. It saves up
-to B x H x S x S probabilities per layer (3/4 of that from MIN_SPLIT tokens on), so it runs only up to `MAX_SCORES` scores per layer and
-only for self-attention over the whole sequence (training and held-out loss); decoding with a
-cache, longer sequences, attention dropout and anything unusual go to transformers' sdpa.
+to B x H x S x S probabilities per layer (3/4 of that from MIN_SPLIT tokens on), so it runs only
+up to `MAX_SCORES` scores per layer and only for self-attention over the whole sequence
+(training and held-out loss); decoding with a cache, longer sequences, attention dropout and
+anything unusual go to transformers' sdpa.
+
+A one-row batch of examples laid end to end (``cu_seq_lens_q``, the trainer's packing) is
+gathered into one padded row per example for this node, and back (`varlen_layout`), so the rest
+of the model runs on the real tokens only; a prompt head shared by all the examples can be laid
+down once and seen by each as its own (``lorakit_shared_prefix``).
 
 `use_lorakit_attention(model)` switches a loaded model over (Llama-family models only). Tests
 compare it with sdpa on outputs and gradients, padded and packed (tests/models/test_attention.py).
@@ -27,7 +33,8 @@ import torch
 from lorakit.errors import DataError
 from lorakit.models.family import in_llama_family, unwrap
 
-__all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports", "varlen_layout", "stream_mask"]
+__all__ = ["ATTENTION", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention", "supports",
+           "varlen_layout", "stream_mask"]
 
 ATTENTION = "lorakit"
 MIN_SPLIT = 64  # from this sequence length on, the masked quarter of causal attention is skipped
@@ -212,7 +219,7 @@ def lorakit_attention(module, query, key, value, attention_mask, dropout: float 
     cu_k = kwargs.pop("cu_seq_lens_k", cu)
     prefix = int(kwargs.pop("lorakit_shared_prefix", 0))
     if cu is not None:
-        if not (query.shape[0] == 1 and cu_k is cu and query.shape[2] == key.shape[2]
+        if not (query.shape[0] == 1 and (cu_k is cu or torch.equal(cu_k, cu)) and query.shape[2] == key.shape[2]
                 and query.shape[2] == len(varlen_layout(cu, prefix)[1])):  # the boundaries cover the row
             raise DataError(f"cu_seq_lens_q must describe the whole one-row batch (q {tuple(query.shape)}, "
                             f"k {tuple(key.shape)}); got {cu.tolist()} with a shared prefix of {prefix}")

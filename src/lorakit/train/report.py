@@ -116,7 +116,7 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         f"- Optimizer steps: {summary['steps']} (batch {config['batch_size']} x accumulation "
         f"{config['grad_accum']}), epochs: {summary['epochs']:.2f}",
         f"- Learning rate: {config['learning_rate']:g}, warm-up then cosine decay",
-        f"- Answer tokens trained on: {summary['loss_tokens']:,}; all tokens processed: {summary['tokens']:,}",
+        f"- Answer tokens trained on: {summary['loss_tokens']:,}; tokens of the examples: {summary['tokens']:,}",
         f"- Training time: {summary['train_seconds']:.0f} s ({summary['tokens_per_second']:.0f} tokens/s)",
         f"- Final training loss: {_fmt(summary.get('final_loss'))}; held-out loss: "
         f"{_fmt(summary.get('heldout_before'))} before, {_fmt(summary.get('heldout_after'))} after",

@@ -105,7 +105,8 @@ def test_the_shared_prefix_stops_before_the_first_token_any_example_is_trained_o
     assert shared_prefix(pairs[:1]) == 0
     pairs[1] = (pairs[1][0], [IGNORE_INDEX] * 3 + pairs[1][0][3:])  # trained from its 4th token on
     assert shared_prefix(pairs) == 2  # position 2 predicts token 3: the prefix ends before it
-    assert shared_prefix([([1, 2, 3], [IGNORE_INDEX] * 3), ([1, 2], [IGNORE_INDEX] * 2)]) == 1  # a token of its own each
+    # each example keeps a token of its own after the prefix
+    assert shared_prefix([([1, 2, 3], [IGNORE_INDEX] * 3), ([1, 2], [IGNORE_INDEX] * 2)]) == 1
 
 
 def test_a_varlen_batch_with_a_shared_prefix_lays_it_down_once_and_each_example_continues_it():
@@ -180,7 +181,8 @@ def test_a_key_value_cache_would_join_packed_examples_so_the_loss_builds_none():
 ])
 def test_loss_and_lora_gradients_of_a_packed_batch_equal_the_padded_batch(attn, packed_collator):
     register_lorakit_attention()
-    model = get_peft_model(_tiny_llama(attn), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    model = get_peft_model(_tiny_llama(attn),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     with torch.no_grad():  # nonzero B, so A has gradients too
         for name, p in model.named_parameters():
             if "lora_" in name:

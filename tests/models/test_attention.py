@@ -112,8 +112,9 @@ def test_a_stream_with_a_shared_prefix_equals_each_example_with_the_prefix_alone
     (q, k, v), cu = _stream(lengths)
     prefix, t = lengths[0], sum(lengths)
     out_grad = torch.randn(1, t, 4, 8, generator=torch.Generator().manual_seed(3))
-    ours, g_ours = _grads(lambda q, k, v: lorakit_attention(_Module(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                                            lorakit_shared_prefix=prefix)[0], (q, k, v), out_grad)
+    ours, g_ours = _grads(lambda q, k, v: lorakit_attention(_Module(), q, k, v, None, cu_seq_lens_q=cu,
+                                                            cu_seq_lens_k=cu, lorakit_shared_prefix=prefix)[0],
+                          (q, k, v), out_grad)
     ref, g_ref = _grads(lambda q, k, v: _with_prefix_alone(q, k, v, cu, prefix), (q, k, v), out_grad)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_ours, g_ref):  # the prefix's k and v: the sum over every example that saw them

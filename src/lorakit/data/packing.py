@@ -29,13 +29,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..models.attention import ATTENTION
 from ..models.family import in_llama_family, unwrap
 from .collate import example_fields
 from .encode import IGNORE_INDEX, Example
 
 __all__ = ["PackingCollator", "real_token_count", "shared_prefix", "supports_packing", "supports_varlen"]
 
-PACKING_ATTENTION = ("sdpa", "eager", "lorakit")  # the implementations that build the mask from position_ids
+PACKING_ATTENTION = ("sdpa", "eager", ATTENTION)  # the implementations that build the mask from position_ids
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -184,4 +185,4 @@ def supports_packing(model: torch.nn.Module) -> bool:
 def supports_varlen(model: torch.nn.Module) -> bool:
     """Whether ``model`` takes one-row streams of examples (``PackingCollator(varlen=True)``) and
     attends example by example: packing support with lorakit's attention."""
-    return supports_packing(model) and getattr(unwrap(model).config, "_attn_implementation", None) == "lorakit"
+    return supports_packing(model) and getattr(unwrap(model).config, "_attn_implementation", None) == ATTENTION

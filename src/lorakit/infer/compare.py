@@ -20,7 +20,8 @@ from lorakit import io
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError, LorakitError
 
-__all__ = ["parse_adapter_specs", "compare_adapters", "Comparison", "ModelScore", "Disagreement", "BASE", "check_adapters", "common_base"]
+__all__ = ["parse_adapter_specs", "compare_adapters", "Comparison", "ModelScore", "Disagreement", "BASE",
+           "check_adapters", "common_base"]
 
 BASE = "base"
 """The base model's column name (``include_base``); no adapter may take it then."""

@@ -35,8 +35,8 @@ import torch
 from lorakit.batching import BASE, mixed_batch
 from lorakit.errors import ConfigError
 
-__all__ = ["Sampling", "Request", "generate_batch", "warp_logits", "eos_token_ids", "finish_reason", "left_pad", "BASE"]
-
+__all__ = ["Sampling", "Request", "generate_batch", "warp_logits", "eos_token_ids", "row_ended", "finish_reason",
+           "left_pad", "BASE"]
 
 
 @dataclass
@@ -111,7 +111,6 @@ def generate_batch(model, tokenizer, requests: Sequence[Request], *,
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)
     pad = _pad_token_id(model, tokenizer, eos)
-    stops = [eos | set(r.sampling.stop_token_ids) for r in requests]
     generators = [_generator(r.sampling.seed, device) for r in requests]
 
     ids, mask = left_pad([r.prompt_ids for r in requests], pad)  # (B, T), (B, T)
@@ -137,7 +136,7 @@ def generate_batch(model, tokenizer, requests: Sequence[Request], *,
                 for i, token in zip(live, tokens):
                     outputs[i].append(token)
                     cancelled = on_token is not None and on_token(i, token) is False
-                    if cancelled or token in stops[i] or len(outputs[i]) >= requests[i].sampling.max_new_tokens:
+                    if cancelled or row_ended(outputs[i], requests[i], eos):
                         finished.add(i)
                 keep = [row for row, i in enumerate(live) if i not in finished]
                 if not keep:
@@ -188,6 +187,13 @@ def eos_token_ids(model, tokenizer) -> set[int]:
         elif source is not None:
             ids.update(int(i) for i in source)
     return ids
+
+
+def row_ended(ids: list[int], request: Request, eos: set[int]) -> bool:
+    """Whether a row's completion ``ids`` is over: its last token is EOS or one of its stop
+    tokens, or it has ``max_new_tokens``. The loop's rule, for callers that follow it token by token."""
+    return bool(ids) and (ids[-1] in eos or ids[-1] in request.sampling.stop_token_ids) \
+        or len(ids) >= request.sampling.max_new_tokens
 
 
 def finish_reason(ids: list[int], request: Request, eos: set[int]) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import LorakitError
-from lorakit.infer.engine import Request, eos_token_ids, finish_reason, generate_batch
+from lorakit.infer.engine import Request, eos_token_ids, finish_reason, generate_batch, row_ended
 from lorakit.infer.openai_api import Call, RequestError
 from lorakit.infer.textstream import TextStream
 
@@ -259,9 +259,7 @@ class Scheduler:
                 return False
             row.ids.append(token_id)
             self._send(job, row, row.stream.push(token_id))
-            sampling = job.call.sampling
-            if row.stream.stopped or token_id in eos or token_id in sampling.stop_token_ids \
-                    or len(row.ids) >= sampling.max_new_tokens:  # the engine's end of a row, or a stop string
+            if row.stream.stopped or row_ended(row.ids, requests[index], eos):  # a stop string, or the engine's end
                 self._finish_row(job, row, eos)
             return not row.done
 

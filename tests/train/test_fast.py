@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, fused, get_peft_model
+from lorakit.data import IGNORE_INDEX, Example, PackingCollator
 from lorakit.errors import ConfigError
 from lorakit.models.attention import ATTENTION
 from lorakit.train import fast
@@ -91,3 +92,25 @@ def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="Llama-family"):
         fast.speed_up(gpt2_like, attention="lorakit")
     assert "the model's own" in fast.speed_up(gpt2_like, attention="auto")[0]
+
+
+def test_a_compiled_model_reads_each_one_row_batch_by_its_own_boundaries(monkeypatch):
+    """The attention's per-example layout depends on the values of ``cu_seq_lens``: under torch.compile
+    it runs eagerly, so a second batch with other boundaries is not read with the first one's layout."""
+    original = torch.nn.Module.compile  # aot_eager: no C++ build; dynamic shapes, under which tracing it fails
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: original(self, backend="aot_eager", **(kw | {"dynamic": True})))
+    torch._dynamo.reset()
+    model = _model()
+    reference = copy.deepcopy(model)
+    fast.speed_up(reference)
+    fast.speed_up(model, compile=True)
+    collate = PackingCollator(pad_token_id=0, varlen=True, share_prefix=True)
+    generator = torch.Generator().manual_seed(0)
+    for lengths in ((9, 14, 6), (12, 5, 11, 8)):  # same prefix, other boundaries
+        examples = []
+        for n in lengths:
+            ids = [5, 6, 7] + torch.randint(8, 100, (n,), generator=generator).tolist()
+            examples.append(Example(ids, [IGNORE_INDEX] * 4 + ids[4:], "t"))
+        batch = collate(examples)
+        _assert_same(_loss_and_grads(model, batch), _loss_and_grads(reference, batch))

@@ -207,8 +207,12 @@ def _varlen(module, query, key, value, cu_seq_lens, prefix, dropout, scaling, kw
     return out.index_select(0, inverse)[None], None  # (1, T, H, D)
 
 
+@torch.compiler.disable
 def lorakit_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature; returns ((B, S, H, D) output, None).
+
+    It runs eagerly inside a torch.compile'd model (``compiler.disable``): its layout depends on
+    the values of the example boundaries, which a compiled graph would bake in.
 
     With ``cu_seq_lens_q`` (transformers' variable-length keyword: the example boundaries of a
     one-row stream of examples, `PackingCollator(varlen=True)`) the examples are attended to one

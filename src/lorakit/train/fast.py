@@ -5,8 +5,9 @@
 - fused RMSNorm (`lorakit.models.norms`) for Llama-style norms: one autograd node instead of eight;
 - gradient checkpointing (optional): keep only each layer's input and recompute the rest in the
   backward, trading about a third more compute for most of the activation memory;
-- torch.compile (optional): compiles each decoder layer; pays off on GPUs and long runs with few
-  distinct batch shapes, costs minutes of compiling on a CPU;
+- torch.compile (optional): compiles each decoder layer once for every batch length (dynamic
+  shapes; lorakit's attention runs eagerly inside); on a 2-core CPU it runs no faster than the
+  eager step after 20-40 s of compiling (bench/compile.py), so it is for GPUs;
 - AdamW with the fused (single-kernel) update where PyTorch has one for the device.
 
 The fused LoRA layers (`lorakit.fused`) and the chunked loss head (`lorakit.train.loss`) need no
@@ -97,6 +98,6 @@ def speed_up(model, *, attention: str = "auto", fused_norms: bool = True, gradie
         if not layers:
             raise ConfigError("compile: found no decoder layers to compile in this model; turn it off")
         for layer in layers:
-            layer.compile(dynamic=None)
+            layer.compile(dynamic=True)  # the batches' lengths change from step to step: one compile, not one per length
         notes.append(f"torch.compile: {len(layers)} decoder layers (the first steps include compiling)")
     return notes

@@ -42,7 +42,10 @@ def _child(args) -> dict:
                          compile=args.compiled, run_dir=str(Path(tempfile.mkdtemp(prefix="lorakit-bench-"))))
     run = loop._prepare(config, resume=False)
     model = run.peft_model.train()
-    batches = loop._epoch_batches([len(e) for e in run.examples], config, 0)
+    lengths, batches, epoch = [len(e) for e in run.examples], [], 0
+    while len(batches) < args.steps:  # epoch after epoch, as the trainer goes on
+        batches += loop._epoch_batches(lengths, config, epoch)
+        epoch += 1
     steps = []
     for index in range(args.steps):
         started = time.perf_counter()

@@ -1,6 +1,7 @@
 """One LoRA training step of the default model, lorakit beside PEFT, timed in one run.
 
-Model SmolLM2-135M-Instruct; a fixed batch of --batch x --seq tokens cut from the built-in
+Model SmolLM2-135M-Instruct (--model: another, e.g. the same architecture with random weights
+where the model file cannot go; bench/gpu.sh); a fixed batch of --batch x --seq tokens cut from the built-in
 task-api training data (labels only on the answers, attention mask all ones); LoRA r=--rank,
 alpha=2r, dropout 0 on all seven projections; AdamW lr 1e-4 (the fused kernel, for every config). A step is forward, loss, backward,
 optimizer step, zero_grad (no gradient clipping in any config). Configs:
@@ -55,6 +56,9 @@ CPU_ATTENTION = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=MODEL,
+                   help="the model (an embedded name, a .gguf or a model directory; bench/gpu.sh passes one "
+                        "with random weights)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=16, help="LoRA r; lora_alpha is 2r")
@@ -110,7 +114,7 @@ def build_step(config: str, args, device: torch.device, **lora_extra):
     from lorakit.models import load_tokenizer, resolve_model_dir
     from lorakit.train.fast import make_optimizer
 
-    batch = fixed_batch(load_tokenizer(MODEL), args.batch, args.seq, device)
+    batch = fixed_batch(load_tokenizer(args.model), args.batch, args.seq, device)
     lora = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
                 task_type="CAUSAL_LM", **lora_extra)
     if config.startswith("lorakit"):
@@ -121,7 +125,7 @@ def build_step(config: str, args, device: torch.device, **lora_extra):
         precision = {"lorakit-fp32": "fp32", "lorakit-bf16": "bf16"}.get(config) or resolve_precision("auto", device)
         autocast = autocast_for(precision, device)
         model, _ = lorakit.models.load_model(
-            MODEL, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+            args.model, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         torch.manual_seed(0)
         model = lorakit.get_peft_model(model, lorakit.LoraConfig(**lora))
         speed_up(model)  # the trainer's settings: lorakit attention where supported
@@ -135,7 +139,7 @@ def build_step(config: str, args, device: torch.device, **lora_extra):
         from transformers import AutoModelForCausalLM
 
         precision = "bf16" if config == "peft-bf16" else "fp32"
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(MODEL), dtype=torch.float32).to(device)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=torch.float32).to(device)
         torch.manual_seed(0)
         model = peft.get_peft_model(model, peft.LoraConfig(**lora))
 

@@ -189,17 +189,20 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _stopped(ids: list[int], request: Request, eos: set[int]) -> bool:
+    """Whether the completion's last token is EOS or one of the request's stop tokens."""
+    return bool(ids) and (ids[-1] in eos or ids[-1] in request.sampling.stop_token_ids)
+
+
 def row_ended(ids: list[int], request: Request, eos: set[int]) -> bool:
     """Whether a row's completion ``ids`` is over: its last token is EOS or one of its stop
     tokens, or it has ``max_new_tokens``. The loop's rule, for callers that follow it token by token."""
-    return bool(ids) and (ids[-1] in eos or ids[-1] in request.sampling.stop_token_ids) \
-        or len(ids) >= request.sampling.max_new_tokens
+    return _stopped(ids, request, eos) or len(ids) >= request.sampling.max_new_tokens
 
 
 def finish_reason(ids: list[int], request: Request, eos: set[int]) -> str:
     """"stop" when the completion ended at EOS or a stop token, else "length" (OpenAI's words)."""
-    stopped = bool(ids) and (ids[-1] in eos or ids[-1] in request.sampling.stop_token_ids)
-    return "stop" if stopped else "length"
+    return "stop" if _stopped(ids, request, eos) else "length"
 
 
 # -- the pieces of the loop

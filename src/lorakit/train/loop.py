@@ -170,9 +170,9 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     collate = Collator(tokenizer.pad_token_id)
     train_collate = collate
     if config.packing and supports_packing(peft_model):
-        # lorakit's attention: all examples in one row, attended one by one (no padding at all);
-        # otherwise rows no longer than the longest example
-        # and, without LoRA dropout, the tokens all examples of a batch start with computed once
+        # with lorakit's attention all examples in one row, attended one by one (no padding at all),
+        # and without LoRA dropout the tokens they all start with computed once; otherwise rows no
+        # longer than the longest example
         varlen = supports_varlen(peft_model)
         share = varlen and not peft_model.peft_config["default"].lora_dropout
         train_collate = PackingCollator(tokenizer.pad_token_id, varlen=varlen, share_prefix=share)

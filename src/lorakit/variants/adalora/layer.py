@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
-# inject's target matching and modules_to_save wrapping, shared with LoRA (private to the core)
-from lorakit.inject import match_targets, wrap_modules_to_save, lora_layers, replace_module, resolve_targets
+# inject's target matching and modules_to_save wrapping, shared with LoRA
+from lorakit.inject import lora_layers, match_targets, replace_module, resolve_targets, wrap_modules_to_save
 from lorakit.layer import LoraLayer, LoraLinear, is_conv1d
 
 __all__ = ["SVDAdapter", "SVDLinear", "inject_adalora", "svd_adapters", "ADALORA_DEFAULT_TARGETS"]

@@ -24,46 +24,31 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from machine import machine  # bench/machine.py
 
 
 def _child(args) -> dict:
-    import torch
-
-    from lorakit.data import real_token_count
+    from job_step import trainer_step  # bench/job_step.py: the trainer's step, timed
     from lorakit.train import loop
     from lorakit.train.config import TrainConfig
-    from lorakit.train.evaluate import loss_sum
 
     config = TrainConfig(train_examples=args.train_examples, batch_size=args.batch_size, learning_rate=1e-3,
                          compile=args.compiled, run_dir=str(Path(tempfile.mkdtemp(prefix="lorakit-bench-"))))
     run = loop._prepare(config, resume=False)
-    model = run.peft_model.train()
+    run.peft_model.train()
     lengths, batches, epoch = [len(e) for e in run.examples], [], 0
     while len(batches) < args.steps:  # epoch after epoch, as the trainer goes on
         batches += loop._epoch_batches(lengths, config, epoch)
         epoch += 1
-    steps = []
-    for index in range(args.steps):
-        started = time.perf_counter()
-        batch = run.train_collate([run.examples[i] for i in batches[index]])
-        labels = int((batch["labels"][:, 1:] != -100).sum())
-        with run.autocast():
-            loss, _ = loss_sum(model, batch)
-        (loss / labels).backward()
-        torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        steps.append({"s": time.perf_counter() - started, "real_tokens": real_token_count(batch),
-                      "loss": loss.item() / labels})
+    steps = [trainer_step(run, config, run.train_collate, [run.examples[i] for i in batches[index]])
+             for index in range(args.steps)]
     after = steps[args.warmup:]
     return {"compiled": args.compiled, "precision": run.precision,
-            "first_steps_s": [s["s"] for s in steps[:args.warmup]],
-            "median_step_s": statistics.median(s["s"] for s in after),
-            "real_tokens_per_s": sum(s["real_tokens"] for s in after) / sum(s["s"] for s in after),
+            "first_steps_s": [s["step"] for s in steps[:args.warmup]],
+            "median_step_s": statistics.median(s["step"] for s in after),
+            "real_tokens_per_s": sum(s["real_tokens"] for s in after) / sum(s["step"] for s in after),
             "losses": [s["loss"] for s in steps]}
 
 

@@ -40,6 +40,27 @@ from lorakit.train.evaluate import loss_sum
 from machine import machine  # bench/machine.py
 
 
+def trainer_step(run, config: TrainConfig, collate, examples: list) -> dict:
+    """The trainer's step on one micro-batch of ``examples`` (collate, forward and loss, backward,
+    clipping, AdamW), timed by part (collating counts in the forward) with its real tokens,
+    positions and loss per label token. bench/compile.py times the same step."""
+    t0 = time.perf_counter()
+    batch = collate(examples)
+    labels = int((batch["labels"][:, 1:] != -100).sum())
+    with run.autocast():
+        loss, _ = loss_sum(run.peft_model, batch)
+    t1 = time.perf_counter()
+    (loss / labels).backward()
+    t2 = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0,
+            "real_tokens": real_token_count(batch), "positions": batch["input_ids"].numel(),
+            "loss": loss.item() / labels}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train-examples", type=int, default=1000)
@@ -52,7 +73,7 @@ def main(argv=None) -> None:
     config = TrainConfig(train_examples=args.train_examples, batch_size=args.batch_size, learning_rate=1e-4,
                          run_dir=str(Path("/tmp") / "lorakit-bench-job-step"))
     run = loop._prepare(config, resume=False)
-    model = run.peft_model.train()
+    run.peft_model.train()
     for group in run.optimizer.param_groups:  # the update runs but changes nothing: every layout sees the same weights
         group["lr"] = 0.0
     pad = run.tokenizer.pad_token_id
@@ -61,21 +82,7 @@ def main(argv=None) -> None:
     batches = loop._epoch_batches([len(e) for e in run.examples], config, 0)
 
     def step(collate, index) -> dict:
-        t0 = time.perf_counter()
-        batch = collate([run.examples[i] for i in batches[index]])
-        labels = int((batch["labels"][:, 1:] != -100).sum())
-        with run.autocast():
-            loss, _ = loss_sum(model, batch)
-        t1 = time.perf_counter()
-        (loss / labels).backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0,
-                "real_tokens": real_token_count(batch), "positions": batch["input_ids"].numel(),
-                "loss": loss.item() / labels}
+        return trainer_step(run, config, collate, [run.examples[i] for i in batches[index]])
 
     for index in range(args.warmup):
         for collate in layouts.values():

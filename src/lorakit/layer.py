@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit import fused
 from lorakit.errors import LorakitError
+from lorakit.kernels import fused
 from lorakit.variants import dora, inits
 
 __all__ = ["Adapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "is_conv1d", "supported_layer"]
@@ -112,8 +112,12 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        # inside `lorakit.batching.mixed_batch`: each row's adapter (a LayerRows), else None
+        # inside `lorakit.kernels.batching.mixed_batch`: each row's adapter (a LayerRows), else None
         self.row_adapters = None
+        # the adapters stacked for mixed batches (a `lorakit.kernels.batching.Stack`), built on first use
+        self.adapter_stack = None
+        # take the fused path where it applies (`lorakit.kernels.fused`); False: the reference forward
+        self.use_fused = True
 
     # -- the per-kind pieces
     @property
@@ -226,14 +230,14 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x) + scale * B(A(dropout(x)))`` summed over the active adapters.
 
-        One adapter on an `nn.Linear` takes the fused path (`lorakit.fused`): the same sum as
+        One adapter on an `nn.Linear` takes the fused path (`lorakit.kernels.fused`): the same sum as
         one autograd node. The loop below is the reference, and the path for everything else.
         An adapter with a variant (DoRA) runs its variant's own forward, fused or reference.
         """
-        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.batching)
+        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.kernels.batching)
             return self.row_adapters.forward(self, x, *args, **kwargs)
         adapters = self._adapters_for_forward()
-        if len(adapters) == 1 and fused.enabled() and not args and not kwargs and not self.fan_in_fan_out \
+        if len(adapters) == 1 and self.use_fused and not args and not kwargs and not self.fan_in_fan_out \
                 and type(self.base_layer) is nn.Linear:
             a = adapters[0]
             dtype = fused.compute_dtype(x, self.base_layer.weight, a.lora_A)
@@ -276,7 +280,7 @@ class LoraEmbedding(LoraLayer):
         return self.adapters[name].delta_weight().T  # (vocab, dim), the table's layout
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.batching)
+        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.kernels.batching)
             return self.row_adapters.forward(self, ids, *args, **kwargs)
         result = self.base_layer(ids, *args, **kwargs)  # (..., dim)
         adapters = self._adapters_for_forward()

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lorakit import LoraConfig, fused, get_peft_model
+from lorakit import LoraConfig, get_peft_model
+from lorakit.kernels import fused
 from lorakit.layer import LoraLinear
 
 from .tiny import SEVEN, input_ids, tiny_llama
@@ -46,7 +47,7 @@ def test_fp32_matches_reference(bias, dropout):
     layer.train()
     x = torch.randn(3, 5, 24)
     y_fast, g_fast = _run(layer, x)
-    with fused.disabled():
+    with fused.disabled(layer):
         y_ref, g_ref = _run(layer, x)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
     for fast, ref in zip(g_fast, g_ref):
@@ -57,7 +58,7 @@ def test_bf16_autocast_matches_reference_within_rounding():
     layer, _ = _layer(bias=True, dtype=torch.bfloat16)  # the trainer's layout: bf16 base, fp32 adapter
     x = torch.randn(4, 6, 24, dtype=torch.bfloat16)
     y_fast, g_fast = _run(layer, x, autocast=True)
-    with fused.disabled():
+    with fused.disabled(layer):
         y_ref, g_ref = _run(layer, x, autocast=True)
     assert y_fast.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y_fast.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
@@ -76,7 +77,7 @@ def test_frozen_weight_gets_no_gradient_and_trainable_one_does():
     _run(layer, x)
     w_fast, b_fast = layer.base_layer.weight.grad.clone(), layer.base_layer.bias.grad.clone()
     layer.base_layer.weight.grad = layer.base_layer.bias.grad = None
-    with fused.disabled():
+    with fused.disabled(layer):
         _run(layer, x)
     torch.testing.assert_close(w_fast, layer.base_layer.weight.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b_fast, layer.base_layer.bias.grad, rtol=1e-5, atol=1e-6)
@@ -90,7 +91,7 @@ def test_mixed_dtypes_without_autocast_use_the_reference_rule():
     x = torch.randn(2, 24, dtype=torch.bfloat16)
     with torch.no_grad():
         y = layer(x)
-        with fused.disabled():
+        with fused.disabled(layer):
             ref = layer(x)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
 
@@ -108,7 +109,7 @@ def test_whole_model_loss_and_gradients_match_reference():
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss_fast, grads_fast = loss_and_grads()
-    with fused.disabled():
+    with fused.disabled(model):
         loss_ref, grads_ref = loss_and_grads()
     torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=0)
     assert grads_fast.keys() == grads_ref.keys() and len(grads_fast) == 2 * 7 * 2
@@ -131,11 +132,27 @@ def test_two_active_adapters_still_sum_both():
 
 
 def test_disabled_is_restored_after_an_error():
+    layer, _ = _layer(bias=False)
+    assert layer.use_fused and isinstance(layer, fused.FusedLayer)
     with pytest.raises(RuntimeError):
-        with fused.disabled():
-            assert not fused.enabled()
+        with fused.disabled(layer):
+            assert not layer.use_fused
             raise RuntimeError("boom")
-    assert fused.enabled()
+    assert layer.use_fused
+
+
+def test_disabled_switches_only_the_given_model_and_nests():
+    """The switch is each layer's own: a block for one model leaves another model's layers fused."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=SEVEN))
+    other = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=SEVEN))
+    layers = [m for m in model.modules() if isinstance(m, fused.FusedLayer)]
+    assert len(layers) == 2 * 7
+    with fused.disabled(model):
+        with fused.disabled(model):
+            assert not any(layer.use_fused for layer in layers)
+        assert not any(layer.use_fused for layer in layers)
+        assert all(m.use_fused for m in other.modules() if isinstance(m, fused.FusedLayer))
+    assert all(layer.use_fused for layer in layers)
 
 
 def test_deepcopy_keeps_fused_layers_working():

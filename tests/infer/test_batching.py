@@ -1,6 +1,9 @@
-"""Mixed-adapter batches (`lorakit.batching`, ``adapter_names``): every row of a batch equals that
+"""Mixed-adapter batches (`lorakit.kernels.batching`, ``adapter_names``): every row of a batch equals that
 row run with its adapter alone, in forward, in generate with a KV cache and in a decode loop of
 one's own; the same as PEFT's ``adapter_names`` on the same adapter files; the refusals."""
+
+import copy
+import pickle
 
 import peft
 import pytest
@@ -8,9 +11,9 @@ import torch
 
 import lorakit
 from lorakit import ConfigError, LoraConfig, get_peft_model
-from lorakit import batching
-from lorakit.batching import BASE, mixed_batch
 from lorakit.inject import lora_layers
+from lorakit.kernels import batching
+from lorakit.kernels.batching import BASE, mixed_batch
 
 from core.tiny import SEVEN, input_ids, tiny_llama
 
@@ -180,13 +183,13 @@ def test_stack_is_reused_and_follows_weight_changes():
     ids = input_ids(batch=len(ROWS))
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     logits(model, ids, adapter_names=ROWS)
-    stack = batching._STACKS[layer]
+    stack = layer.adapter_stack  # kept by the layer itself
     logits(model, ids, adapter_names=ROWS)
-    assert batching._STACKS[layer] is stack  # built once, reused
+    assert layer.adapter_stack is stack  # built once, reused
     with torch.no_grad():
         layer.adapters["b"].lora_B.mul_(3)  # an in-place change (what loading does) is seen
     close(logits(model, ids, adapter_names=ROWS), per_row(model, ROWS, lambda: logits(model, ids)))
-    assert batching._STACKS[layer] is not stack
+    assert layer.adapter_stack is not stack
     model.add_adapter("e", LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False))
     rows = ["e", "b", BASE]
     ids = input_ids(batch=3)
@@ -194,6 +197,23 @@ def test_stack_is_reused_and_follows_weight_changes():
     model.delete_adapter("e")
     with pytest.raises(ConfigError, match="'e'"):
         logits(model, ids, adapter_names=rows)
+
+
+def test_a_copy_of_the_model_builds_its_own_stacks():
+    """The stack is a cache on the layer: a deep copy (or a pickle) carries none, and builds its own."""
+    model = build()
+    ids = input_ids(batch=len(ROWS))
+    want = logits(model, ids, adapter_names=ROWS)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.adapter_stack is not None
+    clone = copy.deepcopy(model)
+    clone_layer = clone.get_base_model().model.layers[0].self_attn.q_proj
+    assert clone_layer.adapter_stack is None
+    assert pickle.loads(pickle.dumps(layer)).adapter_stack is None
+    close(logits(clone, ids, adapter_names=ROWS), want)
+    assert clone_layer.adapter_stack is not None and clone_layer.adapter_stack is not layer.adapter_stack
+    batching.invalidate(model)
+    assert all(m.adapter_stack is None for _, m in lora_layers(model))
 
 
 def test_bf16_autocast_rows_follow_each_adapter_alone():
@@ -271,7 +291,7 @@ def test_rows_using_scattered_adapters(monkeypatch, path):
     close(logits(model.eval(), ids, adapter_names=rows), per_row(model, rows, lambda: logits(model, ids)))
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
     assert q_proj.adapters.keys() == {"a", "b", "q0", "q1", "q2"} and not q_proj.row_adapters
-    assert [rows.cols for rows in batching._STACKS[q_proj]._rows.values()] == [[1, 5]]
+    assert [rows.cols for rows in q_proj.adapter_stack._rows.values()] == [[1, 5]]
 
 
 def test_bf16_base_with_fp32_adapters():

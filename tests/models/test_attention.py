@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.errors import DataError
-from lorakit.models import attention
-from lorakit.models.attention import ATTENTION, lorakit_attention, supports, use_lorakit_attention, varlen_layout
+from lorakit.kernels import attention as kernel
+from lorakit.kernels.attention import varlen_layout
+from lorakit.models.attention import ATTENTION, lorakit_attention, supports, use_lorakit_attention, varlen_inputs
 
 from core.tiny import input_ids, tiny_llama
 
@@ -120,20 +121,21 @@ def test_a_stream_with_a_shared_prefix_equals_each_example_with_the_prefix_alone
     for a, b in zip(g_ours, g_ref):  # the prefix's k and v: the sum over every example that saw them
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # the whole-row mask for attention that cannot take the padded rows says the same
-    fallback = _sdpa(q, k, v, attention.stream_mask(cu, prefix))
+    fallback = _sdpa(q, k, v, kernel.stream_mask(cu, prefix))
     torch.testing.assert_close(fallback.detach(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_the_stream_layout_pads_each_example_to_the_longest_and_is_built_once_per_boundaries():
+def test_the_stream_layout_pads_each_example_to_the_longest_and_is_passed_in_once_per_batch():
     cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
     index, inverse, mask = varlen_layout(cu)
-    assert varlen_layout(cu)[0] is index  # every layer of a forward passes the same tensor
+    inputs = varlen_inputs(cu)  # the model call's keywords: the one layout every layer reads
+    assert inputs["cu_seq_lens_q"] is inputs["cu_seq_lens_k"] is cu and "lorakit_shared_prefix" not in inputs
+    assert all(torch.equal(a, b) for a, b in zip(inputs["lorakit_varlen_layout"], (index, inverse, mask)))
     assert index.tolist() == [0, 1, 2, 3, 0, 0, 4, 5, 0]  # padding slots point anywhere (position 0)
     assert inverse.tolist() == [0, 1, 2, 3, 6, 7]
     assert mask.shape == (3, 1, 3, 3)
     assert mask[1, 0].tolist() == [[True, False, False]] * 3  # the padding rows of a 1-token example see it only
     assert mask[2, 0].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
-    assert varlen_layout(cu.clone())[0] is not index
     with pytest.raises(DataError, match="example boundaries"):
         varlen_layout(torch.tensor([1, 3], dtype=torch.int32))
     # a shared prefix of 2: rows are the prefix, then each example's own tokens
@@ -149,12 +151,15 @@ def test_a_stream_too_large_for_the_saved_probabilities_falls_back_to_the_models
     seq = torch.repeat_interleave(torch.arange(2), torch.tensor([6, 9]))
     block = (torch.ones(15, 15, dtype=torch.bool).tril() & (seq[:, None] == seq[None, :]))[None, None]
     expected = _each_alone(q, k, v, cu)
-    monkeypatch.setattr(attention, "MAX_SCORES", 4 * 9 * 9 - 1)  # the padded rows would need 2 x 4 x 9 x 9
+    monkeypatch.setattr(kernel, "MAX_SCORES", 4 * 9 * 9 - 1)  # the padded rows would need 2 x 4 x 9 x 9
     out, _ = lorakit_attention(_Module(), q, k, v, block, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     # with a shared prefix the model's own mask (built from position ids) would be wrong: it is replaced
     (q, k, v), cu = _stream([3, 6, 9])
     out, _ = lorakit_attention(_Module(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, lorakit_shared_prefix=3)
+    torch.testing.assert_close(out, _with_prefix_alone(q, k, v, cu, 3), rtol=1e-5, atol=1e-6)
+    # and so with the layout passed in, as the model call passes it (varlen_inputs)
+    out, _ = lorakit_attention(_Module(), q, k, v, None, **varlen_inputs(cu, 3))
     torch.testing.assert_close(out, _with_prefix_alone(q, k, v, cu, 3), rtol=1e-5, atol=1e-6)
 
 

@@ -5,9 +5,12 @@ import copy
 import pytest
 import torch
 
-from lorakit import LoraConfig, fused, get_peft_model
+from lorakit import LoraConfig, get_peft_model
 from lorakit.data import IGNORE_INDEX, Example, PackingCollator
 from lorakit.errors import ConfigError
+from lorakit.kernels import attention as kernel_attention
+from lorakit.kernels import fused
+from lorakit.models import attention as model_attention
 from lorakit.models.attention import ATTENTION
 from lorakit.train import fast
 from lorakit.train.evaluate import loss_sum
@@ -52,7 +55,7 @@ def test_every_fast_path_together_matches_the_plain_reference_in_fp32():
     assert any("5 RMSNorm modules fused" in n for n in notes)
     assert model.get_base_model().config._attn_implementation == ATTENTION
     assert any("checkpointing" in n for n in notes)
-    with fused.disabled():
+    with fused.disabled(reference):
         want = _loss_and_grads(reference, batch)
     _assert_same(_loss_and_grads(model, batch), want)
 
@@ -114,3 +117,24 @@ def test_a_compiled_model_reads_each_one_row_batch_by_its_own_boundaries(monkeyp
             examples.append(Example(ids, [IGNORE_INDEX] * 4 + ids[4:], "t"))
         batch = collate(examples)
         _assert_same(_loss_and_grads(model, batch), _loss_and_grads(reference, batch))
+
+
+def test_a_one_row_batch_is_laid_out_once_per_forward_not_per_layer(monkeypatch):
+    """The per-example layout of a one-row batch is built once by the model call's caller and
+    passed to every layer (no cache, no rebuilding in each of the model's layers)."""
+    model = _model()
+    fast.speed_up(model)
+    built = []
+
+    def counted(*args, **kwargs):
+        built.append(args)
+        return kernel_attention.varlen_layout(*args, **kwargs)
+
+    monkeypatch.setattr(model_attention, "varlen_layout", counted)
+    collate = PackingCollator(pad_token_id=0, varlen=True, share_prefix=True)
+    examples = [Example([5, 6, 7] + list(range(8, 8 + n)), [IGNORE_INDEX] * 4 + list(range(9, 8 + n)), "t")
+                for n in (9, 14, 6)]
+    batch = collate(examples)
+    assert len(model.get_base_model().model.layers) > 1
+    _loss_and_grads(model, batch)
+    assert len(built) == 1

@@ -14,7 +14,7 @@ consecutive positions, so a token attends only to the earlier tokens of its own 
 With ``varlen=True`` (the trainer's choice when the model runs lorakit's attention) a micro-batch
 is one row of all its examples and no padding at all, plus ``cu_seq_lens``, the example
 boundaries: the projections, norms and MLPs run on the real tokens only, and the attention lays
-the examples out in padded rows of its own, one per example (`lorakit.models.attention`).
+the examples out in padded rows of its own, one per example (`lorakit.kernels.attention`).
 
 The labels of every example's first token are IGNORE_INDEX, so no example is trained to predict
 its first token from the one before it. The loss, and its gradients, are those of the padded

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from lorakit.data import IGNORE_INDEX, Collator, Example
 from lorakit.infer.generate import generate_texts
+from lorakit.kernels.loss import head_cross_entropy
+from lorakit.models.attention import varlen_inputs
 from lorakit.models.family import LLAMA_FAMILY, unwrap
-from lorakit.train.loss import head_cross_entropy
 
 __all__ = [
     "loss_sum", "model_inputs", "heldout_loss", "ScoreResult", "score_examples", "split_prompt", "scorer_for", "evaluate_adapter",
@@ -30,10 +31,9 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ``position_ids`` that restart at each example (and no mask), which keeps attention inside it
     as long as the forward builds no key/value cache (``use_cache=False``, as `loss_sum` passes)."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "cu_seq_lens" in batch:  # one row of examples end to end (PackingCollator(varlen=True))
-        inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = batch["cu_seq_lens"]
-        if "shared_prefix" in batch:  # lorakit's attention: every example continues the row's first P tokens
-            inputs["lorakit_shared_prefix"] = int(batch["shared_prefix"])
+    if "cu_seq_lens" in batch:  # one row of examples end to end (PackingCollator(varlen=True)), laid out once
+        # lorakit's attention: every example continues the row's first P tokens (the shared prefix)
+        inputs |= varlen_inputs(batch["cu_seq_lens"], int(batch.get("shared_prefix", 0)))
     return inputs
 
 

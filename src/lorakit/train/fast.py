@@ -1,8 +1,9 @@
 """How the trainer sets a model up for speed, in one place (the trainer and bench/ both call it).
 
-- attention: lorakit's training attention (`lorakit.models.attention`) for Llama-family models
-  ("auto"), or the model's own ("sdpa", "eager");
-- fused RMSNorm (`lorakit.models.norms`) for Llama-style norms: one autograd node instead of eight;
+- attention: lorakit's training attention (`lorakit.kernels.attention`, switched on by
+  `lorakit.models.attention`) for Llama-family models ("auto"), or the model's own ("sdpa", "eager");
+- fused RMSNorm (`lorakit.kernels.norms`, swapped in by `lorakit.models.norms`) for Llama-style
+  norms: one autograd node instead of eight;
 - gradient checkpointing (optional): keep only each layer's input and recompute the rest in the
   backward, trading about a third more compute for most of the activation memory;
 - torch.compile (optional): compiles each decoder layer once for every batch length (dynamic
@@ -10,7 +11,7 @@
   eager step after 20-40 s of compiling (bench/compile.py), so it is for GPUs;
 - AdamW with the fused (single-kernel) update where PyTorch has one for the device.
 
-The fused LoRA layers (`lorakit.fused`) and the chunked loss head (`lorakit.train.loss`) need no
+The fused LoRA layers (`lorakit.kernels.fused`) and the chunked loss head (`lorakit.kernels.loss`) need no
 switch: they are the default path of every lorakit model.
 """
 

@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit import fused
 from lorakit.errors import ConfigError
 
 if TYPE_CHECKING:  # the layer imports this module; types only

@@ -1,6 +1,6 @@
 """The fast LoRA linear forward and backward: one autograd node per adapted layer.
 
-The reference forward (`LoraLinear.forward` with ``fused.disabled()``) reads as the paper writes
+The reference forward (`LoraLinear.forward` with ``fused.disabled(model)``) reads as the paper writes
 it: ``base(x) + scale * B(A(dropout(x)))``. Run by autograd, that is five nodes and several
 full-size temporaries per layer: the low-rank output, its scaled copy, the sum, and under autocast
 a cast of ``x`` up to the adapter's fp32 and back down again. This module computes the same thing
@@ -22,30 +22,34 @@ gradients (tests/core/test_fused.py).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["enabled", "disabled", "lora_linear", "compute_dtype"]
-
-_ENABLED = True
+__all__ = ["FusedLayer", "disabled", "lora_linear", "compute_dtype"]
 
 
-def enabled() -> bool:
-    """Whether LoRA layers take the fused path (the default)."""
-    return _ENABLED
+@runtime_checkable
+class FusedLayer(Protocol):
+    """A layer with a fused fast path that can be switched off (lorakit's LoRA layers declare it)."""
+
+    use_fused: bool  # True (the default): take the fused path where it applies; False: the reference forward
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Run LoRA layers on the plain reference forward inside this block (for checking and debugging)."""
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, False
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s LoRA layers on the plain reference forward inside this block (for checking and
+    debugging); each layer's own switch is restored on the way out, so blocks nest."""
+    layers = [m for m in model.modules() if isinstance(m, FusedLayer)]
+    previous = [layer.use_fused for layer in layers]
     try:
+        for layer in layers:
+            layer.use_fused = False
         yield
     finally:
-        _ENABLED = previous
+        for layer, was in zip(layers, previous):
+            layer.use_fused = was
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor) -> torch.dtype | None:

@@ -21,9 +21,9 @@ adapters' weights are not copied into the base and nothing is merged. One block 
 model: the layers hold the rows' adapters while it is open (a server runs its batches from one
 thread), and blocks nest (the inner one wins until it closes).
 
-**The stack.** Each LoRA layer keeps its adapters stacked, built once and reused by every forward
-until an adapter is added, deleted, loaded or its weights change (tensor versions are checked on
-entering a block; `invalidate` drops them all):
+**The stack.** Each LoRA layer keeps its adapters stacked (``layer.adapter_stack``), built once and
+reused by every forward until an adapter is added, deleted, loaded or its weights change (tensor
+versions are checked on entering a block; `invalidate` drops a model's stacks):
 
     A   (n+1, R, in)     slot 0 is zeros ("__base__"), slot k holds adapter k's A_k
     Bt  (n+1, R, out)    s_k B_k^T: the scale (alpha/r, or alpha/sqrt(r) with rsLoRA) folded in
@@ -79,9 +79,6 @@ __all__ = ["BASE", "DENSE_MAX", "mixed_batch", "invalidate", "batch_size", "name
 
 BASE = "__base__"  # PEFT's name for a row without an adapter
 DENSE_MAX = 4  # the dense path runs for one adapter, or while tokens per row x adapters is at most this
-
-_STACKS: "weakref.WeakKeyDictionary[LoraLayer, Stack]" = weakref.WeakKeyDictionary()
-
 
 # --------------------------------------------------------------------------- the stack of one layer
 
@@ -139,6 +136,11 @@ class Stack:
         self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {self.a.dtype: (self.a, self.bt)}
         self._rows: dict[tuple[int, ...], LayerRows] = {}
 
+    def __reduce__(self):
+        """A copy or a pickle of the layer carries no stack (a cache of its adapters' weights, which
+        point back at the originals by weak reference): the copy builds its own on first use."""
+        return _no_stack, ()
+
     def fresh(self, layer: LoraLayer) -> bool:
         """Whether the layer's adapters are still exactly what the stack was built from."""
         tensors, stamp = _sources(layer)
@@ -161,22 +163,25 @@ class Stack:
         return self._rows[slots]
 
 
+def _no_stack() -> None:
+    return None
+
+
 def stack_of(layer: LoraLayer) -> Stack:
-    """The layer's stack, rebuilt if any of its adapters changed since it was built."""
-    stack = _STACKS.get(layer)
+    """The layer's stack (kept on the layer, ``layer.adapter_stack``), rebuilt if any of its adapters
+    changed since it was built."""
+    stack = layer.adapter_stack
     if stack is None or not stack.fresh(layer):
-        stack = _STACKS[layer] = Stack(layer)
+        stack = layer.adapter_stack = Stack(layer)
     return stack
 
 
-def invalidate(model: nn.Module | None = None) -> None:
-    """Drop the stacks of ``model``'s layers (of every model with None); the next block rebuilds them.
-    Not needed after lorakit's own operations or in-place writes (versions show those)."""
-    if model is None:
-        _STACKS.clear()
-        return
+def invalidate(model: nn.Module) -> None:
+    """Drop the stacks of ``model``'s layers; the next block rebuilds them. Not needed after
+    lorakit's own operations or in-place writes (versions show those)."""
     for module in model.modules():
-        _STACKS.pop(module, None)
+        if isinstance(module, LoraLayer):
+            module.adapter_stack = None
 
 
 # --------------------------------------------------------------------------- one layer, one batch

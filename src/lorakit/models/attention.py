@@ -2,8 +2,8 @@
 
 `lorakit_attention` has transformers' attention-function signature and decides, per call, whether
 the one-node kernel computes what the model asks for: self-attention over the whole sequence
-(training and held-out loss), within `MAX_SCORES` scores per layer. Decoding with a cache, longer
-sequences, attention dropout and anything unusual go to transformers' sdpa.
+(training and held-out loss), within the kernel's `MAX_SCORES` scores per layer. Decoding with a
+cache, longer sequences, attention dropout and anything unusual go to transformers' sdpa.
 
 A one-row batch of examples laid end to end (transformers' variable-length keywords
 ``cu_seq_lens_q``/``cu_seq_lens_k``, the trainer's packing) is attended to example by example,
@@ -23,11 +23,11 @@ import torch
 
 from lorakit.errors import DataError
 from lorakit.kernels import attention as kernel
-from lorakit.kernels.attention import MAX_SCORES, varlen_layout
+from lorakit.kernels.attention import varlen_layout
 from lorakit.models.family import in_llama_family, unwrap
 
-__all__ = ["ATTENTION", "LAYOUT_KEY", "MAX_SCORES", "lorakit_attention", "register", "use_lorakit_attention",
-           "supports", "varlen_inputs", "varlen_layout"]
+__all__ = ["ATTENTION", "LAYOUT_KEY", "PREFIX_KEY", "lorakit_attention", "register", "use_lorakit_attention",
+           "supports", "varlen_inputs"]
 
 ATTENTION = "lorakit"
 LAYOUT_KEY = "lorakit_varlen_layout"  # the attention keyword that carries a batch's `VarlenLayout`
@@ -38,7 +38,8 @@ def varlen_inputs(cu_seq_lens: torch.Tensor, prefix: int = 0) -> dict:
     """The model-call keywords of a one-row stream of examples: its boundaries as transformers'
     variable-length keywords, the shared prefix, and the layout every layer's attention reads
     (built here, once per batch)."""
-    inputs = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, LAYOUT_KEY: varlen_layout(cu_seq_lens, prefix)}
+    inputs = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+              LAYOUT_KEY: varlen_layout(cu_seq_lens, prefix)}
     if prefix:
         inputs[PREFIX_KEY] = prefix
     return inputs

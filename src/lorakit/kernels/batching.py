@@ -82,6 +82,11 @@ DENSE_MAX = 4  # the dense path runs for one adapter, or while tokens per row x 
 
 # --------------------------------------------------------------------------- the stack of one layer
 
+def _no_stack() -> None:
+    """What a pickled `Stack` loads as: no stack (the layer builds one on first use)."""
+    return None
+
+
 def _sources(layer: LoraLayer) -> tuple[list[torch.Tensor], tuple]:
     """The tensors a layer's stack is built from, and a stamp that changes when any of them does:
     names, scales and variants, the tensors' versions (an in-place write bumps it) and addresses
@@ -136,9 +141,13 @@ class Stack:
         self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {self.a.dtype: (self.a, self.bt)}
         self._rows: dict[tuple[int, ...], LayerRows] = {}
 
+    def __deepcopy__(self, memo) -> "Stack":
+        """A copy of the layer shares the stack (a cache of derived tensors) until it builds its own:
+        `fresh` sees that the copy's adapters are other tensors."""
+        return self
+
     def __reduce__(self):
-        """A copy or a pickle of the layer carries no stack (a cache of its adapters' weights, which
-        point back at the originals by weak reference): the copy builds its own on first use."""
+        """A pickled layer carries no stack (its weak references do not pickle): built on first use."""
         return _no_stack, ()
 
     def fresh(self, layer: LoraLayer) -> bool:
@@ -161,10 +170,6 @@ class Stack:
                 self._rows.pop(next(iter(self._rows)))
             self._rows[slots] = LayerRows(self, slots)
         return self._rows[slots]
-
-
-def _no_stack() -> None:
-    return None
 
 
 def stack_of(layer: LoraLayer) -> Stack:

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from lorakit.errors import ConfigError
 from lorakit.inject import ModulesToSave, logical_modules
 from lorakit.layer import Adapter, LoraLayer
+from lorakit.methods import method_for
 from lorakit.variants import dora
 
 __all__ = ["BASE", "DENSE_MAX", "mixed_batch", "invalidate", "batch_size", "names_for_generate"]
@@ -294,10 +295,12 @@ def _check(model: nn.Module, adapter_names, layers: list[LoraLayer], wrappers: l
         problems.append("adapter_names works in eval mode only (per-row adapters are for inference, as in "
                         "PEFT); call model.eval() first, or train one adapter at a time with set_adapter()")
     config = getattr(model, "peft_config", None) or {}
-    kinds = {getattr(c, "peft_type", "LORA") for c in config.values()}
-    if "ADALORA" in kinds or any(not isinstance(a, Adapter) for layer in layers for a in layer.adapters.values()):
-        problems.append("mixed adapter batches do not support AdaLoRA models (SVD-form adapters); run each "
-                        "adapter alone with set_adapter(), or merge it with merge_and_unload()")
+    refused = sorted({method_for(c.peft_type).name for c in config.values()
+                      if not method_for(c.peft_type).mixed_batches})
+    if refused or any(not isinstance(a, Adapter) for layer in layers for a in layer.adapters.values()):
+        problems.append(f"mixed adapter batches do not support {', '.join(refused) or 'these'} models (their "
+                        "adapters have no per-row form); run each adapter alone with set_adapter(), or merge "
+                        "it with merge_and_unload()")
     loaded = sorted(set(config) | {n for layer in layers for n in layer.adapters})
     unknown = sorted({n for n in names if isinstance(n, str) and n != BASE and n not in loaded})
     if unknown:

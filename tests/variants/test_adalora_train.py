@@ -12,7 +12,7 @@ from lorakit import PeftModel
 from lorakit.errors import ConfigError
 from lorakit.train import TrainConfig, train
 from lorakit.train.report import read_metrics
-from lorakit.variants.adalora import AdaLoraConfig
+from lorakit.methods.adalora import AdaLoraConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -188,7 +188,7 @@ class TrainConfig:
         lora = self.lora_config()
         if self.method == "lora":
             return lora
-        from lorakit.variants.adalora import AdaLoraConfig
+        from lorakit.methods.adalora import AdaLoraConfig
 
         return AdaLoraConfig(
             task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path,

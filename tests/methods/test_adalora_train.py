@@ -25,7 +25,7 @@ def _config(tmp_path, tiny_model_dir, **overrides):
                   score_examples=0, save_every=0, log_every=1, precision="fp32", run_dir=str(tmp_path / "run"),
                   name="tiny", method="adalora")
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_settings(**values)
 
 
 def test_adalora_run_trains_allocates_and_saves_a_peft_adapter(tmp_path, tiny_model_dir):

@@ -23,7 +23,7 @@ def test_train_flags_win_over_the_config_file_and_the_resolved_config_is_saved(t
     assert code == 0
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["max_steps"] == 2 and saved["learning_rate"] == 0.01  # flags win
-    assert saved["r"] == base["r"]  # the file wins over defaults
+    assert saved["lora"]["r"] == base["lora"]["r"] == 4  # the file wins over defaults
     out = capsys.readouterr().out
     assert f"adapter: {run_dir / 'adapter'}" in out and "held-out exact match" in out
 

@@ -53,11 +53,11 @@ class Adapter(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
         # DoRA's magnitude m (out,), set by `lorakit.variants.dora.add_magnitude`, with variant "dora"
         self.register_parameter("lora_magnitude_vector", None)
+        # the adapter's variant, by name (its rule: `lorakit.plugins.variant`); None: plain LoRA
         self.variant: str | None = None
-        """The name of the adapter's variant (`lorakit.plugins.variant`); None: plain LoRA."""
+        # tensors the variant derives and keeps between calls, by name (DoRA: the base weight's
+        # row norms, the norm used at merge); never saved
         self.variant_cache: dict[str, Any] = {}
-        """Tensors the variant derives and keeps between calls, by name (DoRA: the base weight's
-        row norms, the norm used at merge); never saved."""
         self.reset_parameters(init, embedding)
 
     def reset_parameters(self, init, embedding: bool) -> None:

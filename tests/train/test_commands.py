@@ -3,6 +3,7 @@
 import os
 import signal
 
+import pytest
 import yaml
 
 import lorakit.train.loop as loop
@@ -65,3 +66,12 @@ def test_an_interrupted_run_exits_130_and_resumes(tiny_config, tmp_path, monkeyp
     monkeypatch.undo()
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_train_help_prints_every_flag(capsys):
+    """argparse formats help text with %: the docstrings' "10%" must not crash it."""
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--r R", "--lora-alpha", "--use-dora", "--method", "warm-up 10% of"))

@@ -41,7 +41,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     types = {f.name: f for f in dataclasses.fields(TrainConfig) + dataclasses.fields(AdapterSettings)}
     for f in (types[name] for name in setting_names()):
         flag = ALIASES.get(f.name, "--" + f.name.replace("_", "-"))
-        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "")}
+        # argparse formats help text with %: a literal "10%" in a docstring must reach it as "10%%"
+        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "").replace("%", "%%")}
         if f.type in ("bool",):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "target_modules":

@@ -265,8 +265,8 @@ class LoraConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
-        peft_type = data.get("peft_type") or "LORA"
-        if peft_type not in peft_types():
+        peft_type = data.get("peft_type")
+        if peft_type is not None and peft_type not in peft_types():
             raise ConfigError(f"{path}: peft_type is {peft_type!r}; lorakit loads "
                               f"{', '.join(peft_types())} adapters only")
         config_class = method_for(peft_type).config_class  # its method's (lorakit.methods)

@@ -4,8 +4,8 @@
     <dir>/adapter_model.safetensors   base_model.model.<module>.lora_A.weight        (r, in)
                                       base_model.model.<module>.lora_B.weight        (out, r)
                                       base_model.model.<module>.lora_magnitude_vector (out,) DoRA
-                                      base_model.model.<module>.lora_A / lora_E / lora_B
-                                                              (k, in) (k, 1) (out, k) AdaLoRA, k kept
+                                      (a method's own keys: `lorakit.methods.Method.layer_tensors`,
+                                      e.g. AdaLoRA's <module>.lora_A / lora_E / lora_B)
                                       base_model.model.<module>.lora_embedding_A     (r, vocab)
                                       base_model.model.<module>.lora_embedding_B     (dim, r)
                                       base_model.model.<module>.base_layer.bias      bias modes

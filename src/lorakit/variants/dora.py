@@ -285,7 +285,7 @@ def unmerged_weight(layer: LoraLayer, name: str) -> torch.Tensor:
 # --------------------------------------------------------------------------- registration
 
 def _wanted(config: LoraConfig) -> bool:
-    return bool(getattr(config, "use_dora", False))
+    return config.use_dora is True
 
 
 DORA = register_variant(AdapterVariant(

@@ -31,21 +31,21 @@ from machine import machine  # bench/machine.py
 
 def _child(args) -> dict:
     from job_step import trainer_step  # bench/job_step.py: the trainer's step, timed
-    from lorakit.train import loop
+    from lorakit.train import loop, setup
     from lorakit.train.config import TrainConfig
 
     config = TrainConfig(train_examples=args.train_examples, batch_size=args.batch_size, learning_rate=1e-3,
                          compile=args.compiled, run_dir=str(Path(tempfile.mkdtemp(prefix="lorakit-bench-"))))
-    run = loop._prepare(config, resume=False)
-    run.peft_model.train()
-    lengths, batches, epoch = [len(e) for e in run.examples], [], 0
+    run = setup.prepare(config, resume=False)
+    run.model.train()
+    lengths, batches, epoch = [len(e) for e in run.data.examples], [], 0
     while len(batches) < args.steps:  # epoch after epoch, as the trainer goes on
         batches += loop._epoch_batches(lengths, config, epoch)
         epoch += 1
-    steps = [trainer_step(run, config, run.train_collate, [run.examples[i] for i in batches[index]])
+    steps = [trainer_step(run, config, run.data.train_collate, [run.data.examples[i] for i in batches[index]])
              for index in range(args.steps)]
     after = steps[args.warmup:]
-    return {"compiled": args.compiled, "precision": run.precision,
+    return {"compiled": args.compiled, "precision": run.compute.precision,
             "first_steps_s": [s["step"] for s in steps[:args.warmup]],
             "median_step_s": statistics.median(s["step"] for s in after),
             "real_tokens_per_s": sum(s["real_tokens"] for s in after) / sum(s["step"] for s in after),

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from lorakit.data import Collator, PackingCollator, real_token_count
-from lorakit.train import loop
+from lorakit.train import loop, setup
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import loss_sum
 from machine import machine  # bench/machine.py
@@ -47,8 +47,8 @@ def trainer_step(run, config: TrainConfig, collate, examples: list) -> dict:
     t0 = time.perf_counter()
     batch = collate(examples)
     labels = int((batch["labels"][:, 1:] != -100).sum())
-    with run.autocast():
-        loss, _ = loss_sum(run.peft_model, batch)
+    with run.compute.autocast():
+        loss, _ = loss_sum(run.model, batch)
     t1 = time.perf_counter()
     (loss / labels).backward()
     t2 = time.perf_counter()
@@ -72,17 +72,17 @@ def main(argv=None) -> None:
 
     config = TrainConfig(train_examples=args.train_examples, batch_size=args.batch_size, learning_rate=1e-4,
                          run_dir=str(Path("/tmp") / "lorakit-bench-job-step"))
-    run = loop._prepare(config, resume=False)
-    run.peft_model.train()
+    run = setup.prepare(config, resume=False)
+    run.model.train()
     for group in run.optimizer.param_groups:  # the update runs but changes nothing: every layout sees the same weights
         group["lr"] = 0.0
-    pad = run.tokenizer.pad_token_id
+    pad = run.data.tokenizer.pad_token_id
     layouts = {"shared": PackingCollator(pad, varlen=True, share_prefix=True),
                "varlen": PackingCollator(pad, varlen=True), "rows": PackingCollator(pad), "padded": Collator(pad)}
-    batches = loop._epoch_batches([len(e) for e in run.examples], config, 0)
+    batches = loop._epoch_batches([len(e) for e in run.data.examples], config, 0)
 
     def step(collate, index) -> dict:
-        return trainer_step(run, config, collate, [run.examples[i] for i in batches[index]])
+        return trainer_step(run, config, collate, [run.data.examples[i] for i in batches[index]])
 
     for index in range(args.warmup):
         for collate in layouts.values():
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     print(f"largest difference of a batch's loss from the padded layout's: {spread:.2e}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "args": vars(args), "precision": run.precision,
+    out.write_text(json.dumps({"machine": machine(), "args": vars(args), "precision": run.compute.precision,
                                "results": results}, indent=1))
     print(f"wrote {out}")
 

@@ -58,7 +58,7 @@ def _train_config(args, **overrides) -> TrainConfig:
                   score_examples=args.score_examples, batch_size=args.batch_size, grad_accum=args.grad_accum,
                   learning_rate=args.lr, epochs=args.epochs, max_length=args.max_length, seed=args.seed,
                   precision=args.precision)
-    return TrainConfig(**values | overrides)
+    return TrainConfig.from_settings(**values | overrides)
 
 
 def _splits(config: TrainConfig, tokenizer):
@@ -117,7 +117,7 @@ def _trainer_worker(args) -> dict:
     config = _train_config(args)
     tokenizer = load_tokenizer(config.model)
     examples = _train_subset(config, list(_splits(config, tokenizer).train.examples))
-    lora = config.lora_config()
+    lora = config.lora
     model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(config.model), dtype=torch.float32)
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
@@ -153,7 +153,7 @@ def _score_worker(args) -> dict:
     from lorakit.data import Collator
     from lorakit.models import load_model
     from lorakit.train.evaluate import heldout_loss, score_examples, scorer_for
-    from lorakit.train.loop import autocast_for
+    from lorakit.train.setup import autocast_for
 
     config = _train_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -120,7 +120,7 @@ def build_step(config: str, args, device: torch.device, **lora_extra):
     if config.startswith("lorakit"):
         from lorakit.train.evaluate import loss_sum
         from lorakit.train.fast import speed_up
-        from lorakit.train.loop import autocast_for, resolve_precision
+        from lorakit.train.setup import autocast_for, resolve_precision
 
         precision = {"lorakit-fp32": "fp32", "lorakit-bf16": "bf16"}.get(config) or resolve_precision("auto", device)
         autocast = autocast_for(precision, device)

@@ -67,8 +67,7 @@ def _train_config(args, variant: str, **overrides) -> TrainConfig:
                   score_examples=args.score_examples, batch_size=args.batch_size, grad_accum=args.grad_accum,
                   learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps, max_length=args.max_length,
                   seed=args.seed, precision=args.precision, name=variant)
-    config = TrainConfig(**values | VARIANTS[variant] | overrides)
-    config.lora_config()  # the adapter's own validation, before a process is spent on it
+    config = TrainConfig.from_settings(**values | VARIANTS[variant] | overrides)  # the adapter validated too
     return config
 
 

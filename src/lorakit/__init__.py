@@ -12,7 +12,12 @@ from lorakit.errors import (
 )
 from lorakit.model import LoraModel, PeftModel, get_peft_model
 from lorakit.optimizers import create_loraplus_optimizer
-from lorakit.variants.adalora import AdaLoraConfig
+
+# The plug-ins register themselves when imported: the methods by peft_type (lorakit.methods),
+# the variants in lorakit.plugins. Importing lorakit (or any of its modules) imports them all.
+from lorakit.methods import lora  # noqa: F401  (LORA)
+from lorakit.methods.adalora import AdaLoraConfig  # ADALORA
+from lorakit.variants import dora, inits, weighted  # noqa: F401  (DoRA; PiSSA, OLoRA; add_weighted_adapter)
 
 __version__ = "0.1.0"
 

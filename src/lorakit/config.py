@@ -8,7 +8,6 @@ unchanged and the JSON file loads in either library. Validation happens once, in
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lorakit.errors import AdapterFormatError, ConfigError
+from lorakit.methods import method_for, peft_types
 
 __all__ = ["LoraConfig", "TaskType", "PRESETS", "preset", "CONFIG_NAME", "SEVEN_PROJECTIONS"]
 
@@ -165,7 +165,7 @@ class LoraConfig:
         """Yield one message per invalid field; every message names the field and the fix."""
         if self.peft_type not in (self.PEFT_TYPE, None):
             yield (f"peft_type={self.peft_type!r}: a {type(self).__name__} has peft_type "
-                   f"{self.PEFT_TYPE!r}; lorakit reads {', '.join(sorted(CONFIG_CLASSES))} adapters")
+                   f"{self.PEFT_TYPE!r}; lorakit reads {', '.join(peft_types())} adapters")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             yield f"r={self.r!r}: the rank must be a positive integer, e.g. r=16"
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
@@ -265,23 +265,15 @@ class LoraConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
-        peft_type = data.get("peft_type") or "LORA"
-        if peft_type not in CONFIG_CLASSES:
+        peft_type = data.get("peft_type")
+        if peft_type is not None and peft_type not in peft_types():
             raise ConfigError(f"{path}: peft_type is {peft_type!r}; lorakit loads "
-                              f"{', '.join(sorted(CONFIG_CLASSES))} adapters only")
-        module, name = CONFIG_CLASSES[peft_type]
-        config_class = getattr(importlib.import_module(module), name)
+                              f"{', '.join(peft_types())} adapters only")
+        config_class = method_for(peft_type).config_class  # its method's (lorakit.methods)
         if not issubclass(config_class, cls):
             raise ConfigError(f"{path}: peft_type is {peft_type!r}, not a {cls.__name__}; read it with "
                               f"{config_class.__name__}.from_pretrained (or LoraConfig.from_pretrained)")
         return config_class.from_dict(data)
-
-
-# adapter_config.json's peft_type -> (module, class) that reads it, imported on first use.
-CONFIG_CLASSES = {
-    "LORA": ("lorakit.config", "LoraConfig"),
-    "ADALORA": ("lorakit.variants.adalora.config", "AdaLoraConfig"),
-}
 
 
 def _init_problems(init: Any):

@@ -15,13 +15,14 @@ from typing import Iterator
 
 import torch.nn as nn
 
+from lorakit import plugins
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import ConfigError
 from lorakit.layer import LoraLayer, is_conv1d, make_lora_layer, supported_layer
-from lorakit.variants import dora
+from lorakit.methods import method_for
 
 __all__ = [
-    "ModulesToSave", "logical_modules", "resolve_targets", "inject_adapter", "mark_trainable",
+    "ModulesToSave", "logical_modules", "resolve_targets", "inject_adapter", "inject_lora", "mark_trainable",
     "count_parameters", "lora_layers", "pattern_value", "replace_module", "name_matches", "layer_index_ok",
     "match_targets", "wrap_modules_to_save",
 ]
@@ -231,16 +232,24 @@ def _shown(targets) -> str:
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
                    autocast_adapter_dtype: bool = True) -> LoraConfig:
-    """Add adapter ``adapter_name`` to every targeted module of ``model`` (in place).
+    """Add adapter ``adapter_name`` to every targeted module of ``model`` (in place), the way
+    its method (``config.peft_type``, `lorakit.methods`) does.
 
     Returns the config with concrete target_modules (what is saved)."""
-    if config.peft_type == "ADALORA":  # SVD-form layers of their own (imports this module)
-        from lorakit.variants.adalora.layer import inject_adalora
-        return inject_adalora(model, config, adapter_name, autocast_adapter_dtype)
+    return method_for(config.peft_type).inject(model, config, adapter_name, autocast_adapter_dtype)
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
+                autocast_adapter_dtype: bool = True) -> LoraConfig:
+    """LORA's injection: a `LoraLayer` around each targeted module, one `Adapter` added to it,
+    turned into the variants the config asks for (DoRA, `lorakit.plugins`).
+
+    Returns the config with concrete target_modules (what is saved)."""
     config = resolve_targets(model, config)
     found = match_targets(model, config)
-    if config.use_dora:
-        dora.check_targets(found)  # before anything is wrapped
+    wanted = [v for v in plugins.variants() if v.wanted(config)]
+    for variant in wanted:
+        variant.check_targets(found)  # before anything is wrapped
     for name, module in found:
         layer = module
         if not isinstance(layer, LoraLayer):
@@ -261,8 +270,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
             lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
             init=config.init_lora_weights, autocast_fp32=autocast_adapter_dtype,
         )
-        if config.use_dora:  # after the init, which may change W (PiSSA, OLoRA)
-            dora.add_magnitude(layer, adapter_name)
+        for variant in wanted:  # after the init, which may change W (PiSSA, OLoRA)
+            variant.attach(layer, adapter_name)
     wrap_modules_to_save(model, config, adapter_name)
     return config
 

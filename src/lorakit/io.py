@@ -4,8 +4,8 @@
     <dir>/adapter_model.safetensors   base_model.model.<module>.lora_A.weight        (r, in)
                                       base_model.model.<module>.lora_B.weight        (out, r)
                                       base_model.model.<module>.lora_magnitude_vector (out,) DoRA
-                                      base_model.model.<module>.lora_A / lora_E / lora_B
-                                                              (k, in) (k, 1) (out, k) AdaLoRA, k kept
+                                      (a method's own keys: `lorakit.methods.Method.layer_tensors`,
+                                      e.g. AdaLoRA's <module>.lora_A / lora_E / lora_B)
                                       base_model.model.<module>.lora_embedding_A     (r, vocab)
                                       base_model.model.<module>.lora_embedding_B     (dim, r)
                                       base_model.model.<module>.base_layer.bias      bias modes
@@ -34,12 +34,11 @@ from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
 from lorakit.inject import ModulesToSave, bias_parameters, logical_modules
 from lorakit.layer import LoraLayer
-from lorakit.variants.adalora.config import pattern_for
-from lorakit.variants.adalora.layer import SVDAdapter
+from lorakit.methods import method_for
 
 __all__ = [
     "WEIGHTS_NAME", "PREFIX", "adapter_tensors", "save_adapter", "read_adapter",
-    "load_adapter_tensors", "adapter_subdir", "check_adapter_name",
+    "load_adapter_tensors", "adapter_subdir", "check_adapter_name", "lora_layer_tensors",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -82,26 +81,15 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
     model with LoRA layers injected). Saving reads them; loading copies into them."""
     tensors: dict[str, torch.Tensor] = {}
     lora_layer_names = []
+    layer_tensors = method_for(config.peft_type).layer_tensors  # the method's own keys
     for name, module in logical_modules(model):
         if isinstance(module, ModulesToSave):
             if adapter_name in module.modules_to_save:
                 for pname, p in module.modules_to_save[adapter_name].named_parameters():
                     tensors[f"{PREFIX}{name}.{pname}"] = p
-        elif hasattr(module, "adapters") and adapter_name in module.adapters:
-            a = module.adapters[adapter_name]
+        elif isinstance(module, LoraLayer) and adapter_name in module.adapters:
             lora_layer_names.append(name)
-            if isinstance(a, SVDAdapter):  # AdaLoRA: no ".weight", only the kept triplets
-                tensors.update(_svd_tensors(f"{PREFIX}{name}", a, pattern_for(config.rank_pattern, name)))
-            elif module.is_embedding:
-                tensors[f"{PREFIX}{name}.lora_embedding_A"] = a.lora_A
-                tensors[f"{PREFIX}{name}.lora_embedding_B"] = a.lora_B
-            else:
-                tensors[f"{PREFIX}{name}.lora_A.weight"] = a.lora_A
-                tensors[f"{PREFIX}{name}.lora_B.weight"] = a.lora_B
-            if a.lora_magnitude_vector is not None:
-                # PEFT's "<module>.lora_magnitude_vector.<adapter>.weight", the adapter name stripped
-                # together with ".weight" (peft.utils.save_and_load)
-                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = a.lora_magnitude_vector
+            tensors.update(layer_tensors(f"{PREFIX}{name}", name, module, module.adapters[adapter_name], config))
     if config.bias == "all":
         for name, p in bias_parameters(model):
             tensors[PREFIX + name] = p
@@ -124,19 +112,20 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
     return tensors
 
 
-def _svd_tensors(prefix: str, a: SVDAdapter, kept: list[bool] | None) -> dict[str, torch.Tensor]:
-    """An AdaLoRA layer's tensors, PEFT's keys ``<module>.lora_A / lora_E / lora_B``: the rows
-    (of B, the columns) that ``kept`` (its rank_pattern entry) marks, unless the layer already
-    has exactly that many (it was loaded so). ``ranknum`` is not saved: it is init_r."""
-    rows = a.lora_A.shape[0]
-    if kept is None or sum(kept) == rows:
-        return {f"{prefix}.lora_A": a.lora_A, f"{prefix}.lora_E": a.lora_E, f"{prefix}.lora_B": a.lora_B}
-    if len(kept) != rows:
-        raise AdapterFormatError(f"{prefix}: rank_pattern has {len(kept)} entries ({sum(kept)} kept) for a "
-                                 f"layer of rank {rows}; the pattern belongs to another adapter")
-    keep = torch.tensor(kept, dtype=torch.bool, device=a.lora_A.device)
-    return {f"{prefix}.lora_A": a.lora_A[keep], f"{prefix}.lora_E": a.lora_E[keep],
-            f"{prefix}.lora_B": a.lora_B[:, keep]}
+def lora_layer_tensors(key: str, module_name: str, layer: LoraLayer, a: nn.Module,
+                       config: LoraConfig) -> dict[str, torch.Tensor]:
+    """LORA's tensors of one layer (`lorakit.methods.Method.layer_tensors`): PEFT's keys
+    ``<key>.lora_A.weight`` / ``.lora_B.weight``, ``<key>.lora_embedding_A`` / ``_B`` for an
+    embedding, and DoRA's ``<key>.lora_magnitude_vector``."""
+    if layer.is_embedding:
+        tensors = {f"{key}.lora_embedding_A": a.lora_A, f"{key}.lora_embedding_B": a.lora_B}
+    else:
+        tensors = {f"{key}.lora_A.weight": a.lora_A, f"{key}.lora_B.weight": a.lora_B}
+    if a.lora_magnitude_vector is not None:
+        # PEFT's "<module>.lora_magnitude_vector.<adapter>.weight", the adapter name stripped
+        # together with ".weight" (peft.utils.save_and_load)
+        tensors[f"{key}.lora_magnitude_vector"] = a.lora_magnitude_vector
+    return tensors
 
 
 def _modules_to_save(model: nn.Module, adapter_name: str):

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit import plugins
 from lorakit.errors import LorakitError
 from lorakit.kernels import fused
-from lorakit.variants import dora, inits
 
 __all__ = ["Adapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "is_conv1d", "supported_layer"]
 
@@ -33,19 +33,6 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def supported_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
-
-
-class LinearVariant(Protocol):
-    """A variant's own forward and merge rule for a linear layer (`lorakit.variants.dora` is one)."""
-
-    def forward(self, layer, adapter, x, result): ...  # result + the adapter's output (reference)
-    def fused_forward(self, layer, adapter, x, dtype): ...  # the whole layer output, or None
-    def merged_weight(self, layer, name): ...  # the merged weight, fp32, W's layout
-    def unmerged_weight(self, layer, name): ...  # its inverse
-
-
-# Adapter.variant -> its rule; an adapter whose variant is None is plain LoRA.
-VARIANTS: dict[str, LinearVariant] = {dora.NAME: dora}
 
 
 class Adapter(nn.Module):
@@ -67,7 +54,11 @@ class Adapter(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
         # DoRA's magnitude m (out,), set by `lorakit.variants.dora.add_magnitude`, with variant "dora"
         self.register_parameter("lora_magnitude_vector", None)
+        # the adapter's variant, by name (its rule: `lorakit.plugins.variant`); None: plain LoRA
         self.variant: str | None = None
+        # tensors the variant derives and keeps between calls, by name (DoRA: the base weight's
+        # row norms, the norm used at merge); never saved
+        self.variant_cache: dict[str, Any] = {}
         self.reset_parameters(init, embedding)
 
     def reset_parameters(self, init, embedding: bool) -> None:
@@ -118,6 +109,9 @@ class LoraLayer(nn.Module):
         self.adapter_stack = None
         # take the fused path where it applies (`lorakit.kernels.fused`); False: the reference forward
         self.use_fused = True
+        # the base weight with every merged adapter taken out, held while a variant's merge rule
+        # replays the merges (`lorakit.variants.dora`), else None
+        self.held_unmerged_weight: torch.Tensor | None = None
 
     # -- the per-kind pieces
     @property
@@ -146,8 +140,9 @@ class LoraLayer(nn.Module):
             lora_dropout=0.0 if self.is_embedding else lora_dropout, use_rslora=use_rslora,
             init=init, embedding=self.is_embedding, dtype=dtype, device=weight.device,
         )
-        if inits.uses_base_weight(init):  # PiSSA, OLoRA: A, B from W, and W <- W - scale * B A
-            inits.init_from_base(self, adapter, init)
+        from_base = plugins.base_weight_init(init)
+        if from_base is not None:  # PiSSA, OLoRA: A, B from W, and W <- W - scale * B A
+            from_base.init_from_base(self, adapter, init)
         self.adapters[name] = adapter
         return adapter
 
@@ -174,9 +169,9 @@ class LoraLayer(nn.Module):
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=2)
                 continue
-            variant = VARIANTS.get(self.adapters[name].variant)
+            variant = self.adapters[name].variant
             if variant is not None:  # its own rule (DoRA: W' = m / ||W + s B A|| * (W + s B A))
-                merged = variant.merged_weight(self, name)
+                merged = plugins.variant(variant).merged_weight(self, name)
             else:
                 delta = self.delta_in_weight_layout(name)
                 merged = weight.data.float() + delta if weight.dtype != torch.float32 else weight.data + delta
@@ -195,9 +190,9 @@ class LoraLayer(nn.Module):
         for name in names:
             if name not in self.merged_adapters:
                 continue
-            variant = VARIANTS.get(self.adapters[name].variant)
+            variant = self.adapters[name].variant
             if variant is not None:
-                restored = variant.unmerged_weight(self, name)
+                restored = plugins.variant(variant).unmerged_weight(self, name)
             else:
                 delta = self.delta_in_weight_layout(name)
                 restored = weight.data.float() - delta if weight.dtype != torch.float32 else weight.data - delta
@@ -244,7 +239,7 @@ class LoraLinear(LoraLayer):
             if dtype is not None and a.variant is None:
                 return fused.lora_linear(x, self.base_layer, a.lora_A, a.lora_B, a.scaling, a.lora_dropout, dtype)
             if dtype is not None:
-                out = VARIANTS[a.variant].fused_forward(self, a, x, dtype)
+                out = plugins.variant(a.variant).fused_forward(self, a, x, dtype)
                 if out is not None:
                     return out
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
@@ -252,8 +247,8 @@ class LoraLinear(LoraLayer):
             return result
         out_dtype = result.dtype
         for a in adapters:
-            if a.variant is not None:  # the variant's reference forward (lorakit.variants)
-                result = VARIANTS[a.variant].forward(self, a, x, result)  # (..., out)
+            if a.variant is not None:  # the variant's reference forward (lorakit.plugins)
+                result = plugins.variant(a.variant).forward(self, a, x, result)  # (..., out)
                 continue
             h = a.lora_dropout(x.to(a.lora_A.dtype))  # (..., in)
             result = result + F.linear(F.linear(h, a.lora_A), a.lora_B) * a.scaling  # (..., out)

@@ -14,9 +14,10 @@ import dataclasses
 import os
 import warnings
 
+import torch
 import torch.nn as nn
 
-from lorakit import io
+from lorakit import io, plugins
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.inject import (
@@ -25,7 +26,7 @@ from lorakit.inject import (
 )
 from lorakit.kernels import batching
 from lorakit.layer import LoraLayer
-from lorakit.variants import inits
+from lorakit.methods import method_for
 
 __all__ = ["LoraModel", "PeftModel", "get_peft_model"]
 
@@ -40,6 +41,16 @@ class LoraModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    # -- the per-step hooks a training loop calls, whatever the method
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss term the method adds to the task loss once per optimizer step (its gradient is
+        accumulated before the step); None when there is none, as for LoRA."""
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after optimizer step ``step`` (1-based), before the gradients are cleared; LoRA
+        does nothing here (AdaLoRA reallocates its ranks)."""
 
     def check_new_adapter(self, config: LoraConfig) -> None:
         """Refuse an adapter of another kind than those already here: one model, one peft_type."""
@@ -123,9 +134,10 @@ class PeftModel(nn.Module):
             raise ConfigError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}")
         self.base_model.check_new_adapter(peft_config)
         model = self.get_base_model()
-        inits.check_targets(model, peft_config)  # before any base weight becomes a residual
-        if self.peft_config and any(inits.uses_base_weight(c.init_lora_weights)
-                                    for c in [peft_config, *self.peft_config.values()]):
+        from_base = plugins.base_weight_init(peft_config.init_lora_weights)
+        if from_base is not None:
+            from_base.check_targets(model, peft_config)  # before any base weight becomes a residual
+        if self.peft_config and any(_mutates_base(c) for c in [peft_config, *self.peft_config.values()]):
             warnings.warn("an adapter initialised with PiSSA/OLoRA changed the base weights, so it should "
                           "not share the model with other adapters; convert it into a plain LoRA adapter "
                           "first (save_pretrained(..., path_initial_model_for_weight_conversion=...))",
@@ -198,9 +210,7 @@ class PeftModel(nn.Module):
         sum_i w_i dW_i; "svd": its best rank-k approximation; "linear": the factors combined).
         PEFT's signature; the math and where it differs from PEFT are in
         `lorakit.variants.weighted`."""
-        from lorakit.variants import weighted
-
-        weighted.add_weighted_adapter(
+        plugins.operation("add_weighted_adapter")(
             self, adapters, weights, adapter_name, combination_type=combination_type,
             svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
             svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
@@ -228,7 +238,7 @@ class PeftModel(nn.Module):
         return self._unload(merge=False)
 
     def _warn_residual(self, what: str, stacklevel: int) -> None:
-        mutated = sorted(n for n, c in self.peft_config.items() if inits.uses_base_weight(c.init_lora_weights))
+        mutated = sorted(n for n, c in self.peft_config.items() if _mutates_base(c))
         if mutated:
             warnings.warn(f"{what} the residual model, not the original: adapters {mutated} were initialised "
                           "with PiSSA/OLoRA, which replaced the base weights by W - scale * B0 A0; "
@@ -299,10 +309,10 @@ class PeftModel(nn.Module):
                 config = dataclasses.replace(config, base_model_name_or_path=base_name)
             tensors = io.adapter_tensors(model, name, config, save_embedding_layers)
             if initial is not None:
-                config = inits.converted_config(config)
-                tensors = inits.convert_to_lora(tensors, initial, str(path_initial_model_for_weight_conversion))
+                config, tensors = plugins.operation("convert_to_lora")(
+                    config, tensors, initial, str(path_initial_model_for_weight_conversion))
             else:
-                inits.warn_if_randomized(config.init_lora_weights, f"adapter {name!r} was saved")
+                _warn_on_reload(config, f"adapter {name!r} was saved")
             io.save_adapter(io.adapter_subdir(save_directory, name), config, tensors)
 
     @classmethod
@@ -320,7 +330,7 @@ class PeftModel(nn.Module):
         directory = os.path.join(model_id, subfolder) if subfolder else model_id
         file_config, tensors = io.read_adapter(directory)
         config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
-        inits.warn_if_randomized(config.init_lora_weights, f"{directory} is loaded")
+        _warn_on_reload(config, f"{directory} is loaded")
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
         io.load_adapter_tensors(peft_model.get_base_model(), adapter_name,
                                 peft_model.peft_config[adapter_name], tensors, directory)
@@ -334,7 +344,7 @@ class PeftModel(nn.Module):
         if kwargs:
             raise ConfigError(f"load_adapter got arguments lorakit does not support: {sorted(kwargs)}")
         file_config, tensors = io.read_adapter(model_id)
-        inits.warn_if_randomized(file_config.init_lora_weights, f"{model_id} is loaded")
+        _warn_on_reload(file_config, f"{model_id} is loaded")
         self.add_adapter(adapter_name, dataclasses.replace(file_config, inference_mode=not is_trainable))
         io.load_adapter_tensors(self.get_base_model(), adapter_name, self.peft_config[adapter_name],
                                 tensors, model_id)
@@ -343,12 +353,21 @@ class PeftModel(nn.Module):
 
 
 def _base_model_class(config: LoraConfig) -> type[LoraModel]:
-    """PeftModel.base_model's class: LoraModel, or AdaLoraModel (rank allocation, orthogonal
-    regulariser) for an AdaLoraConfig, imported on use (it builds on this module)."""
-    if getattr(config, "peft_type", None) == "ADALORA":
-        from lorakit.variants.adalora.model import AdaLoraModel
-        return AdaLoraModel
-    return LoraModel
+    """PeftModel.base_model's class: the one the config's method registered (`lorakit.methods`)."""
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"peft_config must be a lorakit LoraConfig, got {type(config).__name__}")
+    return method_for(config.peft_type).model_class
+
+
+def _mutates_base(config: LoraConfig) -> bool:
+    """Whether the adapter's init replaced the base weights by a residual (PiSSA, OLoRA)."""
+    return plugins.base_weight_init(config.init_lora_weights) is not None
+
+
+def _warn_on_reload(config: LoraConfig, event: str) -> None:
+    from_base = plugins.base_weight_init(config.init_lora_weights)
+    if from_base is not None:
+        from_base.warn_on_reload(config.init_lora_weights, event)
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",

@@ -222,7 +222,7 @@ def _run_config(model_dir, run_dir, **overrides):
                   eval_every=0, eval_examples=4, score_examples=0, save_every=0, log_every=1, precision="fp32",
                   run_dir=str(run_dir), name="packing")
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_settings(**values)
 
 
 @pytest.mark.slow  # needs the converted default model's tokenizer

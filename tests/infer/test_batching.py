@@ -265,7 +265,7 @@ def test_merged_adapters_are_refused():
 
 
 def test_adalora_and_modules_to_save_are_refused():
-    from lorakit.variants.adalora import AdaLoraConfig
+    from lorakit.methods.adalora import AdaLoraConfig
 
     ada = get_peft_model(tiny_llama(), AdaLoraConfig(total_step=5, target_modules=["q_proj"])).eval()
     with pytest.raises(ConfigError, match="AdaLoRA"):

@@ -125,15 +125,14 @@ def test_plan_shows_the_presets_beside_the_recommendation():
 def test_the_train_command_it_prints_trains_the_recommended_adapter(task, examples, memory_gb):
     from lorakit.cli import build_parser
     from lorakit.plan.report import format_plan
-    from lorakit.train.config import TrainConfig, load_train_config
+    from lorakit.train.config import load_train_config, setting_names
 
     plan = make_plan(SHAPE, task, examples, memory_gb=memory_gb)
     rec = plan.recommendation
     assert "lorakit train --data YOUR.jsonl " + " ".join(rec.train_args()) in format_plan(plan)
     args = build_parser().parse_args(["train", *rec.train_args()])
-    config = load_train_config(None, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                                        if f.name != "extra"})
-    lora = config.lora_config()
+    config = load_train_config(None, **{name: getattr(args, name) for name in setting_names()})
+    lora = config.lora
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_rslora, lora.target_modules) == \
         (rec.r, rec.lora_alpha, rec.lora_dropout, rec.use_rslora, set(rec.target_modules))
     assert (config.learning_rate, config.epochs, config.batch_size, config.grad_accum,

@@ -177,11 +177,11 @@ def test_a_real_run_that_overfits_on_purpose(tiny_model_dir, tmp_path):
     about 12 steps. (At 2e-2 and above the loss of this model also spikes now and then.)"""
     from lorakit.train import TrainConfig, train
 
-    config = TrainConfig(model=str(tiny_model_dir), data="task-api", train_examples=4,
-                         batch_size=4, max_steps=40, learning_rate=1e-2, r=16,
-                         target_modules=["q_proj", "v_proj", "lm_head"], eval_every=4,
-                         eval_examples=16, score_examples=2, max_new_tokens=4, save_every=0,
-                         log_every=1, precision="fp32", run_dir=str(tmp_path / "run"))
+    config = TrainConfig.from_settings(model=str(tiny_model_dir), data="task-api", train_examples=4,
+                                       batch_size=4, max_steps=40, learning_rate=1e-2, r=16,
+                                       target_modules=["q_proj", "v_proj", "lm_head"], eval_every=4,
+                                       eval_examples=16, score_examples=2, max_new_tokens=4, save_every=0,
+                                       log_every=1, precision="fp32", run_dir=str(tmp_path / "run"))
     result = train(config, progress=False)
 
     metrics = read_metrics(result.run_dir)  # what the trainer logs is what the reader reads

@@ -38,7 +38,7 @@ def main() -> None:
         return loss_sum(model, batch)
 
     loop.loss_sum = recording
-    result = train(TrainConfig(**json.loads(sys.argv[1])), progress=False)
+    result = train(TrainConfig.from_settings(**json.loads(sys.argv[1])), progress=False)
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f)
     peak = int(status["VmHWM"].split()[0]) * 1024  # peak resident set size, kB -> bytes

@@ -15,5 +15,5 @@ def tiny_config(tiny_model_dir, tmp_path):
                       score_examples=4, max_new_tokens=6, save_every=2, log_every=1, precision="fp32",
                       run_dir=str(tmp_path / "run"), name="tiny")
         values.update(overrides)
-        return TrainConfig(**values)
+        return TrainConfig.from_settings(**values)
     return make

@@ -3,6 +3,7 @@
 import os
 import signal
 
+import pytest
 import yaml
 
 import lorakit.train.loop as loop
@@ -23,7 +24,7 @@ def test_train_flags_win_over_the_config_file_and_the_resolved_config_is_saved(t
     assert code == 0
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["max_steps"] == 2 and saved["learning_rate"] == 0.01  # flags win
-    assert saved["r"] == base["r"]  # the file wins over defaults
+    assert saved["lora"]["r"] == base["lora"]["r"] == 4  # the file wins over defaults
     out = capsys.readouterr().out
     assert f"adapter: {run_dir / 'adapter'}" in out and "held-out exact match" in out
 
@@ -65,3 +66,12 @@ def test_an_interrupted_run_exits_130_and_resumes(tiny_config, tmp_path, monkeyp
     monkeypatch.undo()
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_train_help_prints_every_flag(capsys):
+    """argparse formats help text with %: the docstrings' "10%" must not crash it."""
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--r R", "--lora-alpha", "--use-dora", "--method", "warm-up 10% of"))

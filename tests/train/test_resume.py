@@ -73,7 +73,7 @@ KILL_DURING_SECOND_CHECKPOINT = textwrap.dedent("""
         return real_save_file(tensors, path, *args, **kwargs)
 
     checkpoint.save_file = save_file
-    train(TrainConfig(**eval(sys.argv[1])), progress=False)
+    train(TrainConfig.from_settings(**eval(sys.argv[1])), progress=False)
 """)
 
 

@@ -11,8 +11,10 @@ import yaml
 from safetensors.torch import load_file
 
 import lorakit.train.loop as loop
+import lorakit.train.setup as setup
 from lorakit import PeftModel, TrainingInterrupted
 from lorakit.cli import main
+from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.models import load_model
 from lorakit.train import TrainConfig, train
@@ -27,13 +29,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=T
 def record_optimizers(monkeypatch):
     """Keep every optimizer the trainer builds (with the model it was built for)."""
     made = []
-    real = loop.make_optimizer
+    real = setup.make_optimizer
 
     def make_optimizer(*args, **kwargs):
         made.append((real(*args, **kwargs), kwargs["model"]))
         return made[-1][0]
 
-    monkeypatch.setattr(loop, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(setup, "make_optimizer", make_optimizer)
     return made
 
 
@@ -116,7 +118,8 @@ def test_the_cli_takes_the_variant_flags_and_prints_the_variant(tiny_config, tmp
                  "--loraplus-ratio", "16", "--use-rslora", "--init-lora-weights", "gaussian"])
     assert code == 0
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert (saved["loraplus_ratio"], saved["use_rslora"], saved["init_lora_weights"]) == (16.0, True, "gaussian")
+    assert (saved["loraplus_ratio"], saved["lora"]["use_rslora"], saved["lora"]["init_lora_weights"]) == \
+        (16.0, True, "gaussian")
     assert "variant: rsLoRA, init gaussian, LoRA+ ratio 16" in capsys.readouterr().out
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter["init_lora_weights"] == "gaussian" and adapter["use_rslora"] is True
@@ -125,29 +128,57 @@ def test_the_cli_takes_the_variant_flags_and_prints_the_variant(tiny_config, tmp
 @pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("True", True), ("gaussian", "gaussian"),
                                          ("pissa", "pissa"), ("pissa_niter_4", "pissa_niter_4"), ("olora", "olora")])
 def test_init_lora_weights_from_the_command_line_or_yaml(text, value, tmp_path):
-    assert TrainConfig(init_lora_weights=text).init_lora_weights == value
+    assert TrainConfig.from_settings(init_lora_weights=text).lora.init_lora_weights == value
     config_file = tmp_path / "c.yaml"
     config_file.write_text(f"init_lora_weights: {text}\n")
-    assert load_train_config(config_file).init_lora_weights == value
+    assert load_train_config(config_file).lora.init_lora_weights == value
 
 
 def test_bad_variant_values_are_reported_together_with_the_fix():
     with pytest.raises(ConfigError) as err:
-        TrainConfig(init_lora_weights="pisa", loraplus_ratio=0, use_dora="yes")
-    message = str(err.value)
-    assert "init_lora_weights='pisa': must be one of true, false, gaussian, pissa, pissa_niter_N, olora" in message
+        TrainConfig.from_settings(init_lora_weights="pisa", loraplus_ratio=0, use_dora="yes")
+    message = str(err.value)  # the adapter's problems are LoraConfig's own, the run's beside them
+    assert "init_lora_weights='pisa': lorakit supports True (PEFT's default), 'gaussian', 'pissa', " \
+           "'pissa_niter_<N>', 'olora' or False" in message
     assert "loraplus_ratio=0: must be a positive number" in message
-    assert "use_dora='yes': must be true or false" in message
+    assert "use_dora='yes': must be True (DoRA) or False (plain LoRA)" in message
     for bad in (-1.0, float("nan"), "16"):
         with pytest.raises(ConfigError, match="loraplus_ratio"):
-            TrainConfig(loraplus_ratio=bad)
-    with pytest.raises(ConfigError, match="pissa_niter_0"):
-        TrainConfig(init_lora_weights="pissa_niter_0")
+            TrainConfig.from_settings(loraplus_ratio=bad)
+    with pytest.raises(ConfigError, match="pissa_niter_<N>' with N a non-negative integer"):
+        TrainConfig.from_settings(init_lora_weights="pissa_niter_x")
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_0", "OLoRA", "Gaussian"])
+def test_the_trainer_takes_every_init_the_lora_config_takes(init):
+    """One rule, LoraConfig's (PEFT 0.21 runs pissa_niter_0 as a randomized SVD without power
+    iterations, and compares "olora" and "gaussian" in lower case)."""
+    assert TrainConfig.from_settings(init_lora_weights=init).lora.init_lora_weights == init
+    assert TrainConfig(lora=LoraConfig(init_lora_weights=init)).lora.init_lora_weights == init
+
+
+def test_a_train_config_holds_the_lora_config_and_reads_flat_settings_and_its_own_yaml(tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], rank_pattern={"q_proj": 2})
+    config = TrainConfig(lora=lora, max_steps=3)
+    assert config.lora is lora and config.adapter_config(3).base_model_name_or_path == config.model
+    path = tmp_path / "config.yaml"
+    config.save(path)
+    again = load_train_config(path)
+    assert again.lora == lora and again.max_steps == 3  # every adapter field, nested under lora:
+    assert load_train_config(path, r=16).lora.lora_alpha == 16  # a flag r without alpha: alpha = r
+    flat = TrainConfig.from_settings(preset="conservative", r=4)
+    assert (flat.lora.r, flat.lora.lora_alpha, flat.lora.lora_dropout, flat.lora.target_modules) == \
+        (4, 4, 0.05, {"q_proj", "v_proj"})
+    old = tmp_path / "old.yaml"  # a config.yaml of the flat layout
+    old.write_text("r: 4\nlora_alpha: null\ntarget_modules: [q_proj]\nuse_dora: true\npreset: balanced\nmax_steps: 2\n")
+    assert (load_train_config(old).lora.r, load_train_config(old).lora.use_dora) == (4, True)
+    with pytest.raises(ConfigError, match="must be a LoraConfig"):
+        TrainConfig(lora={"r": 4})
 
 
 def test_the_variant_fields_reach_the_lora_config():
-    config = TrainConfig(use_rslora=True, init_lora_weights=False)
-    lora = config.lora_config()
+    config = TrainConfig.from_settings(use_rslora=True, init_lora_weights=False)
+    lora = config.lora
     assert lora.use_rslora is True and lora.init_lora_weights is False and lora.use_dora is False
 
 
@@ -218,5 +249,5 @@ def test_the_planner_reports_rslora_and_its_settings_feed_the_trainer(capsys):
     # what the plan advises is what `lorakit train --r 64 --lora-alpha 16 --use-rslora` trains
     config = load_train_config(None, r=settings["r"], lora_alpha=settings["lora_alpha"],
                                use_rslora=settings["use_rslora"])
-    lora = config.lora_config()
+    lora = config.lora
     assert (lora.r, lora.lora_alpha, lora.use_rslora) == (64, 16, True)

@@ -73,7 +73,8 @@ import torch.nn.functional as F
 from lorakit.errors import ConfigError
 from lorakit.inject import ModulesToSave, logical_modules
 from lorakit.layer import Adapter, LoraLayer
-from lorakit.variants import dora
+from lorakit.methods import method_for
+from lorakit.plugins import variant
 
 __all__ = ["BASE", "DENSE_MAX", "mixed_batch", "invalidate", "batch_size", "names_for_generate"]
 
@@ -136,7 +137,7 @@ class Stack:
                 if a.variant is not None:
                     if self.c_minus_1 is None:
                         self.c_minus_1 = torch.zeros(n + 1, n_out, dtype=torch.float32, device=device)
-                    c = a.lora_magnitude_vector.float() / dora.weight_norm(layer, a)  # (out,)
+                    c = variant(a.variant).row_scale(layer, a)  # (out,), fp32
                     self.c_minus_1[k] = c - 1
         self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {self.a.dtype: (self.a, self.bt)}
         self._rows: dict[tuple[int, ...], LayerRows] = {}
@@ -304,10 +305,12 @@ def _check(model: nn.Module, adapter_names, layers: list[LoraLayer], wrappers: l
         problems.append("adapter_names works in eval mode only (per-row adapters are for inference, as in "
                         "PEFT); call model.eval() first, or train one adapter at a time with set_adapter()")
     config = getattr(model, "peft_config", None) or {}
-    kinds = {getattr(c, "peft_type", "LORA") for c in config.values()}
-    if "ADALORA" in kinds or any(not isinstance(a, Adapter) for layer in layers for a in layer.adapters.values()):
-        problems.append("mixed adapter batches do not support AdaLoRA models (SVD-form adapters); run each "
-                        "adapter alone with set_adapter(), or merge it with merge_and_unload()")
+    refused = sorted({method_for(c.peft_type).name for c in config.values()
+                      if not method_for(c.peft_type).mixed_batches})
+    if refused or any(not isinstance(a, Adapter) for layer in layers for a in layer.adapters.values()):
+        problems.append(f"mixed adapter batches do not support {', '.join(refused) or 'these'} models (their "
+                        "adapters have no per-row form); run each adapter alone with set_adapter(), or merge "
+                        "it with merge_and_unload()")
     loaded = sorted(set(config) | {n for layer in layers for n in layer.adapters})
     unknown = sorted({n for n in names if isinstance(n, str) and n != BASE and n not in loaded})
     if unknown:
@@ -318,7 +321,7 @@ def _check(model: nn.Module, adapter_names, layers: list[LoraLayer], wrappers: l
         problems.append(f"adapters {merged} are merged into the base weights, so every row would get them; "
                         "call model.unmerge_adapter() before using adapter_names")
     odd = sorted({a.variant for layer in layers for a in layer.adapters.values()
-                  if isinstance(a, Adapter) and a.variant not in (None, dora.NAME)})
+                  if isinstance(a, Adapter) and a.variant is not None and variant(a.variant).row_scale is None})
     if odd:
         problems.append(f"adapter variants {odd} have no mixed-batch forward; run them alone with set_adapter()")
     wanted = set(names) - {BASE}

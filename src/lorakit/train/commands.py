@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lorakit.train.config import TrainConfig, field_docs, load_train_config
+from lorakit.train.config import AdapterSettings, TrainConfig, field_docs, load_train_config, setting_names
 
 __all__ = ["register"]
 
@@ -36,13 +36,13 @@ def register(subparsers) -> None:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    docs = field_docs(TrainConfig)
-    group = parser.add_argument_group("training options (TrainConfig fields)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
-            continue
+    docs = field_docs(TrainConfig) | field_docs(AdapterSettings)
+    group = parser.add_argument_group("training options (TrainConfig fields and the adapter's settings)")
+    types = {f.name: f for f in dataclasses.fields(TrainConfig) + dataclasses.fields(AdapterSettings)}
+    for f in (types[name] for name in setting_names()):
         flag = ALIASES.get(f.name, "--" + f.name.replace("_", "-"))
-        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "")}
+        # argparse formats help text with %: a literal "10%" in a docstring must reach it as "10%%"
+        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "").replace("%", "%%")}
         if f.type in ("bool",):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "target_modules":
@@ -55,7 +55,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _train(args) -> int:
     from lorakit.train.loop import train
 
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    overrides = {name: getattr(args, name, None) for name in setting_names()}
     config_file = args.config
     if args.resume:
         config_file = config_file or str(Path(args.resume) / "config.yaml")

@@ -1,6 +1,9 @@
 """`TrainConfig`: everything a training run needs, as one dataclass that is also `config.yaml`.
 
-A run is re-runnable from its saved `config.yaml`: ``lorakit train --config runs/X/config.yaml``.
+The adapter is a `LoraConfig` (``TrainConfig(lora=LoraConfig(...))``), validated by LoraConfig
+alone. The command line and config.yaml give it as flat settings (`AdapterSettings`: a preset, r,
+lora_alpha, ...), which `TrainConfig.from_settings` turns into that LoraConfig. A run is
+re-runnable from its saved `config.yaml`: ``lorakit train --config runs/X/config.yaml``.
 Command-line flags override the file; the file overrides the defaults.
 """
 
@@ -10,18 +13,52 @@ import ast
 import dataclasses
 import inspect
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
 from lorakit.config import PRESETS, LoraConfig, preset
 from lorakit.errors import ConfigError
+from lorakit.methods.adalora import AdaLoraConfig
 from lorakit.train.fast import ATTENTION_CHOICES
 
-__all__ = ["TrainConfig", "load_train_config", "field_docs", "variant_summary", "INIT_CHOICES"]
+__all__ = ["TrainConfig", "AdapterSettings", "TrainMethod", "TRAIN_METHODS", "load_train_config",
+           "setting_names", "field_docs", "variant_summary"]
+
+
+@dataclass
+class AdapterSettings:
+    """The adapter as the command line and config.yaml give it: a preset and the fields that
+    override it. `lora_config` turns them into the `LoraConfig` (which validates them)."""
+
+    preset: str = "balanced"
+    """conservative, balanced or max_capacity; the fields below override it."""
+    r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    """Defaults to r when r is given, else the preset's."""
+    lora_dropout: Optional[float] = None
+    target_modules: Optional[Union[list[str], str]] = None
+    use_rslora: bool = False
+    """rsLoRA: scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r (stable at high ranks)."""
+    use_dora: bool = False
+    """DoRA: a trained magnitude per output feature times the direction of W + scale * B A."""
+    init_lora_weights: Union[bool, str] = True
+    """How the adapter starts: true (B zero), false, gaussian, pissa, pissa_niter_N (fast SVD) or olora."""
+
+    def lora_config(self) -> LoraConfig:
+        """The causal-LM adapter: the preset, with every setting given here overriding it."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset={self.preset!r}: must be one of {', '.join(PRESETS)}")
+        overrides: dict[str, Any] = {"task_type": "CAUSAL_LM", "use_rslora": self.use_rslora,
+                                     "use_dora": self.use_dora, "init_lora_weights": _init_value(self.init_lora_weights)}
+        for name in ("r", "lora_alpha", "lora_dropout", "target_modules"):
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
+        if self.r is not None and self.lora_alpha is None:
+            overrides["lora_alpha"] = self.r  # alpha = rank unless said otherwise
+        return preset(self.preset, **overrides)
 
 
 @dataclass
@@ -45,24 +82,15 @@ class TrainConfig:
     """Skip and count bad records instead of stopping at the first one."""
 
     # --- the adapter
-    preset: str = "balanced"
-    """conservative, balanced or max_capacity; the fields below override it."""
-    r: Optional[int] = None
-    lora_alpha: Optional[float] = None
-    lora_dropout: Optional[float] = None
-    target_modules: Optional[Union[list[str], str]] = None
-    use_rslora: bool = False
-    """rsLoRA: scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r (stable at high ranks)."""
-    use_dora: bool = False
-    """DoRA: a trained magnitude per output feature times the direction of W + scale * B A."""
-    init_lora_weights: Union[bool, str] = True
-    """How the adapter starts: true (B zero), false, gaussian, pissa, pissa_niter_N (fast SVD) or olora."""
-    loraplus_ratio: Optional[float] = None
-    """LoRA+: B trains at learning_rate x this ratio (e.g. 16), A at learning_rate; unset: plain AdamW."""
+    lora: LoraConfig = field(default_factory=lambda: AdapterSettings().lora_config())
+    """The adapter's configuration, validated by `LoraConfig` itself. The command line and
+    config.yaml give it as flat settings (`AdapterSettings`: a preset, r, lora_alpha, ...)."""
     method: str = "lora"
     """lora, or adalora (AdaLoRA: each layer starts at rank ceil(1.5 r) and is pruned by importance to
     r on average; warm-up 10% of the steps, the last 20% at the final ranks, a reallocation every
     max(1, steps // 100) steps; the adapter is saved PEFT's way, with its rank_pattern)."""
+    loraplus_ratio: Optional[float] = None
+    """LoRA+: B trains at learning_rate x this ratio (e.g. 16), A at learning_rate; unset: plain AdamW."""
 
     # --- optimisation
     epochs: float = 1.0
@@ -120,12 +148,36 @@ class TrainConfig:
     """Free-form notes carried into the report (e.g. the command that started the run)."""
 
     def __post_init__(self) -> None:
-        self.init_lora_weights = _init_value(self.init_lora_weights)
-        problems = list(self._problems()) + list(_variant_problems(self))
+        problems = list(self._problems())
         if problems:
             raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(problems))
 
+    @classmethod
+    def from_settings(cls, **settings: Any) -> "TrainConfig":
+        """A TrainConfig from flat settings, as the command line, config.yaml and tests give them:
+        `AdapterSettings` fields (preset, r, lora_alpha, ...) build ``lora``; a ``lora`` mapping
+        (a run's config.yaml) or LoraConfig is the adapter they override; the rest are fields.
+        Every problem, the adapter's and the run's, is reported in one ConfigError."""
+        adapter_names = {f.name for f in dataclasses.fields(AdapterSettings)}
+        flat = {k: v for k, v in settings.items() if k in adapter_names}
+        fields = {k: v for k, v in settings.items() if k not in adapter_names}
+        problems = []
+        try:
+            fields["lora"] = _adapter(fields.get("lora"), flat)
+        except ConfigError as err:
+            problems.append(str(err))
+            fields["lora"] = AdapterSettings().lora_config()  # the rest is still checked
+        try:
+            config = cls(**fields)
+        except ConfigError as err:
+            problems.append(str(err))
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return config
+
     def _problems(self):
+        if not isinstance(self.lora, LoraConfig):
+            yield f"lora={self.lora!r}: must be a LoraConfig (TrainConfig.from_settings reads flat settings)"
         positive = ("batch_size", "grad_accum", "max_length", "log_every", "max_new_tokens")
         for name in positive:
             value = getattr(self, name)
@@ -139,8 +191,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 yield f"{name}={value!r}: must be a positive integer or unset"
-        for name in ("skip_bad_records", "use_rslora", "use_dora", "packing", "group_by_length", "score_before", "fused_norms", "gradient_checkpointing",
-                     "compile"):
+        for name in ("skip_bad_records", "packing", "group_by_length", "score_before", "fused_norms",
+                     "gradient_checkpointing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name}={getattr(self, name)!r}: must be true or false"
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)):
@@ -156,56 +208,100 @@ class TrainConfig:
             yield f"precision={self.precision!r}: must be auto, fp32 or bf16"
         if self.attention not in ATTENTION_CHOICES:
             yield f"attention={self.attention!r}: must be one of {', '.join(ATTENTION_CHOICES)}"
-        if self.preset not in PRESETS:
-            yield f"preset={self.preset!r}: must be one of {', '.join(PRESETS)}"
         if self.overlong not in ("truncate", "drop"):
             yield f"overlong={self.overlong!r}: must be truncate or drop"
         if self.val_file and self.val_fraction:
             yield "val_file and val_fraction: give one way to get held-out data, not both"
-        if self.method not in ("lora", "adalora"):
-            yield f"method={self.method!r}: must be lora or adalora"
-        elif self.method == "adalora" and (self.use_dora or self.use_rslora or self.loraplus_ratio is not None
-                                           or not isinstance(self.init_lora_weights, bool)):
-            yield ("method=adalora: AdaLoRA has its own scale and initialisation; leave use_dora, use_rslora, "
-                   "loraplus_ratio and init_lora_weights at their defaults")
+        ratio = self.loraplus_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not math.isfinite(ratio) or ratio <= 0):
+            yield f"loraplus_ratio={ratio!r}: must be a positive number (LoRA+ suggests 16), or unset for plain LoRA"
+        yield from self._method_problems()
 
-    def lora_config(self) -> LoraConfig:
-        """The adapter: the preset, with r / lora_alpha / lora_dropout / targets overridden."""
-        overrides: dict[str, Any] = {"task_type": "CAUSAL_LM", "use_rslora": self.use_rslora,
-                                     "use_dora": self.use_dora, "init_lora_weights": self.init_lora_weights,
-                                     "base_model_name_or_path": self.model}
-        for name in ("r", "lora_alpha", "lora_dropout", "target_modules"):
-            if getattr(self, name) is not None:
-                overrides[name] = getattr(self, name)
-        if self.r is not None and self.lora_alpha is None:
-            overrides["lora_alpha"] = self.r  # alpha = rank unless said otherwise
-        return preset(self.preset, **overrides)
+    def _method_problems(self):
+        method = TRAIN_METHODS.get(self.method)
+        if method is None:
+            yield f"method={self.method!r}: must be one of {', '.join(TRAIN_METHODS)}"
+            return
+        if self.loraplus_ratio is not None and not method.loraplus:
+            yield f"method={self.method}: LoRA+ does not apply to it; leave loraplus_ratio unset"
+        if isinstance(self.lora, LoraConfig):
+            try:  # the method's own config checks the adapter settings (a nominal step count)
+                method.adapter(self.lora, self.max_steps or 100)
+            except ConfigError as err:
+                yield f"method={self.method}: the adapter settings do not fit it: {err}"
+
+    @property
+    def peft_type(self) -> str:
+        """The peft_type of the adapter this run trains (`lorakit.methods`)."""
+        return TRAIN_METHODS[self.method].peft_type
 
     def adapter_config(self, total_steps: int) -> LoraConfig:
-        """The adapter ``method`` trains: `lora_config()`, or for adalora an `AdaLoraConfig` with its
-        targets, lora_alpha and dropout and target_r = r, init_r = ceil(1.5 r), total_step = the
-        run's optimizer steps, tinit = 10% of them, tfinal = 20%, deltaT = max(1, steps // 100)."""
-        lora = self.lora_config()
-        if self.method == "lora":
-            return lora
-        from lorakit.variants.adalora import AdaLoraConfig
-
-        return AdaLoraConfig(
-            task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path,
-            target_modules=lora.target_modules, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-            target_r=lora.r, init_r=math.ceil(1.5 * lora.r), total_step=total_steps,
-            tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=max(1, total_steps // 100),
-        )
+        """The adapter ``method`` trains over ``total_steps`` optimizer steps, on ``model``."""
+        lora = self.lora
+        if lora.base_model_name_or_path is None:
+            lora = dataclasses.replace(lora, base_model_name_or_path=self.model)
+        return TRAIN_METHODS[self.method].adapter(lora, total_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, ``lora`` as the LoraConfig fields that differ from their defaults (what
+        config.yaml holds; `from_settings` reads it back)."""
+        defaults = LoraConfig().to_dict()
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["lora"] = {k: v for k, v in self.lora.to_dict().items() if v != defaults[k]}
+        out["extra"] = dict(self.extra)
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-# init_lora_weights values the trainer accepts (pissa_niter_N: N a positive integer).
-INIT_CHOICES = ("true", "false", "gaussian", "pissa", "pissa_niter_N", "olora")
+def _adapter(lora: LoraConfig | dict | None, flat: dict[str, Any]) -> LoraConfig:
+    """The adapter from a base (a LoraConfig, a config.yaml mapping, or None: the preset) and the
+    flat settings over it; ``r`` without ``lora_alpha`` sets alpha = r."""
+    if lora is None:
+        return AdapterSettings(**flat).lora_config()
+    if isinstance(lora, dict):
+        lora = LoraConfig.from_dict(lora)
+    if "preset" in flat:
+        raise ConfigError("preset: give a preset or a lora mapping, not both")
+    overrides = {k: _init_value(v) if k == "init_lora_weights" else v for k, v in flat.items()}
+    if "r" in overrides and "lora_alpha" not in overrides:
+        overrides["lora_alpha"] = overrides["r"]  # alpha = rank unless said otherwise
+    return dataclasses.replace(lora, **overrides) if overrides else lora
+
+
+def _adalora(lora: LoraConfig, total_steps: int) -> LoraConfig:
+    """AdaLoRA over the LoRA settings: target_r = r, init_r = ceil(1.5 r), total_step = the run's
+    optimizer steps, tinit = 10% of them, tfinal = 20%, deltaT = max(1, steps // 100)."""
+    return AdaLoraConfig(
+        task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path,
+        target_modules=lora.target_modules, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        use_dora=lora.use_dora, use_rslora=lora.use_rslora, init_lora_weights=lora.init_lora_weights,
+        target_r=lora.r, init_r=math.ceil(1.5 * lora.r), total_step=total_steps,
+        tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=max(1, total_steps // 100),
+    )
+
+
+@dataclass(frozen=True)
+class TrainMethod:
+    """How the trainer builds one method's adapter from the LoRA settings."""
+
+    peft_type: str
+    """Its `lorakit.methods` entry (which also says whether a run can resume)."""
+    adapter: Callable[[LoraConfig, int], LoraConfig]
+    """``adapter(lora, total_steps)``: the run's adapter config."""
+    label: Optional[str]
+    """Its name in the run's variant summary; None for plain LoRA."""
+    loraplus: bool
+    """Whether LoRA+ (lora_B at a higher learning rate) applies."""
+
+
+TRAIN_METHODS: dict[str, TrainMethod] = {
+    "lora": TrainMethod("LORA", lambda lora, total_steps: lora, label=None, loraplus=True),
+    "adalora": TrainMethod("ADALORA", _adalora, label="AdaLoRA", loraplus=False),
+}
+"""``TrainConfig.method`` -> how the trainer builds its adapter."""
 
 
 def _init_value(value: Any) -> Any:
@@ -215,30 +311,27 @@ def _init_value(value: Any) -> Any:
     return value
 
 
-def _variant_problems(config: TrainConfig):
-    init = config.init_lora_weights
-    if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora")
-            or (isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init))):
-        yield f"init_lora_weights={init!r}: must be one of {', '.join(INIT_CHOICES)}"
-    ratio = config.loraplus_ratio
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                              or not math.isfinite(ratio) or ratio <= 0):
-        yield f"loraplus_ratio={ratio!r}: must be a positive number (LoRA+ suggests 16), or unset for plain LoRA"
-
-
 def variant_summary(config: TrainConfig) -> str:
     """The LoRA variant a run trains, in words: "LoRA", or e.g. "DoRA, rsLoRA, init pissa, LoRA+ ratio 16"."""
-    parts = (["AdaLoRA"] if config.method == "adalora" else []) + (["DoRA"] if config.use_dora else []) \
-        + (["rsLoRA"] if config.use_rslora else [])
-    if config.init_lora_weights is not True:
-        parts.append(f"init {str(config.init_lora_weights).lower()}")
+    lora, label = config.lora, TRAIN_METHODS[config.method].label
+    parts = ([label] if label else []) + (["DoRA"] if lora.use_dora else []) + (["rsLoRA"] if lora.use_rslora else [])
+    if lora.init_lora_weights is not True:
+        parts.append(f"init {str(lora.init_lora_weights).lower()}")
     if config.loraplus_ratio is not None:
         parts.append(f"LoRA+ ratio {config.loraplus_ratio:g}")
     return ", ".join(parts) or "LoRA"
 
 
+def setting_names() -> list[str]:
+    """Every flat setting `from_settings` and `load_train_config` take (the command-line flags):
+    TrainConfig's fields but ``lora`` and ``extra``, then `AdapterSettings`'."""
+    own = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lora", "extra")]
+    return own + [f.name for f in dataclasses.fields(AdapterSettings)]
+
+
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (None values are skipped)."""
+    """Defaults, then the YAML file at ``path`` (a run's config.yaml, or flat settings), then
+    ``overrides`` (None values are skipped)."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -252,18 +345,18 @@ def load_train_config(path: str | Path | None = None, **overrides: Any) -> Train
             raise ConfigError(f"{path}: must be a mapping of field: value")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = set(setting_names()) | {"lora", "extra"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown training option(s) {unknown}; known options: {sorted(known)}")
-    return TrainConfig(**values)
+    return TrainConfig.from_settings(**values)
 
 
 def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of a dataclass (the string right after each field), so that
     `--help` text and the documentation come from one place."""
     tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef)).body
     docs = {}
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):

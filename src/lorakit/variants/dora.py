@@ -24,25 +24,24 @@ and ``A A^T`` (r x r). `weight_norm` computes it in fp32.
 **Two forwards.** `forward` is the readable reference (PEFT's formula, autograd does the rest);
 `fused_forward` runs the same sum as one autograd node (`_DoraLinear`): matrix products in the
 compute dtype (autocast's, else the tensors'), no gradient for the frozen weight, in-place adds,
-the dropout terms only when dropout is on. `lorakit.layer` calls them through its ``VARIANTS``
-table; `merged_weight` and `unmerged_weight` are DoRA's merge rule. Tests:
+the dropout terms only when dropout is on. `merged_weight` and `unmerged_weight` are DoRA's merge
+rule. `DORA` (the end of this module) registers them with `lorakit.plugins`, where `lorakit.layer`
+and `lorakit.inject` find them by name. Tests:
 tests/variants/test_dora.py (against PEFT, the reference and hand computations).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
+from lorakit.layer import Adapter, LoraLayer
+from lorakit.plugins import AdapterVariant, register_variant
 
-if TYPE_CHECKING:  # the layer imports this module; types only
-    from lorakit.layer import Adapter, LoraLayer
-
-__all__ = ["NAME", "check_targets", "add_magnitude", "weight_norm", "forward", "fused_forward",
+__all__ = ["NAME", "DORA", "check_targets", "add_magnitude", "weight_norm", "forward", "fused_forward",
            "dora_linear", "merged_weight", "unmerged_weight"]
 
 NAME = "dora"
@@ -61,13 +60,13 @@ def check_targets(found: list[tuple[str, nn.Module]]) -> None:
         )
 
 
-def _weight_out_in(layer: "LoraLayer") -> torch.Tensor:
+def _weight_out_in(layer: LoraLayer) -> torch.Tensor:
     """The base weight as (out, in) (a view: GPT-2's Conv1D stores it (in, out))."""
     w = layer.base_layer.weight
     return w.t() if getattr(layer, "fan_in_fan_out", False) else w
 
 
-def add_magnitude(layer: "LoraLayer", adapter_name: str) -> None:
+def add_magnitude(layer: LoraLayer, adapter_name: str) -> None:
     """Give the adapter its magnitude ``m = ||W + s B A||`` (out,), row-wise, and DoRA's rule.
 
     Computed once at creation from the adapter's initial A and B (so with random B, as
@@ -89,20 +88,20 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _row_sq_norms(adapter: "Adapter", w: torch.Tensor) -> torch.Tensor:
+def _row_sq_norms(adapter: Adapter, w: torch.Tensor) -> torch.Tensor:
     """``||w_i||^2`` of the frozen weight (out,), fp32, cached on the adapter until the weight
     changes: any in-place write bumps its version (merge and unmerge write that way), and a new
     tensor (``weight.data = ...``, a device move) has another address."""
     key = (_version(w), w.data_ptr(), w.device, w.dtype)
-    cached = getattr(adapter, "_dora_w_sq", None)
+    cached = adapter.variant_cache.get("w_sq")
     if cached is not None and cached[0] == key and key[0] is not None:
         return cached[1]
     w_sq = w.float().pow(2).sum(1)  # (out,)
-    adapter._dora_w_sq = (key, w_sq)
+    adapter.variant_cache["w_sq"] = (key, w_sq)
     return w_sq
 
 
-def weight_norm(layer: "LoraLayer", adapter: "Adapter") -> torch.Tensor:
+def weight_norm(layer: LoraLayer, adapter: Adapter) -> torch.Tensor:
     """``||W + s B A||`` per output feature (out,), fp32, detached, without forming B A:
 
         ||w_i + s b_i A||^2 = ||w_i||^2 + 2 s b_i . (W A^T)_i + s^2 b_i (A A^T) b_i^T
@@ -122,7 +121,7 @@ def weight_norm(layer: "LoraLayer", adapter: "Adapter") -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the reference forward
 
-def forward(layer: "LoraLayer", adapter: "Adapter", x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+def forward(layer: LoraLayer, adapter: Adapter, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """PEFT's DoRA forward, added to ``result`` (the base output, with any earlier adapters):
 
         result + (c - 1) * base + c * s * B(A(x_d)),    c = m / ||W + s B A||  (detached)
@@ -205,7 +204,7 @@ class _DoraLinear(torch.autograd.Function):
         return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_m, None, None
 
 
-def dora_linear(x: torch.Tensor, base: nn.Linear, adapter: "Adapter", norm: torch.Tensor,
+def dora_linear(x: torch.Tensor, base: nn.Linear, adapter: Adapter, norm: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
     """The DoRA layer output (base included) as one autograd node, products in ``dtype``."""
     a = adapter
@@ -220,7 +219,7 @@ def dora_linear(x: torch.Tensor, base: nn.Linear, adapter: "Adapter", norm: torc
     return y.view(*shape[:-1], y.shape[-1])
 
 
-def fused_forward(layer: "LoraLayer", adapter: "Adapter", x: torch.Tensor, dtype: torch.dtype):
+def fused_forward(layer: LoraLayer, adapter: Adapter, x: torch.Tensor, dtype: torch.dtype):
     """`dora_linear` for a single DoRA adapter on an `nn.Linear` whose weight is frozen (the
     caller checked the rest); None where the reference `forward` must run instead."""
     base = layer.base_layer
@@ -231,34 +230,34 @@ def fused_forward(layer: "LoraLayer", adapter: "Adapter", x: torch.Tensor, dtype
 
 # --------------------------------------------------------------------------- merging
 
-def _unmerged_base(layer: "LoraLayer") -> torch.Tensor:
+def _unmerged_base(layer: LoraLayer) -> torch.Tensor:
     """The base weight in fp32 with every merged adapter taken out (the W that forward sees).
 
     The merged adapters are unmerged, the weight copied, and merged again; nested merges inside
-    that replay reuse the copy (held on the layer meanwhile) instead of unmerging once more."""
+    that replay reuse the copy (``layer.held_unmerged_weight`` meanwhile) instead of unmerging
+    once more."""
     weight = layer.base_layer.weight
     if not layer.merged_adapters:
         return weight.detach().float()
-    held = getattr(layer, "_dora_unmerged_base", None)
-    if held is not None:
-        return held
+    if layer.held_unmerged_weight is not None:
+        return layer.held_unmerged_weight
     previous = list(layer.merged_adapters)
     layer.unmerge()
     base = weight.detach().float().clone()
-    layer._dora_unmerged_base = base
+    layer.held_unmerged_weight = base
     try:
         layer.merge(previous)
     finally:
-        layer._dora_unmerged_base = None
+        layer.held_unmerged_weight = None
     return base
 
 
-def _factor_in_weight_layout(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+def _factor_in_weight_layout(layer: LoraLayer, factor: torch.Tensor) -> torch.Tensor:
     """(out,) -> a shape that scales the rows of W (out, in) or the columns of W stored (in, out)."""
     return factor.view(1, -1) if getattr(layer, "fan_in_fan_out", False) else factor.view(-1, 1)
 
 
-def merged_weight(layer: "LoraLayer", name: str) -> torch.Tensor:
+def merged_weight(layer: LoraLayer, name: str) -> torch.Tensor:
     """PEFT's DoRA merge, fp32, in the weight's layout: ``W' = (m / ||W0 + s B A||) * (W + s B A)``
     with W0 the unmerged base weight and W the current one (earlier merges included). The
     norm is kept on the adapter for `unmerged_weight`."""
@@ -268,15 +267,36 @@ def merged_weight(layer: "LoraLayer", name: str) -> torch.Tensor:
     dim = 0 if getattr(layer, "fan_in_fan_out", False) else 1
     with torch.no_grad():
         norm = torch.linalg.norm(base + delta, dim=dim)  # (out,)
-        a._dora_merged_norm = norm
+        a.variant_cache["merged_norm"] = norm
         factor = _factor_in_weight_layout(layer, a.lora_magnitude_vector.detach().float() / norm)
         return factor * (layer.base_layer.weight.detach().float() + delta)
 
 
-def unmerged_weight(layer: "LoraLayer", name: str) -> torch.Tensor:
+def unmerged_weight(layer: LoraLayer, name: str) -> torch.Tensor:
     """The inverse of `merged_weight`: ``W = W' / (m / ||W0 + s B A||) - s B A``, fp32."""
     a = layer.adapters[name]
     delta = layer.delta_in_weight_layout(name)
     with torch.no_grad():
-        factor = _factor_in_weight_layout(layer, a.lora_magnitude_vector.detach().float() / a._dora_merged_norm)
+        factor = _factor_in_weight_layout(layer, a.lora_magnitude_vector.detach().float() / a.variant_cache["merged_norm"])
         return layer.base_layer.weight.detach().float() / factor - delta
+
+
+# --------------------------------------------------------------------------- registration
+
+def _wanted(config: LoraConfig) -> bool:
+    return config.use_dora is True
+
+
+def row_scale(layer: LoraLayer, a: Adapter) -> torch.Tensor:
+    """A mixed batch's per-output factor for a DoRA row: ``c = m / ||W + s B A||``, (out,)."""
+    return a.lora_magnitude_vector.float() / weight_norm(layer, a)
+
+
+DORA = register_variant(AdapterVariant(
+    name=NAME, wanted=_wanted, check_targets=check_targets, attach=add_magnitude, forward=forward,
+    fused_forward=fused_forward, merged_weight=merged_weight, unmerged_weight=unmerged_weight,
+    row_scale=row_scale,
+))
+"""DoRA's entry in `lorakit.plugins`: inject asks ``wanted(config)`` (use_dora), checks the targets
+and attaches the magnitude; the layer runs forward / fused_forward / merged_weight /
+unmerged_weight (and a mixed batch its row_scale) for adapters whose ``variant`` is "dora"."""

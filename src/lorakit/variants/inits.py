@@ -39,9 +39,11 @@ import torch.nn as nn
 
 from lorakit.config import PISSA_NITER
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
+from lorakit.inject import match_targets, pattern_value, resolve_targets
+from lorakit.plugins import BaseWeightInit, register_init, register_operation
 
 __all__ = ["INITS", "parse", "uses_base_weight", "init_from_base", "layer_problem", "check_targets",
-           "randomized_svd", "convert_to_lora", "converted_config", "NITER_SEED"]
+           "randomized_svd", "convert_to_lora", "converted_config", "converted", "NITER_SEED", "FROM_BASE"]
 
 NITER_SEED = 0
 """The seed of the randomized SVD's sketch: "pissa_niter_N" gives the same residual on every
@@ -157,8 +159,6 @@ def check_targets(model, config) -> None:
     layer never leaves the model half initialised; one ConfigError lists them all."""
     if not uses_base_weight(config.init_lora_weights):
         return
-    from lorakit.inject import match_targets, pattern_value, resolve_targets  # inject imports layer
-
     config = resolve_targets(model, config)
     problems = []
     for name, module in match_targets(model, config):
@@ -240,6 +240,12 @@ def converted_config(config):
     )
 
 
+def converted(config, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], source: str):
+    """(`converted_config`, `convert_to_lora`): the adapter and its config as a plain LoRA adapter
+    for the original base (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``)."""
+    return converted_config(config), convert_to_lora(tensors, initial, source)
+
+
 def warn_if_randomized(init, event: str) -> None:
     """The warning "pissa_niter_N" needs on save and load: the residual depends on the random
     sketch, which PEFT draws from its global generator and lorakit from a fixed seed."""
@@ -253,3 +259,15 @@ def warn_if_randomized(init, event: str) -> None:
         "across the two libraries the residual, and the outputs, differ from the trained model's. "
         "For an exact adapter everywhere, save it with path_initial_model_for_weight_conversion "
         "(a plain LoRA adapter for the original base) or initialise with 'pissa'", stacklevel=3)
+
+
+# --------------------------------------------------------------------------- registration
+
+FROM_BASE = register_init(BaseWeightInit(
+    handles=uses_base_weight, check_targets=check_targets, init_from_base=init_from_base,
+    warn_on_reload=warn_if_randomized,
+))
+"""PiSSA's and OLoRA's entry in `lorakit.plugins`: `lorakit.layer` runs ``init_from_base`` for an
+adapter whose init_lora_weights this handles; `lorakit.model` checks the targets first and warns on
+save and load."""
+register_operation("convert_to_lora", converted)

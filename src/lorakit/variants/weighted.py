@@ -47,6 +47,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.inject import ModulesToSave, logical_modules, lora_layers
+from lorakit.plugins import register_operation
 
 __all__ = [
     "Part", "combine_cat", "combine_linear", "combine_svd", "COMBINATIONS", "UNSUPPORTED",
@@ -331,3 +332,7 @@ def _adapter_parameters(base, adapter_name):
     for _, module in _modules_to_save(base):
         if adapter_name in module.modules_to_save:
             yield from module.modules_to_save[adapter_name].parameters()
+
+
+# PeftModel.add_weighted_adapter runs this (`lorakit.plugins`).
+register_operation("add_weighted_adapter", add_weighted_adapter)

@@ -12,7 +12,7 @@ from lorakit import PeftModel
 from lorakit.errors import ConfigError
 from lorakit.train import TrainConfig, train
 from lorakit.train.report import read_metrics
-from lorakit.variants.adalora import AdaLoraConfig
+from lorakit.methods.adalora import AdaLoraConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -25,7 +25,7 @@ def _config(tmp_path, tiny_model_dir, **overrides):
                   score_examples=0, save_every=0, log_every=1, precision="fp32", run_dir=str(tmp_path / "run"),
                   name="tiny", method="adalora")
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_settings(**values)
 
 
 def test_adalora_run_trains_allocates_and_saves_a_peft_adapter(tmp_path, tiny_model_dir):

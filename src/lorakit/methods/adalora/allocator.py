@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from lorakit.errors import LorakitError
-from lorakit.variants.adalora.config import AdaLoraConfig, pattern_for
-from lorakit.variants.adalora.layer import svd_adapters
+from lorakit.methods.adalora.config import AdaLoraConfig, pattern_for
+from lorakit.methods.adalora.layer import svd_adapters
 
 __all__ = ["RankAllocator", "budget_schedule"]
 

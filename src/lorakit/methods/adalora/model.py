@@ -10,7 +10,9 @@ runs the rank allocator. A training loop calls it after each optimizer step, bef
     model.base_model.update_and_allocate(step)
     optimizer.zero_grad()
 
-A loop that computes its own loss adds `orthogonal_loss()` to it instead.
+A loop that computes its own loss adds `orthogonal_loss()` to it instead. lorakit's trainer calls
+the hooks every `LoraModel` has: `auxiliary_loss` (the regulariser) and `after_optimizer_step`
+(the allocation).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch
 
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.model import LoraModel
-from lorakit.variants.adalora.allocator import RankAllocator
-from lorakit.variants.adalora.regularizer import orthogonal_regularizer
+from lorakit.methods.adalora.allocator import RankAllocator
+from lorakit.methods.adalora.regularizer import orthogonal_regularizer
 
 __all__ = ["AdaLoraModel"]
 
@@ -61,6 +63,15 @@ class AdaLoraModel(LoraModel):
         if name is None:
             return torch.zeros(())
         return self.peft_config[name].orth_reg_weight * orthogonal_regularizer(self.model, name)
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The orthogonal regulariser of the trainable adapter (`orthogonal_loss`), once per step;
+        None when no adapter trains."""
+        return self.orthogonal_loss() if self.trainable_adapter_name is not None else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Score the triplets on this step's gradients and mask to the step's budget."""
+        self.update_and_allocate(step)
 
     def forward(self, *args, **kwargs):
         """The user's model, plus ``orth_reg_weight * R(A, B)`` on ``outputs.loss`` when there is

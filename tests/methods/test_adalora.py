@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import lorakit
 from core.tiny import input_ids, tiny_llama
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.variants.adalora import AdaLoraConfig, budget_schedule
+from lorakit.methods.adalora import AdaLoraConfig, budget_schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -187,7 +187,7 @@ def test_the_regulariser_is_added_to_the_loss_as_peft_adds_it():
     plain = ours.get_base_model()(input_ids=ids, labels=ids).loss
     with_reg = ours(input_ids=ids, labels=ids).loss
     by_hand = 0.0
-    for _, a in lorakit.variants.adalora.layer.svd_adapters(ours.get_base_model(), "default"):
+    for _, a in lorakit.methods.adalora.layer.svd_adapters(ours.get_base_model(), "default"):
         by_hand += torch.linalg.matrix_norm(a.lora_A @ a.lora_A.T - torch.eye(6))
         by_hand += torch.linalg.matrix_norm(a.lora_B.T @ a.lora_B - torch.eye(6))
     torch.testing.assert_close(with_reg - plain, 0.3 * by_hand / 8)

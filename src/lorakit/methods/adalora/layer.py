@@ -19,12 +19,14 @@ import torch
 import torch.nn as nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import ConfigError
+from lorakit.errors import AdapterFormatError, ConfigError
 # inject's target matching and modules_to_save wrapping, shared with LoRA
 from lorakit.inject import lora_layers, match_targets, replace_module, resolve_targets, wrap_modules_to_save
 from lorakit.layer import LoraLayer, LoraLinear, is_conv1d
+from lorakit.methods.adalora.config import pattern_for
 
-__all__ = ["SVDAdapter", "SVDLinear", "inject_adalora", "svd_adapters", "ADALORA_DEFAULT_TARGETS"]
+__all__ = ["SVDAdapter", "SVDLinear", "inject_adalora", "svd_adapters", "svd_layer_tensors",
+           "ADALORA_DEFAULT_TARGETS"]
 
 # PEFT's AdaLoRA defaults when target_modules is None, where they differ from LoRA's.
 ADALORA_DEFAULT_TARGETS = {
@@ -41,7 +43,7 @@ class SVDAdapter(nn.Module):
     """One AdaLoRA adapter on one layer: ``lora_A`` (r x in), ``lora_E`` (r x 1), ``lora_B``
     (out x r), the scale ``lora_alpha`` (PEFT: r if alpha is 0) and ``ranknum`` (a buffer)."""
 
-    variant = None  # no `lorakit.layer` LinearVariant: SVDLinear runs the SVD form itself
+    variant = None  # no `lorakit.plugins` adapter variant: SVDLinear runs the SVD form itself
     lora_magnitude_vector = None  # no DoRA magnitude
 
     def __init__(self, in_features: int, out_features: int, *, r: int, lora_alpha: float, ranknum: int,
@@ -79,14 +81,17 @@ class SVDAdapter(nn.Module):
 class SVDLinear(LoraLinear):
     """AdaLoRA around `nn.Linear` or GPT-2's `Conv1D`; ``adapters`` holds `SVDAdapter` objects."""
 
-    def add_adapter(self, name: str, *, r: int, lora_alpha: float, ranknum: int, lora_dropout: float = 0.0,
-                    init: bool = True, autocast_fp32: bool = True) -> SVDAdapter:
+    def add_adapter(self, name: str, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init=True, autocast_fp32: bool = True) -> SVDAdapter:
+        """`LoraLayer.add_adapter` for the SVD form: an `SVDAdapter` of rank ``r`` whose scale
+        divides by ``ranknum`` = r (`inject_adalora` then sets it to the config's init_r).
+        ``use_rslora`` does not apply: AdaLoRA's scale is its own (PEFT ignores it too)."""
         weight = self.base_layer.weight
         dtype = weight.dtype
         if (autocast_fp32 and dtype in (torch.float16, torch.bfloat16)) or not dtype.is_floating_point:
             dtype = torch.float32  # adapters train in fp32 over a half-precision base, as PEFT
-        adapter = SVDAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha, ranknum=ranknum,
-                             lora_dropout=lora_dropout, init=init, dtype=dtype, device=weight.device)
+        adapter = SVDAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha, ranknum=r,
+                             lora_dropout=lora_dropout, init=bool(init), dtype=dtype, device=weight.device)
         self.adapters[name] = adapter
         return adapter
 
@@ -131,8 +136,26 @@ def inject_adalora(model: nn.Module, config, adapter_name: str, autocast_adapter
                               stacklevel=3)
             layer = SVDLinear(module, fan_in_fan_out=fan_in_fan_out)
             replace_module(model, name, layer)
-        layer.add_adapter(adapter_name, r=config.rank_of(name), lora_alpha=config.lora_alpha,
-                          ranknum=config.init_r, lora_dropout=config.lora_dropout,
-                          init=config.init_lora_weights, autocast_fp32=autocast_adapter_dtype)
+        adapter = layer.add_adapter(adapter_name, r=config.rank_of(name), lora_alpha=config.lora_alpha,
+                                    lora_dropout=config.lora_dropout, init=config.init_lora_weights,
+                                    autocast_fp32=autocast_adapter_dtype)
+        adapter.ranknum.fill_(config.init_r)  # the scale's divisor stays init_r whatever the rank kept
     wrap_modules_to_save(model, config, adapter_name)
     return config
+
+
+def svd_layer_tensors(key: str, module_name: str, layer: LoraLayer, a: SVDAdapter,
+                      config) -> dict[str, torch.Tensor]:
+    """ADALORA's tensors of one layer (`lorakit.methods.Method.layer_tensors`), PEFT's keys
+    ``<key>.lora_A / lora_E / lora_B`` (no ".weight"): the rows (of B, the columns) that the
+    layer's rank_pattern entry marks kept, unless the layer already has exactly that many (it was
+    loaded so). ``ranknum`` is not saved: it is init_r."""
+    kept = pattern_for(config.rank_pattern, module_name)
+    rows = a.lora_A.shape[0]
+    if kept is None or sum(kept) == rows:
+        return {f"{key}.lora_A": a.lora_A, f"{key}.lora_E": a.lora_E, f"{key}.lora_B": a.lora_B}
+    if len(kept) != rows:
+        raise AdapterFormatError(f"{key}: rank_pattern has {len(kept)} entries ({sum(kept)} kept) for a "
+                                 f"layer of rank {rows}; the pattern belongs to another adapter")
+    keep = torch.tensor(kept, dtype=torch.bool, device=a.lora_A.device)
+    return {f"{key}.lora_A": a.lora_A[keep], f"{key}.lora_E": a.lora_E[keep], f"{key}.lora_B": a.lora_B[:, keep]}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lorakit.variants.adalora.layer import svd_adapters
+from lorakit.methods.adalora.layer import svd_adapters
 
 __all__ = ["orthogonal_regularizer"]
 

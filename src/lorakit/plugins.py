@@ -1,0 +1,120 @@
+"""The core's plug-in points for variants: each variant fills one when it is imported.
+
+    adapter variants     Adapter.variant name -> its forward and merge rule   (variants/dora.py)
+    base-weight inits    init_lora_weights values that read W and leave a residual
+                                                                              (variants/inits.py)
+    model operations     PeftModel methods a variant implements: "add_weighted_adapter"
+                         (variants/weighted.py), "convert_to_lora" (variants/inits.py)
+
+A variant is one leaf module under `lorakit.variants` that imports the core and calls a
+``register_*`` function below at import; ``lorakit/__init__.py`` imports every variant module,
+so importing lorakit registers them all. The core (`layer`, `inject`, `model`) consults this
+module and never imports a variant. LoRA methods (LORA, ADALORA) have their own registry,
+`lorakit.methods`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:  # types only: these modules consult this one
+    import torch
+    import torch.nn as nn
+
+    from lorakit.config import LoraConfig
+    from lorakit.layer import Adapter, LoraLayer
+
+__all__ = ["AdapterVariant", "BaseWeightInit", "register_variant", "register_init", "register_operation",
+           "variant", "variants", "base_weight_init", "operation"]
+
+
+@dataclass(frozen=True)
+class AdapterVariant:
+    """An adapter with its own forward and merge rule on linear layers (DoRA). An `Adapter`
+    whose ``variant`` is None is plain LoRA and runs `lorakit.layer`'s own rule."""
+
+    name: str
+    """The value of ``Adapter.variant`` for adapters of this variant."""
+    wanted: Callable[[LoraConfig], bool]
+    """Whether a config asks for this variant (DoRA: ``config.use_dora``)."""
+    check_targets: Callable[[list[tuple[str, nn.Module]]], None]
+    """Refuses, before anything is wrapped, matched (name, module) pairs it cannot cover."""
+    attach: Callable[[LoraLayer, str], None]
+    """Makes the layer's freshly initialised adapter of that name one of this variant."""
+    forward: Callable[[LoraLayer, Adapter, torch.Tensor, torch.Tensor], torch.Tensor]
+    """``forward(layer, adapter, x, result)``: result plus the adapter's output (the reference)."""
+    fused_forward: Callable[[LoraLayer, Adapter, torch.Tensor, Any], torch.Tensor | None]
+    """``fused_forward(layer, adapter, x, dtype)``: the whole layer output, or None to fall back."""
+    merged_weight: Callable[[LoraLayer, str], torch.Tensor]
+    """The base weight with the adapter merged in, fp32, in the weight's layout."""
+    unmerged_weight: Callable[[LoraLayer, str], torch.Tensor]
+    """The inverse of merged_weight."""
+    row_scale: Callable[[LoraLayer, Adapter], torch.Tensor] | None = None
+    """For mixed-adapter batches (`lorakit.kernels.batching`): the (out,) factor c by which a row's
+    whole output is scaled, ``c * (W x + s B A x)`` (DoRA: ``m / ||W + s B A||``); None: the
+    variant has no mixed-batch form and such batches are refused."""
+
+
+@dataclass(frozen=True)
+class BaseWeightInit:
+    """``init_lora_weights`` values that start A and B from the base weight W and replace W by
+    the residual ``W - scale * B A`` (PiSSA, OLoRA)."""
+
+    handles: Callable[[Any], bool]
+    """Whether an init_lora_weights value is one of these."""
+    check_targets: Callable[[nn.Module, LoraConfig], None]
+    """Refuses, before any weight changes, the targeted layers the init cannot run on."""
+    init_from_base: Callable[[LoraLayer, Adapter, Any], None]
+    """``init_from_base(layer, adapter, init)``: sets A, B and the residual W, in place."""
+    warn_on_reload: Callable[[Any, str], None]
+    """``warn_on_reload(init, event)``: a warning where a saved adapter may not reload exactly."""
+
+
+_VARIANTS: dict[str, AdapterVariant] = {}
+_INITS: list[BaseWeightInit] = []
+_OPERATIONS: dict[str, Callable] = {}
+
+
+def register_variant(rule: AdapterVariant) -> AdapterVariant:
+    _VARIANTS[rule.name] = rule
+    return rule
+
+
+def register_init(init: BaseWeightInit) -> BaseWeightInit:
+    if init not in _INITS:
+        _INITS.append(init)
+    return init
+
+
+def register_operation(name: str, function: Callable) -> Callable:
+    _OPERATIONS[name] = function
+    return function
+
+
+def variant(name: str) -> AdapterVariant:
+    """The rule of ``Adapter.variant`` ``name``."""
+    if name not in _VARIANTS:
+        raise ConfigError(f"adapter variant {name!r} is not registered; known: {sorted(_VARIANTS)}")
+    return _VARIANTS[name]
+
+
+def variants() -> list[AdapterVariant]:
+    """Every registered adapter variant, in registration order."""
+    return list(_VARIANTS.values())
+
+
+def base_weight_init(init: Any) -> BaseWeightInit | None:
+    """The base-weight init that runs ``init`` (an init_lora_weights value); None for the inits
+    that leave W alone (True, False, "gaussian": `lorakit.layer.Adapter` runs those)."""
+    return next((i for i in _INITS if i.handles(init)), None)
+
+
+def operation(name: str) -> Callable:
+    """The model operation ``name`` a variant registered."""
+    if name not in _OPERATIONS:
+        raise ConfigError(f"operation {name!r} is not available: no variant registered it "
+                          f"(known: {sorted(_OPERATIONS)})")
+    return _OPERATIONS[name]

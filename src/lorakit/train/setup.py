@@ -1,0 +1,205 @@
+"""What a training run sets up before its first step, and the state it carries from step to step.
+
+    Run        the run's parts, grouped: where it computes (`Compute`), the model and optimizer,
+               the data and its batching (`RunData`), the step budget (`Schedule`), the metrics log
+    TrainState where the run stands (step, data position, totals); checkpointed, restored on resume
+    prepare    builds a Run from a TrainConfig: run directory, model, data, adapter, optimizer
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lorakit.data import Collator, PackingCollator, load_data, supports_packing, supports_varlen
+from lorakit.errors import CheckpointError
+from lorakit.methods import method_for
+from lorakit.model import PeftModel, get_peft_model
+from lorakit.models import load_model
+from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import scorer_for
+from lorakit.train.fast import make_optimizer, speed_up
+from lorakit.train.report import MetricsLog
+from lorakit.train.schedule import warmup_steps
+from lorakit.variants import inits
+
+__all__ = ["TrainState", "Compute", "RunData", "Schedule", "Run", "prepare", "resolve_precision", "autocast_for",
+           "INITIAL_ADAPTER"]
+
+INITIAL_ADAPTER = "initial_adapter"
+"""PiSSA / OLoRA runs: the adapter as initialised, kept to convert the final one."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after an optimizer step; saved in every checkpoint (state.json)."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    batch_pos: int = 0
+    """The next micro-batch of this epoch's order."""
+    tokens: int = 0
+    """Real (non-padding) tokens trained on."""
+    loss_tokens: int = 0
+    """Tokens the loss was taken over (labels)."""
+    train_seconds: float = 0.0
+    score_before: dict | None = None
+    """The untuned model's task score (a fresh run that measured it)."""
+    heldout_before: float | None = None
+    """The untuned model's held-out loss."""
+
+
+@dataclass
+class Compute:
+    """Where and how the run computes."""
+
+    device: torch.device
+    precision: str
+    """fp32 or bf16 (resolved from "auto")."""
+    autocast: Callable[[], Any]
+    """A context-manager factory for forwards (bf16 autocast, or nothing)."""
+
+
+@dataclass
+class RunData:
+    """The examples and how they become batches."""
+
+    tokenizer: Any
+    splits: Any
+    examples: list
+    """The training examples used (train_examples of them, seeded)."""
+    eval_set: list
+    """Held-out examples for the loss."""
+    score_set: list
+    """Held-out examples scored by generation."""
+    scorer: str
+    collate: Collator
+    """Padded batches, for the held-out loss."""
+    train_collate: Collator | PackingCollator
+    """The training micro-batches: packed rows where the model supports them, else padded."""
+
+
+@dataclass
+class Schedule:
+    """The run's step budget."""
+
+    total_steps: int
+    steps_per_epoch: int
+    warmup: int
+    """Steps of linear learning-rate warm-up."""
+
+
+@dataclass
+class Run:
+    """Everything a run sets up before its first step."""
+
+    config: TrainConfig
+    run_dir: Path
+    compute: Compute
+    model: PeftModel
+    optimizer: torch.optim.Optimizer
+    params: list
+    """The trainable parameters (clipped together)."""
+    data: RunData
+    schedule: Schedule
+    metrics: MetricsLog
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 where the hardware multiplies bf16 natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if native else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: bf16 autocast (so the fp32 adapter runs in bf16 too), or nothing."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    if config.run_dir:
+        return Path(config.run_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(config.output_dir) / f"{stamp}-{config.name}"
+
+
+def prepare(config: TrainConfig, resume: bool) -> Run:
+    """The run directory (config.yaml written), the model with its fresh adapter, the data, the
+    optimizer. ``resume``: the run directory must hold checkpoints and the method must resume."""
+    run_dir = _new_run_dir(config)
+    problem = method_for(config.peft_type).resume_problem
+    if resume and problem:
+        raise CheckpointError(f"resuming is not supported for {method_for(config.peft_type).name} runs: "
+                              f"{problem}; start a new run")
+    if resume and not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(f"{run_dir}: no checkpoints to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.run_dir = str(run_dir)
+    config.save(run_dir / "config.yaml")
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(config.precision, device)
+    # bf16: frozen base weights stored in bf16 (half the memory, no cast per step); the adapter
+    # weights, their gradients and AdamW's moments stay fp32.
+    model, tokenizer = load_model(config.model, device=device,
+                                  dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    splits = load_data(config.data, tokenizer=tokenizer, val=config.val_file, val_fraction=config.val_fraction,
+                       seed=config.seed, max_length=config.max_length, overlong=config.overlong,
+                       skip_bad_records=config.skip_bad_records)
+    examples = list(splits.train.examples)
+    if config.train_examples is not None and config.train_examples < len(examples):
+        picked = sorted(random.Random(config.seed).sample(range(len(examples)), config.train_examples))
+        examples = [examples[i] for i in picked]
+    heldout = list(splits.val.examples) if splits.val is not None else []
+
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    peft_model = get_peft_model(model, config.adapter_config(total_steps))
+    if inits.uses_base_weight(config.lora.init_lora_weights) and not (run_dir / INITIAL_ADAPTER).is_dir():
+        # PiSSA / OLoRA made the base weights a residual: keep the adapter as initialised, to save
+        # the trained one as a plain LoRA adapter for the original base model (see loop._save_final)
+        peft_model.save_pretrained(run_dir / INITIAL_ADAPTER)
+    for note in speed_up(peft_model, attention=config.attention, fused_norms=config.fused_norms,
+                         gradient_checkpointing=config.gradient_checkpointing, compile=config.compile):
+        print(note, flush=True)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                               model=peft_model, loraplus_ratio=config.loraplus_ratio)
+    collate = Collator(tokenizer.pad_token_id)
+    train_collate = collate
+    if config.packing and supports_packing(peft_model):
+        # with lorakit's attention all examples in one row, attended one by one (no padding at all),
+        # and without LoRA dropout the tokens they all start with computed once; otherwise rows no
+        # longer than the longest example
+        varlen = supports_varlen(peft_model)
+        share = varlen and not peft_model.peft_config["default"].lora_dropout
+        train_collate = PackingCollator(tokenizer.pad_token_id, varlen=varlen, share_prefix=share)
+    elif config.packing:
+        print(f"packing off: {model.config.model_type} with {model.config._attn_implementation} attention may let "
+              "packed examples see each other, so training uses padded batches (same loss, more padding)", flush=True)
+    return Run(
+        config=config, run_dir=run_dir,
+        compute=Compute(device=device, precision=precision, autocast=autocast_for(precision, device)),
+        model=peft_model, optimizer=optimizer, params=params,
+        data=RunData(tokenizer=tokenizer, splits=splits, examples=examples,
+                     eval_set=heldout[: config.eval_examples] if config.eval_examples else heldout,
+                     score_set=heldout[: config.score_examples], scorer=scorer_for(config.data),
+                     collate=collate, train_collate=train_collate),
+        schedule=Schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                          warmup=warmup_steps(total_steps, config.warmup_ratio)),
+        metrics=MetricsLog(run_dir / "metrics.jsonl"),
+    )

@@ -8,9 +8,9 @@ import torch
 from lorakit import LoraConfig, fused, get_peft_model
 from lorakit.data import IGNORE_INDEX, Example, PackingCollator
 from lorakit.errors import ConfigError
+from lorakit.evaluation import loss_sum
 from lorakit.models.attention import ATTENTION
 from lorakit.train import fast
-from lorakit.train.evaluate import loss_sum
 
 from core.tiny import SEVEN, input_ids, tiny_llama
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit.layer import LoraLinear
-from lorakit.train.loss import head_cross_entropy
+from lorakit.kernels.loss import head_cross_entropy
 
 
 def _reference(hidden, head, labels):

@@ -97,7 +97,7 @@ from lorakit.errors import ConfigError
 from lorakit.models.attention import MAX_SCORES
 from lorakit.models.attention import MIN_SPLIT as SPLIT_FROM
 from lorakit.models.family import LLAMA_FAMILY
-from lorakit.train.loss import DEFAULT_CHUNK as HEAD_CHUNK
+from lorakit.kernels.loss import DEFAULT_CHUNK as HEAD_CHUNK
 from lorakit.plan.shapes import ModelShape
 from lorakit.plan.targets import TargetedModule
 

@@ -76,7 +76,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from lorakit.train.evaluate import evaluate_adapter
+    from lorakit.evaluation import evaluate_adapter
 
     result = evaluate_adapter(args.adapter, model=args.model, data=args.data, examples=args.examples,
                               max_new_tokens=args.max_new_tokens)

@@ -20,14 +20,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lorakit import PeftModel, get_peft_model, io
-from lorakit.data import (Collator, PackingCollator, length_grouped_batches, load_data, real_token_count,
-                          supports_packing, supports_varlen)
+from lorakit import io
+from lorakit.model import PeftModel, get_peft_model
+from lorakit.data import (IGNORE_INDEX, Collator, PackingCollator, length_grouped_batches, load_data,
+                          real_token_count, supports_packing, supports_varlen)
 from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
+from lorakit.evaluation import heldout_loss, loss_sum, score_examples, scorer_for
 from lorakit.models import load_model
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig, variant_summary
-from lorakit.train.evaluate import heldout_loss, loss_sum, score_examples, scorer_for
 from lorakit.train.fast import make_optimizer, speed_up
 from lorakit.train.report import MetricsLog, plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at, warmup_steps
@@ -237,7 +238,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 group = [run.train_collate([run.examples[i] for i in idx])
                          for idx in batches[batch_pos:batch_pos + config.grad_accum]]
                 group = [{k: v.to(run.device) for k, v in b.items()} for b in group]
-                step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
                 lr = lr_at(step, peak=config.learning_rate, total_steps=run.total_steps, warmup=run.warmup,
                            min_ratio=config.min_lr_ratio)
                 for g in optimizer.param_groups:

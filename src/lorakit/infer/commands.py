@@ -3,8 +3,15 @@ library, print."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+from lorakit.generation.engine import Sampling
+from lorakit.infer.compare import compare_adapters, parse_adapter_specs
+from lorakit.infer.merge import merge_adapter
+from lorakit.infer.prompting import RESERVED, assign_prompts, complete_prompts, parse_adapters
+from lorakit.infer.server import load_server
+from lorakit.models.adapters import load_adapted
 from lorakit.models.load import DEFAULT_MODEL
 
 __all__ = ["register"]
@@ -86,9 +93,6 @@ def register(subparsers) -> None:
 
 
 def _serve(args) -> int:
-    from lorakit.infer.compare import parse_adapter_specs
-    from lorakit.infer.server import load_server
-
     server = load_server(args.model, parse_adapter_specs(args.adapter), host=args.host, port=args.port,
                          max_batch=args.max_batch, max_tokens=args.max_tokens, temperature=args.temperature,
                          precision=args.precision, max_body_bytes=args.max_body_bytes,
@@ -101,8 +105,6 @@ def _serve(args) -> int:
 
 
 def _merge(args) -> int:
-    from lorakit.infer.merge import merge_adapter
-
     report = merge_adapter(args.adapter, args.out, model=args.model, dtype=args.dtype, force=args.force,
                            max_shard_size=args.max_shard_size)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
@@ -110,8 +112,6 @@ def _merge(args) -> int:
 
 
 def _compare(args) -> int:
-    from lorakit.infer.compare import compare_adapters, parse_adapter_specs
-
     result = compare_adapters(parse_adapter_specs(args.adapter), include_base=args.include_base, model=args.model,
                               data=args.data, examples=args.examples, max_new_tokens=args.max_new_tokens)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary(show=args.show))
@@ -119,12 +119,6 @@ def _compare(args) -> int:
 
 
 def _generate(args) -> int:
-    import dataclasses
-
-    from lorakit.generation.engine import Sampling
-    from lorakit.infer.prompting import RESERVED, assign_prompts, complete_prompts, parse_adapters
-    from lorakit.models.adapters import load_adapted
-
     pairs = parse_adapters(args.adapter)
     prompts = assign_prompts([p if isinstance(p, str) else tuple(p) for p in args.prompts or []],
                              [name for name, _ in pairs])

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lorakit import io
-from lorakit.model import PeftModel, get_peft_model
+import lorakit.io as io
 from lorakit.data import (IGNORE_INDEX, Collator, PackingCollator, length_grouped_batches, load_data,
                           real_token_count, supports_packing, supports_varlen)
 from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
 from lorakit.evaluation import heldout_loss, loss_sum, score_examples, scorer_for
+from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_model
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig, variant_summary

@@ -44,7 +44,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name == "extra":
             continue
         flag = ALIASES.get(f.name, "--" + f.name.replace("_", "-"))
-        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "")}
+        # argparse formats help with %: a docstring's "10%" is written "10%%" for it
+        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "").replace("%", "%%")}
         if f.type in ("bool",):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "target_modules":

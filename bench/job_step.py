@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from lorakit.data import Collator, PackingCollator, real_token_count
+from lorakit.evaluation import loss_sum
 from lorakit.train import loop, setup
 from lorakit.train.config import TrainConfig
-from lorakit.train.evaluate import loss_sum
 from machine import machine  # bench/machine.py
 
 

@@ -152,7 +152,7 @@ def _score_worker(args) -> dict:
     from lorakit import PeftModel
     from lorakit.data import Collator
     from lorakit.models import load_model
-    from lorakit.train.evaluate import heldout_loss, score_examples, scorer_for
+    from lorakit.evaluation import heldout_loss, score_examples, scorer_for
     from lorakit.train.setup import autocast_for
 
     config = _train_config(args)

@@ -118,7 +118,7 @@ def build_step(config: str, args, device: torch.device, **lora_extra):
     lora = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
                 task_type="CAUSAL_LM", **lora_extra)
     if config.startswith("lorakit"):
-        from lorakit.train.evaluate import loss_sum
+        from lorakit.evaluation import loss_sum
         from lorakit.train.fast import speed_up
         from lorakit.train.setup import autocast_for, resolve_precision
 

@@ -13,9 +13,9 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.data import (IGNORE_INDEX, Collator, Example, PackingCollator, real_token_count, supports_packing,
                           supports_varlen)
 from lorakit.data.packing import shared_prefix
+from lorakit.evaluation import loss_sum
 from lorakit.models.attention import register as register_lorakit_attention
 from lorakit.train import TrainConfig, train
-from lorakit.train.evaluate import loss_sum
 from lorakit.train.report import read_metrics
 
 PAD = 0

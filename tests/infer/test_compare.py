@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-import lorakit.models
+import lorakit.models.adapters
 from lorakit.cli import main
 from lorakit.data import Collator, load_data
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
 from lorakit.infer import load_adapted
+from lorakit.evaluation import evaluate_adapter, heldout_loss, score_examples
 from lorakit.infer.compare import compare_adapters, parse_adapter_specs
 from lorakit.models import load_model
-from lorakit.train.evaluate import evaluate_adapter, heldout_loss, score_examples
 
 from .conftest import make_adapter
 
@@ -43,8 +43,8 @@ def setup(tiny_model_dir, tmp_path_factory):
 def test_each_column_equals_scoring_that_model_alone(setup, tiny_model_dir, monkeypatch):
     a, b, data = setup
     loads = []
-    real = lorakit.models.load_model
-    monkeypatch.setattr(lorakit.models, "load_model", lambda *args, **kw: loads.append(args) or real(*args, **kw))
+    real = lorakit.models.adapters.load_model  # what the one loader calls
+    monkeypatch.setattr(lorakit.models.adapters, "load_model", lambda *args, **kw: loads.append(args) or real(*args, **kw))
     result = compare_adapters([("A", a), ("B", b)], include_base=True, data=str(data), max_new_tokens=TOKENS)
     assert len(loads) == 1  # the base model is loaded once; the adapters are swapped on it
     monkeypatch.undo()

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from lorakit import PeftModel
 from lorakit.errors import ConfigError
-from lorakit.infer.engine import Request, Sampling, eos_token_ids, finish_reason, generate_batch, warp_logits
+from lorakit.generation.engine import Request, Sampling, eos_token_ids, finish_reason, generate_batch, warp_logits
 from lorakit.models import load_model
 
 from .conftest import make_adapter

@@ -5,9 +5,12 @@ import json
 import pytest
 
 from lorakit.cli import main
+import torch
+
+from lorakit.data.chat import chat_prompt_ids
+from lorakit.generation.engine import Sampling
 from lorakit.infer import complete, load_adapted
-from lorakit.infer.engine import Sampling
-from lorakit.infer.prompting import complete_prompts, load_with_adapters
+from lorakit.infer.prompting import complete_prompts
 from lorakit.models import load_model
 
 from .conftest import make_adapter
@@ -19,9 +22,15 @@ def adapter_b(tiny_model_dir, tmp_path_factory):
 
 
 def reference(adapter_dir, model_dir, prompt, system=None, max_new_tokens=5):
-    """transformers' greedy generate with this adapter alone (None: the base model), as text."""
+    """transformers' greedy generate with this adapter alone (None: the base model), as text; and
+    `complete`, lorakit's greedy text through its engine, gives the same."""
     model, tokenizer = load_adapted(adapter_dir) if adapter_dir else load_model(model_dir)
-    return complete(model, tokenizer, [prompt], system=system, max_new_tokens=max_new_tokens)[0]
+    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt, system)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert complete(model, tokenizer, [prompt], system=system, max_new_tokens=max_new_tokens) == [text]
+    return text
 
 
 def test_one_prompt_streams_the_adapters_completion(tiny_model_dir, tiny_adapter, capsys):
@@ -57,7 +66,7 @@ def test_json_with_seeded_sampling(tiny_model_dir, tiny_adapter, capsys):
                                  "stop_token_ids": []}
     assert [(c["adapter"], c["prompt"]) for c in first["completions"]] == [("a", "hello"), ("base", "hello")]
 
-    model, tokenizer = load_with_adapters([("a", tiny_adapter)])
+    model, tokenizer = load_adapted([("a", tiny_adapter)])
     sampling = Sampling(temperature=0.8, top_k=50, top_p=0.9, seed=5, max_new_tokens=4)
     for c, prompt in zip(first["completions"], [("a", "hello"), ("base", "hello")]):
         alone = complete_prompts(model, tokenizer, [prompt], sampling=sampling)[0]  # the prompt alone
@@ -65,7 +74,7 @@ def test_json_with_seeded_sampling(tiny_model_dir, tiny_adapter, capsys):
 
 
 def test_streamed_pieces_make_the_completion(tiny_adapter):
-    model, tokenizer = load_with_adapters([("a", tiny_adapter)])
+    model, tokenizer = load_adapted([("a", tiny_adapter)])
     pieces = []
     done = complete_prompts(model, tokenizer, [("a", "hello"), ("base", "hi")], sampling=Sampling(max_new_tokens=6),
                             on_text=lambda i, piece: pieces.append((i, piece)))

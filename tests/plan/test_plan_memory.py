@@ -12,8 +12,8 @@ import torch
 import lorakit.plan.memory as memory
 import lorakit
 from lorakit.errors import ConfigError
+from lorakit.evaluation import loss_sum
 from lorakit.plan import estimate
-from lorakit.train.evaluate import loss_sum
 from lorakit.train.fast import speed_up
 
 from .tiny import SEVEN, TINY, build, write_config

@@ -38,6 +38,18 @@ def test_train_flags_win_over_the_config_file_and_the_resolved_config_is_saved(t
     assert capsys.readouterr().out.count("\n") >= 2  # one completion per prompt (a random model's may be empty)
 
 
+def test_every_command_prints_its_help(capsys):
+    for command in ("train", "eval", "generate", "serve", "compare", "merge"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: lorakit {command}")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "%" in out and "%%" not in out  # the TrainConfig docstrings' percentages, as written
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert main(["train", "--lr", "5", "--no-progress"]) == 2
     err = capsys.readouterr().err

@@ -8,12 +8,12 @@ import torch
 from lorakit import LoraConfig, get_peft_model
 from lorakit.data import IGNORE_INDEX, Example, PackingCollator
 from lorakit.errors import ConfigError
+from lorakit.evaluation import loss_sum
 from lorakit.kernels import attention as kernel_attention
 from lorakit.kernels import fused
 from lorakit.models import attention as model_attention
 from lorakit.models.attention import ATTENTION
 from lorakit.train import fast
-from lorakit.train.evaluate import loss_sum
 
 from core.tiny import SEVEN, input_ids, tiny_llama
 

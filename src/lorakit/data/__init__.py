@@ -12,6 +12,7 @@ Typical use::
 """
 
 from . import task_api
+from .chat import ChatTemplateError, chat_ids, chat_prompt_ids, render_chat
 from .collate import Collator, length_grouped_batches
 from .dataset import OVERLONG_POLICIES, TokenizedDataset, tokenize_records
 from .encode import IGNORE_INDEX, Example, assistant_spans, encode_record
@@ -25,6 +26,7 @@ __all__ = [
     "OVERLONG_POLICIES",
     "REASONS",
     "ROLES",
+    "ChatTemplateError",
     "Collator",
     "DataSplits",
     "Example",
@@ -32,6 +34,8 @@ __all__ = [
     "Record",
     "TokenizedDataset",
     "assistant_spans",
+    "chat_ids",
+    "chat_prompt_ids",
     "encode_record",
     "length_grouped_batches",
     "load_data",
@@ -39,6 +43,7 @@ __all__ = [
     "read_jsonl",
     "real_token_count",
     "records_from_dicts",
+    "render_chat",
     "split_records",
     "supports_packing",
     "supports_varlen",

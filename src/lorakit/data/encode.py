@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .chat import ChatTemplateError, render_chat
 from .records import Record, RecordError
 
 __all__ = ["IGNORE_INDEX", "Example", "encode_record", "assistant_spans"]
@@ -44,11 +45,9 @@ class Example:
 
 def _render(tokenizer, messages, *, generation_prompt: bool = False) -> str:
     try:
-        return tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except Exception as exc:  # templates raise their own errors ("roles must alternate", ...)
-        raise RecordError("template_mismatch", f"the chat template refused the conversation: {exc}") from None
+        return render_chat(tokenizer, messages, generation_prompt=generation_prompt)
+    except ChatTemplateError as exc:  # no template, or the template refused: this record is unusable
+        raise RecordError("template_mismatch", str(exc)) from None
 
 
 def assistant_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
@@ -75,11 +74,6 @@ def assistant_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
 
 
 def _encode_chat(tokenizer, messages) -> tuple[list[int], list[int]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise RecordError(
-            "template_mismatch",
-            "the tokenizer has no chat template; use a chat model or prompt/completion records",
-        )
     text, spans = assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])

@@ -3,7 +3,16 @@ library, print."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+
+from lorakit.generation.engine import Sampling
+from lorakit.infer.compare import compare_adapters, parse_adapter_specs
+from lorakit.infer.merge import merge_adapter
+from lorakit.infer.prompting import RESERVED, assign_prompts, complete_prompts, parse_adapters
+from lorakit.infer.server import load_server
+from lorakit.models.adapters import load_adapted
+from lorakit.models.load import DEFAULT_MODEL
 
 __all__ = ["register"]
 
@@ -45,7 +54,8 @@ def register(subparsers) -> None:
                                           "adapter. One completion streams as it is produced.")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="an adapter to load, named (repeatable); a lone bare DIR is named 'default'")
-    p.add_argument("--model", help="the base model (default: the adapters' base_model_name_or_path, else smollm2-135m)")
+    p.add_argument("--model", help="the base model (default: the adapters' base_model_name_or_path, else "
+                                    f"{DEFAULT_MODEL})")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="a user message, completed with the adapter (with each adapter when there are several, "
                         "with the base model when there is none); repeatable")
@@ -66,7 +76,7 @@ def register(subparsers) -> None:
                                           "API; a request's model picks the base model or an adapter) until "
                                           "Ctrl-C. Concurrent requests run together in one batch, each with its "
                                           "own adapter. See docs/SERVING.md.")
-    p.add_argument("--model", default="smollm2-135m", help="the base model (default: smollm2-135m)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the base model (default: {DEFAULT_MODEL})")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter to serve under NAME (repeatable); more can be added with POST /v1/adapters")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
@@ -83,9 +93,6 @@ def register(subparsers) -> None:
 
 
 def _serve(args) -> int:
-    from lorakit.infer.compare import parse_adapter_specs
-    from lorakit.infer.server import load_server
-
     server = load_server(args.model, parse_adapter_specs(args.adapter), host=args.host, port=args.port,
                          max_batch=args.max_batch, max_tokens=args.max_tokens, temperature=args.temperature,
                          precision=args.precision, max_body_bytes=args.max_body_bytes,
@@ -98,8 +105,6 @@ def _serve(args) -> int:
 
 
 def _merge(args) -> int:
-    from lorakit.infer.merge import merge_adapter
-
     report = merge_adapter(args.adapter, args.out, model=args.model, dtype=args.dtype, force=args.force,
                            max_shard_size=args.max_shard_size)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
@@ -107,8 +112,6 @@ def _merge(args) -> int:
 
 
 def _compare(args) -> int:
-    from lorakit.infer.compare import compare_adapters, parse_adapter_specs
-
     result = compare_adapters(parse_adapter_specs(args.adapter), include_base=args.include_base, model=args.model,
                               data=args.data, examples=args.examples, max_new_tokens=args.max_new_tokens)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary(show=args.show))
@@ -116,17 +119,12 @@ def _compare(args) -> int:
 
 
 def _generate(args) -> int:
-    import dataclasses
-
-    from lorakit.infer.engine import Sampling
-    from lorakit.infer.prompting import assign_prompts, complete_prompts, load_with_adapters, parse_adapters
-
     pairs = parse_adapters(args.adapter)
     prompts = assign_prompts([p if isinstance(p, str) else tuple(p) for p in args.prompts or []],
                              [name for name, _ in pairs])
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                         max_new_tokens=args.max_new_tokens)
-    model, tokenizer = load_with_adapters(pairs, model=args.model)
+    model, tokenizer = load_adapted(pairs, model=args.model, reserved=RESERVED)
     stream = len(prompts) == 1 and not (args.no_stream or args.json)
     on_text = (lambda i, piece: print(piece, end="", flush=True)) if stream else None
     completions = complete_prompts(model, tokenizer, prompts, system=args.system, sampling=sampling, on_text=on_text)

@@ -2,7 +2,7 @@
 
 The base model is loaded once; each adapter is loaded onto it by name and made active in turn
 (``set_adapter``), and the base model is scored inside ``disable_adapter()``. Every model is
-scored with the trainer's own evaluation (`lorakit.train.evaluate`: greedy generation, exact
+scored with the trainer's own evaluation (`lorakit.evaluation`: greedy generation, exact
 match and per-field scores, held-out loss per answer token), so a column here equals
 ``lorakit eval`` of that adapter alone. Examples where the models' answers differ are kept with
 each answer and whether it matched the reference.
@@ -11,17 +11,18 @@ each answer and whether it matched the reference.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
-from lorakit import io
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError, LorakitError
+from lorakit.data.collate import Collator
+from lorakit.data.load import load_data
+from lorakit.errors import ConfigError
+from lorakit.evaluation import SCORERS, heldout_loss, score_examples, scorer_for, split_prompt
+from lorakit.generation.texts import line_break_ids
+from lorakit.models.adapters import Adapters, adapter_pairs, base_model_for, load_adapted
 
-__all__ = ["parse_adapter_specs", "compare_adapters", "Comparison", "ModelScore", "Disagreement", "BASE",
-           "check_adapters", "common_base"]
+__all__ = ["parse_adapter_specs", "compare_adapters", "Comparison", "ModelScore", "Disagreement", "BASE"]
 
 BASE = "base"
 """The base model's column name (``include_base``); no adapter may take it then."""
@@ -125,9 +126,9 @@ def _tail(prompt: str, chars: int = 100) -> str:
     return " ".join(kept) if not words else "... " + " ".join(kept)
 
 
-def compare_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mapping[str, str | os.PathLike], *,
-                     include_base: bool = False, model: str | None = None, data: str = "task-api",
-                     examples: int = 200, max_new_tokens: int = 64, batch_size: int = 32) -> Comparison:
+def compare_adapters(adapters: Adapters, *, include_base: bool = False, model: str | None = None,
+                     data: str = "task-api", examples: int = 200, max_new_tokens: int = 64,
+                     batch_size: int = 32) -> Comparison:
     """Score each named adapter (and with ``include_base`` the base model, as ``"base"``) on the
     first ``examples`` held-out examples of ``data`` (task-api's held-out split, or every record
     of a JSONL file), as ``lorakit eval`` does for one adapter.
@@ -135,26 +136,19 @@ def compare_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mapping
     The adapters must name one base model (``base_model_name_or_path``); ``model`` overrides
     where it is loaded from.
     """
-    from lorakit.data import Collator, load_data
-    from lorakit.model import PeftModel
-    from lorakit.models import load_model
-    from lorakit.train.evaluate import SCORERS, heldout_loss, score_examples, scorer_for, split_prompt
-
-    pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
-    configs = check_adapters(pairs, include_base)
-    base_name = model or common_base(configs) or "smollm2-135m"
-
-    base, tokenizer = load_model(base_name)
-    (first, first_dir), *others = pairs
-    peft_model = PeftModel.from_pretrained(base, first_dir, adapter_name=first)
-    for name, directory in others:
-        peft_model.load_adapter(directory, name)
+    pairs = adapter_pairs(adapters)
+    if not pairs:
+        raise ConfigError("compare needs at least one adapter (--adapter NAME=DIR)")
+    reserved = {BASE: "is the base model's column with --include-base"} if include_base else None
+    base_name = base_model_for(pairs, model, reserved)
+    peft_model, tokenizer = load_adapted(pairs, model=base_name, reserved=reserved)
 
     splits = load_data(data, tokenizer=tokenizer, max_length=None)
     heldout = list((splits.val if splits.val is not None else splits.train).examples)[:examples]
     scorer = scorer_for(data)
     collate = Collator(tokenizer.pad_token_id)
     columns = ([BASE] if include_base else []) + [name for name, _ in pairs]
+    line_breaks = line_break_ids(tokenizer) if scorer == "task-api" else None  # once for every column
     scores, samples = [], None
     for name in columns:
         if name == BASE:
@@ -164,7 +158,7 @@ def compare_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mapping
             active = contextlib.nullcontext()
         with active:
             result = score_examples(peft_model, tokenizer, heldout, scorer=scorer, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, keep_samples=len(heldout))
+                                    batch_size=batch_size, keep_samples=len(heldout), line_breaks=line_breaks)
             loss = heldout_loss(peft_model, heldout, collate, batch_size, contextlib.nullcontext)
         samples = samples or result.samples
         predictions = [s["prediction"] for s in result.samples]
@@ -179,45 +173,3 @@ def compare_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mapping
             disagreements.append(Disagreement(heldout[i].source, prompt, sample["reference"], outputs,
                                               {m.name: m.matched[i] for m in scores}))
     return Comparison(str(data), len(heldout), str(base_name), scores, disagreements)
-
-
-def check_adapters(pairs: list[tuple[str, str | os.PathLike]], include_base: bool) -> dict[str, LoraConfig]:
-    """Every problem with the names and directories, in one error; the adapters' configs."""
-    if not pairs:
-        raise ConfigError("compare needs at least one adapter (--adapter NAME=DIR)")
-    problems, seen = [], set()
-    for name, _ in pairs:
-        try:
-            io.check_adapter_name(name)
-        except ConfigError as err:
-            problems.append(str(err))
-        if name in seen:
-            problems.append(f"the name {name!r} is given twice; give each adapter its own name")
-        if include_base and name == BASE:
-            problems.append(f"the name {BASE!r} is the base model's column with --include-base; rename the adapter")
-        seen.add(name)
-    if problems:
-        raise ConfigError("--adapter: " + "; ".join(problems))
-    missing = [f"{name}={directory}" for name, directory in pairs if not Path(directory).is_dir()]
-    if missing:
-        raise AdapterFormatError(f"no such adapter directory: {', '.join(missing)}; pass directories that "
-                                 "hold adapter_config.json (e.g. runs/<run>/adapter)")
-    return {name: LoraConfig.from_pretrained(directory) for name, directory in pairs}
-
-
-def common_base(configs: dict[str, LoraConfig]) -> str | None:
-    """The one base model the adapters name (paths compared after resolving), or raise."""
-    from lorakit.models import resolve_model_dir
-
-    def key(base: str) -> str:
-        try:
-            return str(resolve_model_dir(base).resolve())
-        except LorakitError:
-            return base
-
-    named = {name: c.base_model_name_or_path for name, c in configs.items() if c.base_model_name_or_path}
-    if len({key(base) for base in named.values()}) > 1:
-        listed = ", ".join(f"{name}: {base}" for name, base in named.items())
-        raise CompatibilityError(f"the adapters were trained on different base models ({listed}); compare "
-                                 "adapters of one base model")
-    return next(iter(named.values()), None)

@@ -14,11 +14,11 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorakit import io
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.infer import openai_api as api
 from lorakit.infer.openai_api import RequestError
 from lorakit.infer.scheduler import AdapterChange, Job
+from lorakit.io import check_adapter_name
 
 if TYPE_CHECKING:
     from lorakit.infer.server import Server, _Handler
@@ -106,7 +106,7 @@ def _add_adapter(app: Server, h: "_Handler") -> None:
     name = api.get_field(body, "name", (str,))
     path = api.get_field(body, "path", (str,))
     try:
-        io.check_adapter_name(name)
+        check_adapter_name(name)
     except ConfigError as err:
         raise RequestError(str(err), param="name", code="invalid_value") from None
     if name in app.base_names:

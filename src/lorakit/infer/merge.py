@@ -36,11 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.inject import lora_layers
-from lorakit.model import PeftModel
-from lorakit.models import load_model, parse_dtype, resolve_model_dir
+from lorakit.models.adapters import base_model_for, load_adapted
+from lorakit.models.load import parse_dtype, resolve_model_dir
 
 __all__ = ["merge_adapter", "MergeReport", "RoundingReport", "LayerRounding", "rounding_loss",
            "WARN_RELATIVE_ERROR", "WARN_LOST_FRACTION"]
@@ -179,15 +178,14 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
     transformers does (``max_shard_size``, transformers' default when None).
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    base_name = model or LoraConfig.from_pretrained(adapter_dir).base_model_name_or_path or "smollm2-135m"
+    base_name = base_model_for(adapter_dir, model)
     base_dir = resolve_model_dir(base_name)
     _check_out_dir(out_dir, force, protected=[adapter_dir, base_dir])
     target = parse_dtype(dtype) if dtype is not None else _saved_dtype(base_dir)
     if target not in _DTYPE_NAMES:
         raise ConfigError(f"dtype {dtype!r} cannot be merged into; use fp32, bf16 or fp16")
 
-    base, tokenizer = load_model(base_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    peft_model, tokenizer = load_adapted(adapter_dir, model=base_dir, dtype=torch.float32)
     layers = [(name, layer) for name, layer in lora_layers(peft_model.get_base_model())]
     untied = _untie_shared_weights(peft_model.get_base_model(), layers)
     before = {name: layer.base_layer.weight.detach().clone() for name, layer in layers} \

@@ -1,8 +1,8 @@
 """OpenAI's request and response shapes, for `lorakit serve`.
 
 Requests are checked here, field by field, into a `Call`: the prompts as token ids (a chat's
-messages rendered with the tokenizer's chat template, as `chat_prompt_ids` does for one
-message), the engine's `Sampling` and the stop strings. A request the server refuses raises
+messages rendered by `lorakit.data.chat`, the one chat renderer), the engine's `Sampling` and the
+stop strings. A request the server refuses raises
 `RequestError`, which carries the HTTP status and OpenAI's error fields
 (``{"error": {"message", "type", "param", "code"}}``). The response builders return OpenAI's
 JSON objects: ``text_completion``, ``chat.completion``, their stream chunks, and model lists.
@@ -18,11 +18,12 @@ import json
 import math
 from dataclasses import dataclass
 
+from lorakit.data.chat import ChatTemplateError, chat_ids, has_chat_template
 from lorakit.errors import ConfigError
-from lorakit.infer.engine import Sampling
+from lorakit.generation.engine import Sampling
 
 __all__ = ["RequestError", "Limits", "Call", "get_field", "parse_json", "parse_completion", "parse_chat",
-           "chat_ids", "error_body", "usage", "completion_response", "chat_response", "completion_chunk",
+           "error_body", "usage", "completion_response", "chat_response", "completion_chunk",
            "chat_chunk", "usage_chunk", "model_card", "model_list"]
 
 _MISSING = object()
@@ -228,22 +229,23 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The token ids of a conversation ending in the assistant's header, rendered with the
-    tokenizer's chat template (for one user message: `lorakit.infer.generate.chat_prompt_ids`)."""
-    if not getattr(tokenizer, "chat_template", None):
-        if len(messages) == 1 and messages[0]["role"] == "user":
-            return tokenizer(messages[0]["content"])["input_ids"]
-        raise RequestError("this model's tokenizer has no chat template, so only a single user message can be "
-                           "sent; use /v1/completions with the prompt written out", param="messages",
-                           code="no_chat_template")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation's prompt ids (`lorakit.data.chat.chat_ids`); a conversation the tokenizer
+    cannot render is the request's fault (a 400)."""
+    try:
+        return chat_ids(tokenizer, messages)
+    except ChatTemplateError as err:
+        if not has_chat_template(tokenizer):
+            raise RequestError("this model's tokenizer has no chat template, so only a single user message can be "
+                               "sent; use /v1/completions with the prompt written out", param="messages",
+                               code="no_chat_template") from None
+        raise RequestError(f"{err}; check the messages' roles and order", param="messages",
+                           code="invalid_value") from None
 
 
 def parse_chat(body: dict, tokenizer, limits: Limits) -> Call:
     """/v1/chat/completions: ``messages`` rendered with the chat template; one choice."""
-    ids = chat_ids(tokenizer, _messages(body))
+    ids = _chat_ids(tokenizer, _messages(body))
     return _common(body, "chat", [ids], tokenizer, limits, default_max_tokens=limits.max_tokens)
 
 

@@ -1,27 +1,31 @@
 """Complete prompts on one base model, each prompt with its own adapter (`lorakit generate`).
 
-The base model is loaded once and every adapter is loaded onto it by name; the prompts then run
-together through the engine (`lorakit.infer.engine.generate_batch`), each row with its adapter
+The base model is loaded once and every adapter is loaded onto it by name
+(`lorakit.models.adapters.load_adapted`); the prompts then run together through the engine
+(`lorakit.generation.engine.generate_batch`), each row with its adapter
 or the base model ("base"), and the same sampling settings. Text can stream as it is produced.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
+from lorakit.data.chat import chat_prompt_ids
 from lorakit.errors import ConfigError
-from lorakit.infer.compare import check_adapters, common_base, parse_adapter_specs
-from lorakit.infer.engine import Request, Sampling, eos_token_ids, finish_reason, generate_batch
-from lorakit.infer.generate import chat_prompt_ids
+from lorakit.generation.engine import Request, Sampling, eos_token_ids, finish_reason, generate_batch
+from lorakit.generation.texts import generate_texts
+from lorakit.infer.compare import parse_adapter_specs
 from lorakit.infer.textstream import TextStream
 
-__all__ = ["BASE", "Completion", "parse_adapters", "assign_prompts", "load_with_adapters", "complete_prompts"]
+__all__ = ["BASE", "RESERVED", "Completion", "parse_adapters", "assign_prompts", "complete", "complete_prompts"]
 
 BASE = "base"
 """The base model's name in a prompt's adapter choice; no adapter may take it."""
+
+RESERVED = {BASE: "means the base model in --prompt-for"}
+"""The adapter names `lorakit generate` refuses (``load_adapted(..., reserved=RESERVED)``)."""
 
 
 @dataclass
@@ -68,27 +72,12 @@ def assign_prompts(prompts: Sequence[str | tuple[str, str]], adapters: Sequence[
     return assigned
 
 
-def load_with_adapters(adapters: Sequence[tuple[str, str | os.PathLike]] | Mapping[str, str | os.PathLike],
-                       model: str | None = None):
-    """``(model, tokenizer)``: the base model (``model``, else the adapters' common
-    ``base_model_name_or_path``, else smollm2-135m) loaded once, with each adapter loaded onto
-    it under its name; frozen and in eval mode. Without adapters, the plain base model."""
-    from lorakit.model import PeftModel
-    from lorakit.models import load_model
-
-    pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
-    if not pairs:
-        base, tokenizer = load_model(model or "smollm2-135m")
-        return base.eval(), tokenizer
-    if any(name == BASE for name, _ in pairs):
-        raise ConfigError(f"the adapter name {BASE!r} means the base model in --prompt-for; rename the adapter")
-    configs = check_adapters(pairs, include_base=False)
-    base, tokenizer = load_model(model or common_base(configs) or "smollm2-135m")
-    (first, first_dir), *others = pairs
-    peft_model = PeftModel.from_pretrained(base, first_dir, adapter_name=first)
-    for name, directory in others:
-        peft_model.load_adapter(directory, name)
-    return peft_model.eval(), tokenizer
+def complete(model, tokenizer, prompts: list[str], *, system: str | None = None, max_new_tokens: int = 128,
+             batch_size: int = 16) -> list[str]:
+    """Greedy completions of one-turn chat prompts (with ``system`` as the system message), as
+    stripped text, with the model as it is set up (its active adapters)."""
+    ids = [chat_prompt_ids(tokenizer, p, system) for p in prompts]
+    return generate_texts(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def complete_prompts(model, tokenizer, prompts: Sequence[tuple[str, str]], *, system: str | None = None,

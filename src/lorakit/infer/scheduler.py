@@ -3,7 +3,7 @@
 Request threads put `Job`s (one or more prompts for one model: the base model or an adapter)
 and `AdapterChange`s on a queue. The worker takes the first item and everything else waiting
 behind it, up to ``max_batch`` rows, and runs the rows together with
-`lorakit.infer.engine.generate_batch`, each row with its own adapter and sampling. Each token
+`lorakit.generation.engine.generate_batch`, each row with its own adapter and sampling. Each token
 is routed back to its job as it is produced (a job's ``events`` queue), so streaming clients
 see text while the batch is still running, and a job is answered as soon as its own rows end
 (at EOS, a stop token or string, or ``max_new_tokens``), not when the batch ends. Adapter
@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import LorakitError
-from lorakit.infer.engine import Request, eos_token_ids, finish_reason, generate_batch, row_ended
+from lorakit.generation.engine import Request, eos_token_ids, finish_reason, generate_batch, row_ended
 from lorakit.infer.openai_api import Call, RequestError
 from lorakit.infer.textstream import TextStream
+from lorakit.inject import ModulesToSave, logical_modules, replace_module
+from lorakit.layer import LoraLayer
+from lorakit.model import PeftModel
 
 __all__ = ["Scheduler", "Job", "Row", "AdapterChange", "Batch"]
 
@@ -93,14 +96,17 @@ class Batch:
 class Scheduler:
     """Owns the model; runs queued jobs in batches on one worker thread (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, autocast: Callable | None = None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, autocast: Callable | None = None,
+                 adapters: dict[str, str] | None = None):
+        """``model``: the base model, or a PeftModel already holding ``adapters`` (name -> the
+        directory each was loaded from)."""
         self.model = model  # the base model, or a PeftModel once it holds adapters
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.autocast = autocast
         # name -> the directory it was loaded from; replaced (never changed in place) by the worker,
         # so request threads read it without a lock
-        self.adapters: dict[str, str] = {}
+        self.adapters: dict[str, str] = dict(adapters or {})
         self.batches: list[Batch] = []
         self.on_batch: Callable[[Batch], None] | None = None  # told of each batch as it starts (logging)
         self._queue: queue.Queue = queue.Queue()
@@ -156,8 +162,6 @@ class Scheduler:
     # -- adapters (called on the worker thread, or before it starts)
     def add_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Load the adapter directory ``path`` under ``name`` onto the base model."""
-        from lorakit.model import PeftModel
-
         if name in self.adapters:
             raise RequestError(f"an adapter named {name!r} is already served (from {self.adapters[name]}); "
                                f"remove it first (DELETE /v1/adapters/{name}) or pick another name",
@@ -311,9 +315,6 @@ def _drain(q: queue.Queue) -> list:
 def _strip_adapters(model) -> None:
     """Undo a half-done first load: every LoRA layer and modules_to_save wrapper in ``model``
     back to the module it wraps."""
-    from lorakit.inject import ModulesToSave, logical_modules, replace_module
-    from lorakit.layer import LoraLayer
-
     for name, module in list(logical_modules(model)):
         if isinstance(module, LoraLayer):
             replace_module(model, name, module.base_layer)

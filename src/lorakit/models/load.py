@@ -19,13 +19,11 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError
 from .cache import cache_dir
-from .gguf import EMBEDDED_MODELS, convert_gguf, embedded_gguf_path, gguf_cache_name
+from .gguf import DEFAULT_MODEL, EMBEDDED_MODELS, convert_gguf, embedded_gguf_path, gguf_cache_name
 
 __all__ = [
     "DEFAULT_MODEL", "resolve_model_dir", "check_model_dir", "load_model", "load_tokenizer", "parse_dtype",
 ]
-
-DEFAULT_MODEL = "smollm2-135m"
 
 # Any one of these makes a tokenizer loadable without the hub.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")

@@ -7,7 +7,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from lorakit.evaluation import evaluate_adapter
 from lorakit.train.config import AdapterSettings, TrainConfig, field_docs, load_train_config, setting_names
+from lorakit.train.loop import train
 
 __all__ = ["register"]
 
@@ -53,8 +55,6 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from lorakit.train.loop import train
-
     overrides = {name: getattr(args, name, None) for name in setting_names()}
     config_file = args.config
     if args.resume:
@@ -76,8 +76,6 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from lorakit.train.evaluate import evaluate_adapter
-
     result = evaluate_adapter(args.adapter, model=args.model, data=args.data, examples=args.examples,
                               max_new_tokens=args.max_new_tokens)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())

@@ -22,6 +22,7 @@ import yaml
 from lorakit.config import PRESETS, LoraConfig, preset
 from lorakit.errors import ConfigError
 from lorakit.methods.adalora import AdaLoraConfig
+from lorakit.models.load import DEFAULT_MODEL
 from lorakit.train.fast import ATTENTION_CHOICES
 
 __all__ = ["TrainConfig", "AdapterSettings", "TrainMethod", "TRAIN_METHODS", "load_train_config",
@@ -66,7 +67,7 @@ class TrainConfig:
     """A LoRA fine-tuning run. Defaults: the embedded model, task-api, the balanced preset."""
 
     # --- what to train on
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """An embedded model name, a local HF model directory, or a .gguf file."""
     data: str = "task-api"
     """A built-in dataset name or a JSONL file (text, prompt/completion or messages records)."""

@@ -22,11 +22,11 @@ import torch
 from tqdm import tqdm
 
 from lorakit import io
-from lorakit.data import PackingCollator, length_grouped_batches, real_token_count
+from lorakit.data import IGNORE_INDEX, PackingCollator, length_grouped_batches, real_token_count
 from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
+from lorakit.evaluation import heldout_loss, loss_sum, score_examples
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig, variant_summary
-from lorakit.train.evaluate import heldout_loss, loss_sum, score_examples
 from lorakit.train.report import plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at
 from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, autocast_for, prepare, resolve_precision
@@ -117,7 +117,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 group = [data.train_collate([data.examples[i] for i in idx])
                          for idx in batches[state.batch_pos:state.batch_pos + config.grad_accum]]
                 group = [{k: v.to(run.compute.device) for k, v in b.items()} for b in group]
-                step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
                 lr = lr_at(state.step, peak=config.learning_rate, total_steps=total_steps,
                            warmup=run.schedule.warmup, min_ratio=config.min_lr_ratio)
                 for g in optimizer.param_groups:

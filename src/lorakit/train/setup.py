@@ -23,7 +23,7 @@ from lorakit.methods import method_for
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_model
 from lorakit.train.config import TrainConfig
-from lorakit.train.evaluate import scorer_for
+from lorakit.evaluation import scorer_for
 from lorakit.train.fast import make_optimizer, speed_up
 from lorakit.train.report import MetricsLog
 from lorakit.train.schedule import warmup_steps

@@ -81,7 +81,7 @@ class Sampling:
 
 @dataclass
 class Request:
-    """One prompt (token ids, e.g. from `lorakit.infer.chat_prompt_ids`) and how to complete it."""
+    """One prompt (token ids, e.g. from `lorakit.data.chat.chat_prompt_ids`) and how to complete it."""
 
     prompt_ids: list[int]
     adapter: str | None = None
@@ -92,7 +92,7 @@ class Request:
 @torch.no_grad()
 def generate_batch(model, tokenizer, requests: Sequence[Request], *,
                    on_token: Callable[[int, int], None] | None = None,
-                   autocast: Callable | None = None) -> list[list[int]]:
+                   autocast: Callable | None = None, as_is: bool = False) -> list[list[int]]:
     """Complete every request in one batch; the generated ids per request, in order.
 
     ``on_token(i, token_id)`` is called for each token as it is produced (request ``i``'s
@@ -102,12 +102,14 @@ def generate_batch(model, tokenizer, requests: Sequence[Request], *,
     to ``max_new_tokens``; `finish_reason` tells which. ``autocast``: a callable giving a
     context manager for the forward passes (e.g. bf16 autocast). ``tokenizer`` gives the EOS and
     padding ids (with the model's generation config); None: the model's alone. The model runs
-    in eval mode and is put back as it was, with its active adapters.
+    in eval mode and is put back as it was, with its active adapters. ``as_is``: every row runs
+    the model as it is set up (its active adapters, or the base model inside ``disable_adapter()``),
+    for requests whose ``adapter`` is None; the engine then leaves the adapters alone.
     """
     requests = list(requests)
     if not requests:
         return []
-    _check_requests(model, requests)
+    _check_requests(model, requests, as_is)
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)
     pad = _pad_token_id(model, tokenizer, eos)
@@ -124,7 +126,7 @@ def generate_batch(model, tokenizer, requests: Sequence[Request], *,
     model.eval()
     try:
         with contextlib.ExitStack() as adapters:
-            adapters.enter_context(_adapters(model, [requests[i].adapter for i in live]))
+            adapters.enter_context(_adapters(model, [requests[i].adapter for i in live], as_is))
             while True:
                 with autocast() if autocast else contextlib.nullcontext():
                     result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -147,7 +149,7 @@ def generate_batch(model, tokenizer, requests: Sequence[Request], *,
                     mask, positions = mask[index], positions[index]
                     live = [live[row] for row in keep]
                     adapters.close()
-                    adapters.enter_context(_adapters(model, [requests[i].adapter for i in live]))
+                    adapters.enter_context(_adapters(model, [requests[i].adapter for i in live], as_is))
                 ids = torch.tensor([outputs[i][-1] for i in live], device=device).unsqueeze(1)  # (rows, 1)
                 mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)  # (rows, T + steps)
                 positions = positions[:, -1:] + 1  # (rows, 1)
@@ -263,7 +265,7 @@ def _forward_arguments(model) -> tuple[str, dict]:
     return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
 
 
-def _check_requests(model, requests: list[Request]) -> None:
+def _check_requests(model, requests: list[Request], as_is: bool) -> None:
     """Every problem with the requests, in one ConfigError."""
     problems = []
     embeddings = model.get_input_embeddings()
@@ -272,14 +274,17 @@ def _check_requests(model, requests: list[Request]) -> None:
     known = sorted(peft_config) if isinstance(peft_config, dict) else []
     for i, r in enumerate(requests):
         if not isinstance(r, Request):
-            problems.append(f"request {i} is a {type(r).__name__}, not a lorakit.infer.engine.Request")
+            problems.append(f"request {i} is a {type(r).__name__}, not a lorakit.generation.engine.Request")
             continue
         if not r.prompt_ids:
             problems.append(f"request {i} has an empty prompt; give at least one token id")
         elif not all(_is_int(t) and 0 <= t < vocab for t in r.prompt_ids):
             problems.append(f"request {i}'s prompt has ids that are not integers in the vocabulary [0, {vocab}); "
                             "tokenize with the model's own tokenizer")
-        if r.adapter not in (None, BASE) and r.adapter not in known:
+        if as_is and r.adapter is not None:
+            problems.append(f"request {i} asks for adapter {r.adapter!r}, but as_is=True runs the model as it is "
+                            "set up; leave the request's adapter None")
+        elif r.adapter not in (None, BASE) and r.adapter not in known:
             problems.append(f"request {i} asks for adapter {r.adapter!r}, which the model does not have "
                             f"(adapters: {known or 'none, it is a plain model'}; None = the base model)")
     if problems:
@@ -287,10 +292,10 @@ def _check_requests(model, requests: list[Request]) -> None:
 
 
 @contextlib.contextmanager
-def _adapters(model, names: list[str | None]):
-    """Inside: row i uses adapter names[i] (None = the base model)."""
+def _adapters(model, names: list[str | None], as_is: bool = False):
+    """Inside: row i uses adapter names[i] (None = the base model); ``as_is``: the model as it is."""
     rows = [BASE if n is None else n for n in names]
-    if not isinstance(getattr(model, "peft_config", None), dict):  # a plain model: every row is the base model
+    if as_is or not isinstance(getattr(model, "peft_config", None), dict):  # a plain model: every row is the base
         yield
     elif all(n == BASE for n in rows):
         with model.disable_adapter():

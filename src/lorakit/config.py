@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lorakit.errors import AdapterFormatError, ConfigError
-from lorakit.methods import method_for, peft_types
+from lorakit.plugins import method_for, peft_types
 
 __all__ = ["LoraConfig", "TaskType", "PRESETS", "preset", "CONFIG_NAME", "SEVEN_PROJECTIONS"]
 

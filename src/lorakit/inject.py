@@ -19,7 +19,7 @@ from lorakit import plugins
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import ConfigError
 from lorakit.layer import LoraLayer, is_conv1d, make_lora_layer, supported_layer
-from lorakit.methods import method_for
+from lorakit.plugins import method_for
 
 __all__ = [
     "ModulesToSave", "logical_modules", "resolve_targets", "inject_adapter", "inject_lora", "mark_trainable",

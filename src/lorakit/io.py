@@ -4,7 +4,7 @@
     <dir>/adapter_model.safetensors   base_model.model.<module>.lora_A.weight        (r, in)
                                       base_model.model.<module>.lora_B.weight        (out, r)
                                       base_model.model.<module>.lora_magnitude_vector (out,) DoRA
-                                      (a method's own keys: `lorakit.methods.Method.layer_tensors`,
+                                      (a method's own keys: `lorakit.plugins.Method.layer_tensors`,
                                       e.g. AdaLoRA's <module>.lora_A / lora_E / lora_B)
                                       base_model.model.<module>.lora_embedding_A     (r, vocab)
                                       base_model.model.<module>.lora_embedding_B     (dim, r)
@@ -34,7 +34,7 @@ from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
 from lorakit.inject import ModulesToSave, bias_parameters, logical_modules
 from lorakit.layer import LoraLayer
-from lorakit.methods import method_for
+from lorakit.plugins import method_for
 
 __all__ = [
     "WEIGHTS_NAME", "PREFIX", "adapter_tensors", "save_adapter", "read_adapter",
@@ -114,7 +114,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,
 
 def lora_layer_tensors(key: str, module_name: str, layer: LoraLayer, a: nn.Module,
                        config: LoraConfig) -> dict[str, torch.Tensor]:
-    """LORA's tensors of one layer (`lorakit.methods.Method.layer_tensors`): PEFT's keys
+    """LORA's tensors of one layer (`lorakit.plugins.Method.layer_tensors`): PEFT's keys
     ``<key>.lora_A.weight`` / ``.lora_B.weight``, ``<key>.lora_embedding_A`` / ``_B`` for an
     embedding, and DoRA's ``<key>.lora_magnitude_vector``."""
     if layer.is_embedding:

@@ -26,7 +26,7 @@ from lorakit.inject import (
 )
 from lorakit.kernels import batching
 from lorakit.layer import LoraLayer
-from lorakit.methods import method_for
+from lorakit.plugins import method_for
 
 __all__ = ["LoraModel", "PeftModel", "get_peft_model"]
 
@@ -353,7 +353,7 @@ class PeftModel(nn.Module):
 
 
 def _base_model_class(config: LoraConfig) -> type[LoraModel]:
-    """PeftModel.base_model's class: the one the config's method registered (`lorakit.methods`)."""
+    """PeftModel.base_model's class: the one the config's method registered (`lorakit.plugins.method_for`)."""
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"peft_config must be a lorakit LoraConfig, got {type(config).__name__}")
     return method_for(config.peft_type).model_class

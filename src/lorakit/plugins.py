@@ -1,5 +1,8 @@
-"""The core's plug-in points for variants: each variant fills one when it is imported.
+"""The core's plug-in points: each LoRA method and each variant fills one when it is imported.
 
+    methods              peft_type -> what the core asks of a method       (methods/lora.py,
+                         ("LORA", "ADALORA"): config class, injection,      methods/adalora/)
+                         model class, file keys, what it supports
     adapter variants     Adapter.variant name -> its forward and merge rule   (variants/dora.py)
     base-weight inits    init_lora_weights values that read W and leave a residual
                                                                               (variants/inits.py)
@@ -9,8 +12,10 @@
 A variant is one leaf module under `lorakit.variants` that imports the core and calls a
 ``register_*`` function below at import; ``lorakit/__init__.py`` imports every variant module,
 so importing lorakit registers them all. The core (`layer`, `inject`, `model`) consults this
-module and never imports a variant. LoRA methods (LORA, ADALORA) have their own registry,
-`lorakit.methods`.
+module and never imports a variant. A LoRA method is a module (or package) under
+`lorakit.methods` that calls `register_method`; `lorakit.config`, `lorakit.inject`,
+`lorakit.model`, `lorakit.io` and `lorakit.kernels.batching` look one up with
+`method_for(config.peft_type)` and never name one.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ if TYPE_CHECKING:  # types only: these modules consult this one
 
     from lorakit.config import LoraConfig
     from lorakit.layer import Adapter, LoraLayer
+    from lorakit.model import LoraModel
 
-__all__ = ["AdapterVariant", "BaseWeightInit", "register_variant", "register_init", "register_operation",
+__all__ = ["Method", "register_method", "method_for", "peft_types", "AdapterVariant", "BaseWeightInit", "register_variant", "register_init", "register_operation",
            "variant", "variants", "base_weight_init", "operation"]
 
 
@@ -118,3 +124,54 @@ def operation(name: str) -> Callable:
         raise ConfigError(f"operation {name!r} is not available: no variant registered it "
                           f"(known: {sorted(_OPERATIONS)})")
     return _OPERATIONS[name]
+
+
+# --------------------------------------------------------------------------- methods
+
+@dataclass(frozen=True)
+class Method:
+    """What the core needs from one LoRA method."""
+
+    peft_type: str
+    """The ``peft_type`` of its adapter_config.json ("LORA", "ADALORA")."""
+    name: str
+    """Its name in messages ("LoRA", "AdaLoRA")."""
+    config_class: type[LoraConfig]
+    """Reads and writes its adapter_config.json (a `LoraConfig` subclass)."""
+    inject: Callable[[nn.Module, LoraConfig, str, bool], LoraConfig]
+    """``inject(model, config, adapter_name, autocast_adapter_dtype)``: adds the adapter to every
+    targeted module in place; returns the config with concrete target_modules (what is saved)."""
+    model_class: type[LoraModel]
+    """``PeftModel.base_model``'s class (`LoraModel` or a subclass with the method's hooks)."""
+    layer_tensors: Callable[[str, str, nn.Module, nn.Module, LoraConfig], dict[str, torch.Tensor]]
+    """``layer_tensors(key, module_name, layer, adapter, config)``: one layer's adapter tensors under
+    their file keys (``key`` is the module's key, e.g. ``base_model.model.<module>``), as live
+    tensors of the model: saving reads them, loading copies into them."""
+    mixed_batches: bool
+    """Whether rows of one batch may run through different adapters (`lorakit.kernels.batching`)."""
+    resume_problem: str | None
+    """Why a training run of this method cannot resume from a checkpoint; None when it can."""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Make ``method`` known by its peft_type (called once, by the method's own module)."""
+    if method.peft_type in _METHODS and _METHODS[method.peft_type] != method:
+        raise ConfigError(f"two LoRA methods register peft_type {method.peft_type!r}; rename one")
+    _METHODS[method.peft_type] = method
+    return method
+
+
+def peft_types() -> list[str]:
+    """The registered peft_types, sorted."""
+    return sorted(_METHODS)
+
+
+def method_for(peft_type: str | None) -> Method:
+    """The method of ``peft_type`` (None reads as "LORA", as PEFT's files without one do)."""
+    method = _METHODS.get(peft_type or "LORA")
+    if method is None:
+        raise ConfigError(f"peft_type is {peft_type!r}; lorakit supports {', '.join(peft_types())} adapters")
+    return method

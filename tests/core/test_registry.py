@@ -11,7 +11,7 @@ import lorakit
 from lorakit import plugins
 from lorakit.errors import ConfigError
 from lorakit.layer import LoraLayer
-from lorakit.methods import method_for, peft_types
+from lorakit.plugins import method_for, peft_types
 from lorakit.methods.adalora import AdaLoraConfig, AdaLoraModel, SVDLinear
 from lorakit.model import LoraModel
 

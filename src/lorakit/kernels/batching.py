@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from lorakit.errors import ConfigError
 from lorakit.inject import ModulesToSave, logical_modules
 from lorakit.layer import Adapter, LoraLayer
-from lorakit.methods import method_for
+from lorakit.plugins import method_for
 from lorakit.plugins import variant
 
 __all__ = ["BASE", "DENSE_MAX", "mixed_batch", "invalidate", "batch_size", "names_for_generate"]

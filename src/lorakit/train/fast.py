@@ -23,6 +23,7 @@ from lorakit.errors import ConfigError
 from lorakit.models.attention import use_lorakit_attention
 from lorakit.models.family import unwrap
 from lorakit.models.norms import use_fused_norms
+from lorakit.variants.loraplus import loraplus_param_groups
 
 __all__ = ["ATTENTION_CHOICES", "make_optimizer", "speed_up"]
 
@@ -40,8 +41,6 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     ``group["lr"] = lr_at(step) * group["lr_scale"]`` keeps the groups' ratios."""
     groups: list[dict] = [{"params": list(params), "lr": lr}]
     if loraplus_ratio is not None:
-        from lorakit.variants.loraplus import loraplus_param_groups
-
         if model is None:
             raise ConfigError("make_optimizer: LoRA+ (loraplus_ratio) needs the model, to tell A from B")
         groups = loraplus_param_groups(model, lr=lr, loraplus_lr_ratio=loraplus_ratio,

@@ -19,7 +19,7 @@ import torch
 
 from lorakit.data import Collator, PackingCollator, load_data, supports_packing, supports_varlen
 from lorakit.errors import CheckpointError
-from lorakit.methods import method_for
+from lorakit.plugins import method_for
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_model
 from lorakit.train.config import TrainConfig

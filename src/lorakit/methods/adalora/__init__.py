@@ -12,7 +12,7 @@ A LoRA method: it registers itself by peft_type "ADALORA" (`ADALORA`, `lorakit.m
     model = lorakit.get_peft_model(base, config)       # model.base_model is an AdaLoraModel
 """
 
-from lorakit.methods import Method, register
+from lorakit.plugins import Method, register_method
 from lorakit.methods.adalora.allocator import RankAllocator, budget_schedule
 from lorakit.methods.adalora.config import AdaLoraConfig
 from lorakit.methods.adalora.layer import SVDAdapter, SVDLinear, inject_adalora, svd_layer_tensors
@@ -22,7 +22,7 @@ from lorakit.methods.adalora.regularizer import orthogonal_regularizer
 __all__ = ["ADALORA", "AdaLoraConfig", "AdaLoraModel", "RankAllocator", "SVDAdapter", "SVDLinear",
            "budget_schedule", "orthogonal_regularizer"]
 
-ADALORA = register(Method(
+ADALORA = register_method(Method(
     peft_type=AdaLoraConfig.PEFT_TYPE, name="AdaLoRA", config_class=AdaLoraConfig, inject=inject_adalora,
     model_class=AdaLoraModel, layer_tensors=svd_layer_tensors, mixed_batches=False,
     resume_problem="its rank allocator's importance averages are not checkpointed",

@@ -103,9 +103,9 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        # inside `lorakit.kernels.batching.mixed_batch`: each row's adapter (a LayerRows), else None
+        # inside `lorakit.batching.mixed_batch`: each row's adapter (a LayerRows), else None
         self.row_adapters = None
-        # the adapters stacked for mixed batches (a `lorakit.kernels.batching.Stack`), built on first use
+        # the adapters stacked for mixed batches (a `lorakit.batching.Stack`), built on first use
         self.adapter_stack = None
         # take the fused path where it applies (`lorakit.kernels.fused`); False: the reference forward
         self.use_fused = True
@@ -229,7 +229,7 @@ class LoraLinear(LoraLayer):
         one autograd node. The loop below is the reference, and the path for everything else.
         An adapter with a variant (DoRA) runs its variant's own forward, fused or reference.
         """
-        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.kernels.batching)
+        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.batching)
             return self.row_adapters.forward(self, x, *args, **kwargs)
         adapters = self._adapters_for_forward()
         if len(adapters) == 1 and self.use_fused and not args and not kwargs and not self.fan_in_fan_out \
@@ -275,7 +275,7 @@ class LoraEmbedding(LoraLayer):
         return self.adapters[name].delta_weight().T  # (vocab, dim), the table's layout
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.kernels.batching)
+        if self.row_adapters is not None:  # a mixed batch: row b through its own adapter (lorakit.batching)
             return self.row_adapters.forward(self, ids, *args, **kwargs)
         result = self.base_layer(ids, *args, **kwargs)  # (..., dim)
         adapters = self._adapters_for_forward()

@@ -17,14 +17,13 @@ import warnings
 import torch
 import torch.nn as nn
 
-from lorakit import io, plugins
+from lorakit import batching, io, plugins
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.inject import (
     ModulesToSave, count_parameters, inject_adapter, logical_modules, lora_layers,
     mark_trainable, replace_module,
 )
-from lorakit.kernels import batching
 from lorakit.layer import LoraLayer
 from lorakit.plugins import method_for
 
@@ -95,7 +94,7 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward. ``adapter_names`` (PEFT's argument): one adapter name per row of the
         batch, "__base__" for a row without an adapter; each row runs through its own adapter in
-        this one pass (eval mode only; `lorakit.kernels.batching`)."""
+        this one pass (eval mode only; `lorakit.batching`)."""
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
         with batching.mixed_batch(self, adapter_names, rows=batching.batch_size(args, kwargs)):

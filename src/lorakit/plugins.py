@@ -14,7 +14,7 @@ A variant is one leaf module under `lorakit.variants` that imports the core and 
 so importing lorakit registers them all. The core (`layer`, `inject`, `model`) consults this
 module and never imports a variant. A LoRA method is a module (or package) under
 `lorakit.methods` that calls `register_method`; `lorakit.config`, `lorakit.inject`,
-`lorakit.model`, `lorakit.io` and `lorakit.kernels.batching` look one up with
+`lorakit.model`, `lorakit.io` and `lorakit.batching` look one up with
 `method_for(config.peft_type)` and never name one.
 """
 
@@ -59,7 +59,7 @@ class AdapterVariant:
     unmerged_weight: Callable[[LoraLayer, str], torch.Tensor]
     """The inverse of merged_weight."""
     row_scale: Callable[[LoraLayer, Adapter], torch.Tensor] | None = None
-    """For mixed-adapter batches (`lorakit.kernels.batching`): the (out,) factor c by which a row's
+    """For mixed-adapter batches (`lorakit.batching`): the (out,) factor c by which a row's
     whole output is scaled, ``c * (W x + s B A x)`` (DoRA: ``m / ||W + s B A||``); None: the
     variant has no mixed-batch form and such batches are refused."""
 
@@ -148,7 +148,7 @@ class Method:
     their file keys (``key`` is the module's key, e.g. ``base_model.model.<module>``), as live
     tensors of the model: saving reads them, loading copies into them."""
     mixed_batches: bool
-    """Whether rows of one batch may run through different adapters (`lorakit.kernels.batching`)."""
+    """Whether rows of one batch may run through different adapters (`lorakit.batching`)."""
     resume_problem: str | None
     """Why a training run of this method cannot resume from a checkpoint; None when it can."""
 

@@ -1,4 +1,4 @@
-"""Mixed-adapter batches (`lorakit.kernels.batching`, ``adapter_names``): every row of a batch equals that
+"""Mixed-adapter batches (`lorakit.batching`, ``adapter_names``): every row of a batch equals that
 row run with its adapter alone, in forward, in generate with a KV cache and in a decode loop of
 one's own; the same as PEFT's ``adapter_names`` on the same adapter files; the refusals."""
 
@@ -12,8 +12,9 @@ import torch
 import lorakit
 from lorakit import ConfigError, LoraConfig, get_peft_model
 from lorakit.inject import lora_layers
-from lorakit.kernels import batching
-from lorakit.kernels.batching import BASE, mixed_batch
+from lorakit import batching
+from lorakit.batching import BASE, mixed_batch
+from lorakit.kernels import batching as kernel
 
 from core.tiny import SEVEN, input_ids, tiny_llama
 
@@ -25,7 +26,7 @@ ADAPTERS = {
     "c": dict(r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "down_proj", "lm_head"]),
 }
 ROWS = ["a", BASE, "b", "c", "a"]  # three adapters of ranks 2, 4, 8 and a base row, one repeated
-PATHS = {"dense": 10**6, "gather": 0}  # batching.DENSE_MAX that forces each way of applying the stack
+PATHS = {"dense": 10**6, "gather": 0}  # kernel.DENSE_MAX that forces each way of applying the stack
 
 
 def build(names=("a", "b", "c"), dora_adapter=False, seed=0):
@@ -77,7 +78,7 @@ def close(actual, expected):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [ROWS, ["b", "b", "b"], [BASE, "c"], ["c", "a", "b"]], ids=str)
 def test_forward_equals_each_adapter_alone(monkeypatch, path, rows):
-    monkeypatch.setattr(batching, "DENSE_MAX", PATHS[path])
+    monkeypatch.setattr(kernel, "DENSE_MAX", PATHS[path])
     model = build()
     ids = input_ids(batch=len(rows))
     mixed = logits(model, ids, adapter_names=rows)
@@ -88,7 +89,7 @@ def test_forward_equals_each_adapter_alone(monkeypatch, path, rows):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_dora_rows_equal_dora_alone(monkeypatch, path):
-    monkeypatch.setattr(batching, "DENSE_MAX", PATHS[path])
+    monkeypatch.setattr(kernel, "DENSE_MAX", PATHS[path])
     model = build(dora_adapter=True)
     rows = ["d", "a", BASE, "d", "b"]
     ids = input_ids(batch=len(rows))
@@ -149,7 +150,7 @@ def test_own_decode_loop_inside_mixed_batch(monkeypatch):
             steps.append(out.logits[:, -1])
         return torch.stack(steps, 1)  # (B, steps, vocab)
 
-    monkeypatch.setattr(batching, "DENSE_MAX", 8)  # 20-token prompts gather, one-token steps are dense
+    monkeypatch.setattr(kernel, "DENSE_MAX", 8)  # 20-token prompts gather, one-token steps are dense
     with mixed_batch(model, rows):
         mixed = loop()
     close(mixed, per_row(model, rows, loop))
@@ -283,7 +284,7 @@ def test_adalora_and_modules_to_save_are_refused():
 def test_rows_using_scattered_adapters(monkeypatch, path):
     """Rows on the first and last of five adapters: the dense path takes copies of those two
     instead of a view of the whole run of slots."""
-    monkeypatch.setattr(batching, "DENSE_MAX", PATHS[path])
+    monkeypatch.setattr(kernel, "DENSE_MAX", PATHS[path])
     model = build()
     for k in range(3):
         model.add_adapter(f"q{k}", LoraConfig(r=2 + k, target_modules=["q_proj"], init_lora_weights=False))

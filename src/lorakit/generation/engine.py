@@ -20,7 +20,7 @@ equals ``torch.manual_seed(seed); model.generate(do_sample=True, ...)`` alone (o
 
 Each row's adapter: one adapter (or the base model) for every row is the plain PEFT way
 (``set_adapter`` / ``disable_adapter``, restored afterwards); different adapters per row use
-`lorakit.kernels.batching.mixed_batch`, where every forward takes its row's adapter.
+`lorakit.batching.mixed_batch`, where every forward takes its row's adapter.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lorakit.kernels.batching import BASE, mixed_batch
+from lorakit.batching import BASE, mixed_batch
 from lorakit.errors import ConfigError
 
 __all__ = ["Sampling", "Request", "generate_batch", "warp_logits", "eos_token_ids", "row_ended", "finish_reason",

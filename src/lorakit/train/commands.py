@@ -42,7 +42,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name == "extra":
             continue
         flag = ALIASES.get(f.name, "--" + f.name.replace("_", "-"))
-        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "")}
+        # default=None so that only the flags given override --config; the help states the real
+        # default. A "%" in a docstring is escaped: argparse formats help text with %-directives.
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = {True: "on", False: "off", None: "unset"}.get(default, default) if not isinstance(
+            default, (int, float)) or isinstance(default, bool) else default
+        text = (docs.get(f.name, "") + f" (default: {shown})").strip().replace("%", "%%")
+        kwargs = {"dest": f.name, "default": None, "help": text}
         if f.type in ("bool",):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "target_modules":

@@ -26,9 +26,11 @@ COMMAND_MODULES = (
     "lorakit.plan.commands",
 )
 
-# `LORAKIT_MODEL=PATH lorakit ...` is `lorakit ... --model PATH` for every command that takes
-# --model and is not given one: e.g. a tiny model directory makes every documented command fast.
-MODEL_ENV = "LORAKIT_MODEL"
+# `LORAKIT_MAX_STEPS=3 lorakit ...` is `lorakit ... --max-steps 3` for every command that takes
+# --max-steps and is not given it: any option that takes one value, named LORAKIT_ + the flag's
+# name in capitals with "_" for "-". A flag on the command line wins. E.g. LORAKIT_MODEL=DIR (a
+# tiny model directory) and LORAKIT_MAX_STEPS make every documented command run in seconds.
+ENV_PREFIX = "LORAKIT_"
 
 # What a bare `lorakit` prints after the list of commands.
 FIRST_STEPS = """\
@@ -78,20 +80,34 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
-    model = environ.get(MODEL_ENV)
     for sub in subparsers.choices.values():
-        if model:
-            for action in sub._actions:
-                if action.dest == "model":
-                    action.default = model
-                    stated = re.sub(r"\s*\(default: [^)]*\)", "", action.help or "")
-                    action.help = f"{stated} (default: ${MODEL_ENV}, {model})".strip()
         for action in sub._actions:
+            _default_from_environment(action, environ)
             if action.help is None and action.option_strings and action.default is not None:
                 action.help = "(default: %(default)s)"  # argparse prints nothing for help=None
         raw = issubclass(sub.formatter_class, argparse.RawDescriptionHelpFormatter)
         sub.formatter_class = RawDefaultsHelpFormatter if raw else DefaultsHelpFormatter
     return parser
+
+
+def env_name(action: argparse.Action) -> str | None:
+    """LORAKIT_MAX_STEPS for --max-steps: the variable that sets an option taking one value."""
+    long = [o for o in action.option_strings if o.startswith("--")]
+    if not long or action.nargs not in (None, "?") or not isinstance(action, argparse._StoreAction):
+        return None
+    return ENV_PREFIX + long[0][2:].upper().replace("-", "_")
+
+
+def _default_from_environment(action: argparse.Action, environ: Mapping[str, str]) -> None:
+    """Make $LORAKIT_<OPTION> the option's default (argparse converts a string default with the
+    option's type, as if it were given), and say so in its help."""
+    name = env_name(action)
+    if name is None or not environ.get(name):
+        return
+    action.default = environ[name]
+    stated = re.sub(r"\s*\(default: [^)]*\)", "", action.help or "")
+    shown = environ[name].replace("%", "%%")  # argparse %-formats help text
+    action.help = f"{stated} (default: ${name}, {shown})".strip()
 
 
 def version() -> str:

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 import lorakit
-from lorakit.cli import MODEL_ENV, build_parser, main
+from lorakit.cli import build_parser, env_name, main
 
 COMMANDS = sorted(next(a for a in build_parser({})._actions
                        if isinstance(a, argparse._SubParsersAction)).choices)
@@ -63,11 +63,25 @@ def test_train_help_states_the_config_defaults_and_a_percent_sign(capsys):
     assert "--use-dora, --no-use-dora DoRA" in text and "(default: off)" in text
 
 
-def test_lorakit_model_stands_in_for_model_where_it_is_not_given():
-    env = {MODEL_ENV: "/models/tiny"}
+def test_an_environment_variable_sets_an_option_a_flag_overrides(capsys):
+    env = {"LORAKIT_MODEL": "/models/tiny", "LORAKIT_MAX_STEPS": "3", "LORAKIT_LR": "1e-3",
+           "LORAKIT_EXAMPLES": "4"}
     for command in ("train", "generate", "serve", "plan", "eval", "merge", "compare"):
         assert _subparser(command, env).get_default("model") == "/models/tiny", command
-    args = build_parser(env).parse_args(["train", "--model", "other"])
-    assert args.model == "other"  # an explicit flag wins
+    args = build_parser(env).parse_args(["train"])
+    assert (args.model, args.max_steps, args.learning_rate) == ("/models/tiny", 3, 1e-3)  # typed
+    args = build_parser(env).parse_args(["train", "--model", "other", "--max-steps", "7"])
+    assert (args.model, args.max_steps) == ("other", 7)  # a flag wins
+    assert build_parser(env).parse_args(["eval", "--adapter", "a"]).examples == 4
     args = build_parser({}).parse_args(["train"])
-    assert args.model is None  # TrainConfig's default (or --config's) applies
+    assert args.model is None and args.max_steps is None  # TrainConfig's (or --config's) apply
+    with pytest.raises(SystemExit):
+        build_parser(env | {"LORAKIT_MODEL": "a 100% path"}).parse_args(["train", "--help"])
+    assert "(default: $LORAKIT_MAX_STEPS, 3)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_only_options_that_take_one_value_have_a_variable():
+    train = _subparser("train")
+    names = {env_name(a) for a in train._actions}
+    assert {"LORAKIT_MODEL", "LORAKIT_MAX_STEPS", "LORAKIT_LR", "LORAKIT_CONFIG"} <= names
+    assert "LORAKIT_USE_DORA" not in names and "LORAKIT_TARGET_MODULES" not in names

@@ -6,7 +6,8 @@ The verdicts follow the LoRA lesson's troubleshooting, checked in this order:
   median of the steps before it *and* higher than that median by SPIKE_SCALE (25%) of the run's
   starting loss (a ratio alone is noise once a loss has converged near zero: 0.006 is 4x 0.0014);
   or a loss that ends 10% above where it started -> lower the learning rate.
-- not learning: training loss fell less than 5% from the first tenth of the steps to the last
+- not learning: held-out loss fell less than 5% from the evaluation before training to the last
+  (without one: training loss, from the first tenth of the steps to the last)
   -> raise the learning rate, check the labels.
 - overfitting: held-out loss rose 5% above its best, taken as the mean of the (up to) last three
   evaluations after the best one, while training loss kept falling -> stop at the best step,
@@ -119,22 +120,34 @@ def diagnose_metrics(metrics: Metrics, settings: dict[str, Any] | None = None, *
     start, end = _mean(finite[:w]), _mean(finite[-w:])
     drop = (start - end) / start if start > 0 else 0.0
     span = f"steps {finite[0].step}-{finite[-1].step}"
-    if drop < FLAT_DROP:
+    evals = [e for e in metrics.evals if math.isfinite(e.eval_loss)]
+    # Held-out loss is measured on the same examples each time, so it moves far less from noise
+    # than a few batches' training loss (+-5% a step on task-api): it decides when it exists.
+    # It decides only when it was measured before training began (the trainer's step-0 eval).
+    held = (evals[0].eval_loss, evals[-1].eval_loss) if evals else (0.0, 0.0)
+    held_drop = ((held[0] - held[1]) / held[0] if len(evals) >= 2 and held[0] > 0
+                 and evals[0].step <= finite[0].step else None)
+    deciding = drop if held_drop is None else held_drop
+    if deciding < FLAT_DROP:
         max_lr = stats["max_lr"]
-        return verdict("not_learning", "the training loss barely moved", [
+        return verdict("not_learning", "the loss barely moved", [
             f"training loss {start:.3f} -> {end:.3f} ({-drop:+.1%}) over {span}",
+            *([f"held-out loss {held[0]:.3f} at step {evals[0].step} -> {held[1]:.3f} at step "
+               f"{evals[-1].step} ({-held_drop:+.1%})"] if held_drop is not None else []),
             *([f"the learning rate peaked at {max_lr:.0e}"] if max_lr else []),
         ], [
             f"raise the learning rate{lr} to {USUAL_LR:g} (LoRA's usual rate)"
             if not max_lr or max_lr < USUAL_LR else
-            f"the learning rate{lr} is already LoRA's usual or above: look at the data first",
+            f"the learning rate{lr} is already LoRA's usual: test a larger adapter, rerun the "
+            f"same steps with {_larger_adapter(settings)}",
             "check the labels: the assistant tokens must be labelled (not all -100), and a "
             "loss that starts near 0 means the model already knows the answers",
-        ], None, "high" if drop < FLAT_DROP / 2 and len(finite) >= 20 else "medium",
-            f"the loss fell {drop:.1%} (a run that learns falls at least {FLAT_DROP:.0%}), "
-            f"means of the first and last {w} of {len(finite)} points")
+        ], None, "high" if deciding < FLAT_DROP / 2 and len(finite) >= 20 else "medium",
+            f"the {'training' if held_drop is None else 'held-out'} loss fell {deciding:.1%} "
+            f"(a run that learns falls at least {FLAT_DROP:.0%}), "
+            + (f"means of the first and last {w} of {len(finite)} points" if held_drop is None
+               else f"first and last of {len(evals)} evaluations"))
 
-    evals = [e for e in metrics.evals if math.isfinite(e.eval_loss)]
     overfit = _overfitting(finite, evals, w)
     if overfit:
         best, tail, train_at_best = overfit
@@ -213,14 +226,18 @@ def _overfitting_changes(best, epoch, settings: dict) -> list[str]:
     ]
 
 
-def _underfitting_changes(settings: dict) -> list[str]:
+def _larger_adapter(settings: dict) -> str:
+    """Twice the rank, and the MLP projections where the adapter leaves them out."""
     r, targets = settings.get("r"), settings.get("target_modules") or []
-    missing = [t for t in MLP_TARGETS if t not in targets] if targets else []
-    bigger = (f"r={r} -> {2 * r}" if r else "twice the rank") + (
-        f" and the MLP projections ({', '.join(missing)}) in target_modules" if missing else "")
+    missing = [t for t in MLP_TARGETS if t not in targets] if isinstance(targets, list) else []
+    return (f"r={r} -> {2 * r}" if r else "twice the rank") + (
+        f" and the MLP projections ({', '.join(missing)}) added to target_modules" if missing else "")
+
+
+def _underfitting_changes(settings: dict) -> list[str]:
     return [
-        f"test whether capacity is the limit: rerun the same steps with {bigger} and compare the "
-        "held-out loss; if it does not fall clearly lower, capacity is not the limit",
+        f"test whether capacity is the limit: rerun the same steps with {_larger_adapter(settings)} "
+        "and compare the held-out loss; if it does not fall clearly lower, capacity is not the limit",
         "if capacity is not the limit: train longer or at a higher learning rate, and check that "
         "the answer can be learned from the inputs",
     ]

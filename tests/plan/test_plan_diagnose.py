@@ -212,3 +212,15 @@ def test_a_real_run_that_overfits_on_purpose(tiny_model_dir, tmp_path):
     assert "training loss kept falling" in d.evidence[1]
     changes = " | ".join(d.changes)
     assert f"stop at step {best.step}" in changes and "r=16 -> 8" in changes
+
+
+def test_a_wobble_of_a_converged_near_zero_loss_is_not_a_spike(tmp_path):
+    # The full demo's shape: 3.0 down to about 0.0014, then one log of 0.006 (4.2x the median
+    # before it, but 0.15% of the starting loss): healthy. The same jump from 0.6 to 4.0 is not.
+    losses = noisy(decay(250, 3.0, 0.0014, 0.08), 0.05)
+    losses[200] = 0.006
+    run = write_run(tmp_path / "demo", losses, evals=[(0, 3.0), (500, 0.01), (1000, 0.002), (1250, 0.0018)])
+    d = diagnose(run)
+    assert d.verdict == "healthy" and d.confidence == "high", (d.evidence, d.confidence_reason)
+    losses[200] = 4.0
+    assert diagnose(write_run(tmp_path / "spike", losses)).verdict == "diverging"

@@ -1,4 +1,4 @@
-"""`diagnose` on real runs of the default model (tests/plan/fixtures/runs/, each made by the
+"""`diagnose` on real runs of the default model (tests/plan/fixtures/real_runs/, each made by the
 command in that folder's README): every run gets its verdict, the healthy ones are called healthy,
 and each change the advice makes to a hyperparameter helps when the run is made again with it."""
 
@@ -10,7 +10,7 @@ import yaml
 from lorakit.plan.diagnosis import CONFIDENCES, diagnose
 from lorakit.plan.report import format_diagnosis
 
-RUNS = Path(__file__).parent / "fixtures" / "runs"
+RUNS = Path(__file__).parent / "fixtures" / "real_runs"
 
 # fixture -> (verdict, a phrase its advice must contain)
 EXPECTED = {

@@ -21,7 +21,7 @@ The verdicts follow the LoRA lesson's troubleshooting, checked in this order:
 
 Each verdict carries a confidence (high, medium or low) and the numbers it rests on: how far the
 deciding quantity is past its threshold, and how many points it was measured on. The rules are
-checked on real runs of the default model kept in tests/plan/fixtures/runs/ (its README lists
+checked on real runs of the default model kept in tests/plan/fixtures/real_runs/ (its README lists
 each run, the command that made it and its verdict; a rerun with the advised change shows that
 the change helps).
 
@@ -202,7 +202,7 @@ def diagnose_metrics(metrics: Metrics, settings: dict[str, Any] | None = None, *
 
 
 def _divergence_changes(stats: dict, settings: dict) -> list[str]:
-    """Lower the learning rate (tests/plan/fixtures/runs: diverging at 2e-2 -> healthy at 2e-3);
+    """Lower the learning rate (tests/plan/fixtures/real_runs: diverging at 2e-2 -> healthy at 2e-3);
     warm-up and clipping only where the run's config.yaml shows them off."""
     peak = stats["max_lr"]
     changes = [f"lower the learning rate (peak {peak:.0e}) by 10x, to {peak / 10:.0e}" if peak

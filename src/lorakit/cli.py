@@ -2,7 +2,8 @@
 
 Each command group lives beside the library code it calls, in a ``commands`` module with a
 ``register(subparsers)`` function that adds its sub-commands; each sub-command sets
-``func(args) -> int``. This file only wires them up and turns errors into exit codes:
+``func(args) -> int``. This file only wires them up (every option's help states its default,
+and $LORAKIT_<OPTION> can set it) and turns errors into exit codes:
 2 for bad input (a ``LorakitError``), 1 for a failure while running (``TrainingError`` or any
 other exception), 130 when interrupted (``TrainingInterrupted``, after a checkpoint is saved).
 """

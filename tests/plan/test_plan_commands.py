@@ -61,10 +61,12 @@ def test_diagnose_prints_the_verdict_and_draws_the_plot(tmp_path, capsys):
     assert run(["diagnose", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "OVERFITTING" in out and "stop at step 300" in out
+    assert "Confidence high: held-out loss +" in out
     assert (tmp_path / "diagnosis.png").stat().st_size > 0
     assert run(["diagnose", str(tmp_path / "metrics.jsonl"), "--no-plot", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["verdict"] == "overfitting" and doc["plot"] is None
+    assert doc["confidence"] == "high" and "above its best" in doc["confidence_reason"]
 
 
 def test_bad_input_is_one_line_and_exit_2_through_lorakit_main(monkeypatch, capsys, tmp_path):

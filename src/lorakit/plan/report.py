@@ -177,6 +177,7 @@ def format_diagnosis(d: "Diagnosis", plot_path: str | None = None) -> str:
     lines = [
         f"Run      {d.metrics.path} ({s['train_points']} training points{steps}{evals})",
         f"Verdict  {d.verdict.replace('_', ' ').upper()}: {d.summary}",
+        f"Confidence {d.confidence}: {d.confidence_reason}",
         "Evidence", *(f"  - {e}" for e in d.evidence),
         "Change", *(f"  - {c}" for c in d.changes),
     ]

@@ -43,8 +43,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     types = {f.name: f for f in dataclasses.fields(TrainConfig) + dataclasses.fields(AdapterSettings)}
     for f in (types[name] for name in setting_names()):
         flag = ALIASES.get(f.name, "--" + f.name.replace("_", "-"))
-        # argparse formats help text with %: a literal "10%" in a docstring must reach it as "10%%"
-        kwargs = {"dest": f.name, "default": None, "help": docs.get(f.name, "").replace("%", "%%")}
+        # default=None so that only the flags given override --config; the help states the real
+        # default. A "%" in a docstring is escaped: argparse formats help text with %-directives.
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = {True: "on", False: "off", None: "unset"}.get(default, default) if not isinstance(
+            default, (int, float)) or isinstance(default, bool) else default
+        text = (docs.get(f.name, "") + f" (default: {shown})").strip().replace("%", "%%")
+        kwargs = {"dest": f.name, "default": None, "help": text}
         if f.type in ("bool",):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "target_modules":

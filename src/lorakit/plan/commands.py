@@ -15,6 +15,7 @@ from lorakit.plan.advice import TASKS
 from lorakit.plan.diagnosis import HIGH_LOSS, diagnose
 from lorakit.plan.inspection import inspect_adapter
 from lorakit.plan.planner import make_plan
+from lorakit.plan.plot import plot_diagnosis
 from lorakit.plan.report import format_diagnosis, format_inspection, format_plan
 
 __all__ = ["register"]
@@ -83,8 +84,6 @@ def run_diagnose(args: argparse.Namespace) -> int:
     diagnosis = diagnose(args.run_dir, high_loss=args.high_loss)
     plot = None
     if not args.no_plot:
-        from lorakit.plan.plot import plot_diagnosis
-
         default = Path(diagnosis.metrics.path).parent / "diagnosis.png"
         plot = str(plot_diagnosis(diagnosis, args.plot or default))
     if args.json:

@@ -46,8 +46,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         # default=None so that only the flags given override --config; the help states the real
         # default. A "%" in a docstring is escaped: argparse formats help text with %-directives.
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = {True: "on", False: "off", None: "unset"}.get(default, default) if not isinstance(
-            default, (int, float)) or isinstance(default, bool) else default
+        shown = ({True: "on", False: "off"} if f.type == "bool" else {True: "true", False: "false"}).get(
+            default, default) if isinstance(default, bool) else "unset" if default is None else default
         text = (docs.get(f.name, "") + f" (default: {shown})").strip().replace("%", "%%")
         kwargs = {"dest": f.name, "default": None, "help": text}
         if f.type in ("bool",):

@@ -37,10 +37,13 @@ class AdapterSettings:
     preset: str = "balanced"
     """conservative, balanced or max_capacity; the fields below override it."""
     r: Optional[int] = None
+    """The LoRA rank; unset: the preset's (balanced: 16)."""
     lora_alpha: Optional[float] = None
     """Defaults to r when r is given, else the preset's."""
     lora_dropout: Optional[float] = None
+    """Dropout on the adapter's input; unset: the preset's (balanced: 0)."""
     target_modules: Optional[Union[list[str], str]] = None
+    """Module names (or all-linear) to adapt; unset: the preset's (balanced: the seven projections)."""
     use_rslora: bool = False
     """rsLoRA: scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r (stable at high ranks)."""
     use_dora: bool = False

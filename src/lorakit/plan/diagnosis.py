@@ -178,7 +178,8 @@ def diagnose_metrics(metrics: Metrics, settings: dict[str, Any] | None = None, *
             f"held-out loss {last_eval:.3f} at step {evals[-1].step}" if evals
             else "no held-out evaluations in the log",
             "a plateau shows that this configuration stopped improving, not why: the adapter's "
-            "capacity, the learning rate, or a task the model cannot learn from its inputs",
+            "capacity, the learning rate, a task the model cannot learn from its inputs, or the "
+            "data's own unpredictability (free text rarely ends far below 1.5 nats per token)",
         ], _underfitting_changes(settings), finite[-q].step,
             "medium" if change < PLATEAU_CHANGE / 2 and len(finite) >= 20 else "low",
             f"the loss changed {-change:+.1%} over the last quarter (a plateau: under "

@@ -24,6 +24,9 @@ EXPECTED = {
     "small-adapter-r1-q-proj": ("not_learning", "r=1 -> 2 and the MLP projections"),
     "overfitting-8-examples-30-epochs": ("overfitting", "stop at step 16 (epoch 8.00)"),
     "small-adapter-rerun-r2-mlp": ("healthy", "none needed"),
+    "rank-1-q-proj-150-steps": ("healthy", "none needed"),
+    "rank-16-q-proj-150-steps": ("healthy", "none needed"),
+    "rank-2-mlp-150-steps": ("healthy", "none needed"),
 }
 
 # run -> (the rerun that follows its advice, the settings the rerun changed, as the advice says)
@@ -85,6 +88,21 @@ def test_overfitting_marks_the_best_step_and_the_rise():
     assert d.marker_step == 16 and d.confidence == "high"
     assert "lowest, 0.300, at step 16 (epoch 8.00), then rose to 0.520 at step 60" in d.evidence[0]
     assert "add more (and more varied) training examples" in d.changes  # 24-examples-20-epochs
+
+
+def test_a_rank_1_adapter_is_slower_not_stuck():
+    """The search for an underfitting run: at lr 1e-3 and 150 steps, r=1 on q_proj alone learns
+    task-api (held-out 3.00 -> 0.40) without levelling off, so it is healthy; r=16 on q_proj (0.10)
+    or r=2 with the MLP projections (0.09) get further in the same steps. Rank changes the pace
+    here, not whether the run learns, and none of the three is a plateau to call underfitting."""
+    ends = {}
+    for name in ("rank-1-q-proj-150-steps", "rank-16-q-proj-150-steps", "rank-2-mlp-150-steps"):
+        d = diagnose(RUNS / name)
+        assert d.verdict == "healthy"
+        ends[name] = d.metrics.evals[-1].eval_loss
+    assert ends["rank-1-q-proj-150-steps"] < 0.5
+    assert ends["rank-16-q-proj-150-steps"] < 0.5 * ends["rank-1-q-proj-150-steps"]
+    assert ends["rank-2-mlp-150-steps"] < 0.5 * ends["rank-1-q-proj-150-steps"]
 
 
 @pytest.mark.parametrize("run", sorted(RERUNS))

@@ -299,11 +299,14 @@ class TrainMethod:
     """Its name in the run's variant summary; None for plain LoRA."""
     loraplus: bool
     """Whether LoRA+ (lora_B at a higher learning rate) applies."""
+    final_rank: Callable[[LoraConfig], int] = lambda lora: lora.r
+    """The rank the trained adapter ends at, for the run's summary (AdaLoRA: its target_r)."""
 
 
 TRAIN_METHODS: dict[str, TrainMethod] = {
     "lora": TrainMethod("LORA", lambda lora, total_steps: lora, label=None, loraplus=True),
-    "adalora": TrainMethod("ADALORA", _adalora, label="AdaLoRA", loraplus=False),
+    "adalora": TrainMethod("ADALORA", _adalora, label="AdaLoRA", loraplus=False,
+                           final_rank=lambda lora: lora.target_r),
 }
 """``TrainConfig.method`` -> how the trainer builds its adapter."""
 

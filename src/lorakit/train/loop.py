@@ -26,7 +26,7 @@ from lorakit.data import IGNORE_INDEX, PackingCollator, length_grouped_batches, 
 from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
 from lorakit.evaluation import heldout_loss, loss_sum, score_examples
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.config import TrainConfig, variant_summary
+from lorakit.train.config import TRAIN_METHODS, TrainConfig, variant_summary
 from lorakit.train.report import plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at
 from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, autocast_for, prepare, resolve_precision
@@ -237,7 +237,7 @@ def _finish(run: Run, state: TrainState, progress: bool) -> RunResult:
     lora = peft_model.peft_config["default"]
     trainable, total = peft_model.get_nb_trainable_parameters()
     summary = {
-        "r": getattr(lora, "target_r", lora.r),  # AdaLoRA: the average rank it ends at
+        "r": TRAIN_METHODS[config.method].final_rank(lora),  # AdaLoRA: the average rank it ends at
         "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
         "variant": variant_summary(config), "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
         "init_lora_weights": lora.init_lora_weights, "loraplus_ratio": config.loraplus_ratio,

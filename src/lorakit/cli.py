@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import os
 import re
 import sys
 from collections.abc import Mapping
 
+from lorakit import __version__
 from lorakit.errors import LorakitError, TrainingError, TrainingInterrupted
 
 # Modules that contribute sub-commands, in the order `lorakit --help` lists them.
@@ -76,7 +76,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="LoRA fine-tuning for PyTorch, file-compatible with Hugging Face PEFT.",
         epilog=FIRST_STEPS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"lorakit {version()}")
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -109,11 +109,6 @@ def _default_from_environment(action: argparse.Action, environ: Mapping[str, str
     stated = re.sub(r"\s*\(default: [^)]*\)", "", action.help or "")
     shown = environ[name].replace("%", "%%")  # argparse %-formats help text
     action.help = f"{stated} (default: ${name}, {shown})".strip()
-
-
-def version() -> str:
-    """The installed lorakit's version (pyproject.toml's, as the package metadata records it)."""
-    return importlib.metadata.version("lorakit")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 from lorakit.data.encode import IGNORE_INDEX, Example
 from lorakit.data.load import load_data
 from lorakit.evaluation.scorers import SCORERS, scorer_for
-from lorakit.generation.texts import generate_texts
+from lorakit.generation.texts import generate_texts, line_break_ids
 from lorakit.models.adapters import load_adapted
 
-__all__ = ["ScoreResult", "score_examples", "split_prompt", "evaluate_adapter"]
+__all__ = ["ScoreResult", "score_examples", "split_prompt", "evaluate_adapter", "ONE_LINE_SCORERS", "line_breaks_for"]
 
 
 def split_prompt(example: Example, tokenizer) -> tuple[list[int], str]:
@@ -50,16 +50,25 @@ class ScoreResult:
         return asdict(self)
 
 
+ONE_LINE_SCORERS = ("task-api",)
+"""Scorers whose answers are one line (task-api's JSON): a row stops at its first line break."""
+
+
+def line_breaks_for(scorer: str, tokenizer) -> tuple[int, ...] | None:
+    """The stop ids `score_examples` uses for ``scorer`` (`lorakit.generation.line_break_ids`, about
+    a second to compute), for callers that score more than once; None for multi-line answers."""
+    return line_break_ids(tokenizer) if scorer in ONE_LINE_SCORERS else None
+
+
 def score_examples(model, tokenizer, examples: Sequence[Example], *, scorer: str, max_new_tokens: int,
                    batch_size: int = 32, autocast: Callable | None = None, keep_samples: int = 5,
                    line_breaks: Sequence[int] | None = None) -> ScoreResult:
     """Greedy-generate an answer for each example's prompt, with the model as it is set up (its
-    active adapters), and score it against the reference. ``line_breaks``: the tokenizer's
-    `lorakit.generation.line_break_ids`, for callers that score many times (computed when None)."""
+    active adapters), and score it against the reference. ``line_breaks``: `line_breaks_for`
+    (scorer, tokenizer), for callers that score more than once (computed when None)."""
     pairs = [split_prompt(e, tokenizer) for e in examples]
-    # task-api answers are one line of JSON: a row can stop at its first line break
     predictions = generate_texts(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, autocast=autocast, one_line=scorer == "task-api",
+                                 batch_size=batch_size, autocast=autocast, one_line=scorer in ONE_LINE_SCORERS,
                                  line_breaks=line_breaks)
     references = [r for _, r in pairs]
     exact, fields = SCORERS[scorer](predictions, references)

@@ -18,8 +18,7 @@ from typing import Sequence
 from lorakit.data.collate import Collator
 from lorakit.data.load import load_data
 from lorakit.errors import ConfigError
-from lorakit.evaluation import SCORERS, heldout_loss, score_examples, scorer_for, split_prompt
-from lorakit.generation.texts import line_break_ids
+from lorakit.evaluation import SCORERS, heldout_loss, line_breaks_for, score_examples, scorer_for, split_prompt
 from lorakit.models.adapters import Adapters, adapter_pairs, base_model_for, load_adapted
 
 __all__ = ["parse_adapter_specs", "compare_adapters", "Comparison", "ModelScore", "Disagreement", "BASE"]
@@ -148,7 +147,7 @@ def compare_adapters(adapters: Adapters, *, include_base: bool = False, model: s
     scorer = scorer_for(data)
     collate = Collator(tokenizer.pad_token_id)
     columns = ([BASE] if include_base else []) + [name for name, _ in pairs]
-    line_breaks = line_break_ids(tokenizer) if scorer == "task-api" else None  # once for every column
+    line_breaks = line_breaks_for(scorer, tokenizer)  # once for every column
     scores, samples = [], None
     for name in columns:
         if name == BASE:

@@ -92,11 +92,9 @@ def load_adapted(adapters: Adapters = (), model: str | os.PathLike | None = None
     with each adapter loaded onto it under its name (the first one active), frozen and in eval
     mode; without adapters, the plain base model."""
     pairs = adapter_pairs(adapters)
+    base, tokenizer = load_model(base_model_for(pairs, model, reserved), dtype=dtype)
     if not pairs:
-        base, tokenizer = load_model(model or DEFAULT_MODEL, dtype=dtype)
         return base.eval(), tokenizer
-    configs = check_adapters(pairs, reserved)
-    base, tokenizer = load_model(model or common_base(configs) or DEFAULT_MODEL, dtype=dtype)
     (first, first_dir), *others = pairs
     peft_model = PeftModel.from_pretrained(base, first_dir, adapter_name=first)
     for name, directory in others:

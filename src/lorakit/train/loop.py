@@ -29,10 +29,10 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TRAIN_METHODS, TrainConfig, variant_summary
 from lorakit.train.report import plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at
-from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, autocast_for, prepare, resolve_precision
+from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, prepare
 from lorakit.variants import inits
 
-__all__ = ["train", "RunResult", "autocast_for", "resolve_precision"]
+__all__ = ["train", "RunResult"]
 
 
 @dataclass
@@ -85,7 +85,8 @@ def _measure_before(run: Run, progress: bool) -> TrainState:
             else run.model.disable_adapter()
         with untuned:
             result = score_examples(run.model, data.tokenizer, data.score_set, scorer=data.scorer,
-                                    max_new_tokens=run.config.max_new_tokens, autocast=autocast)
+                                    max_new_tokens=run.config.max_new_tokens, autocast=autocast,
+                                    line_breaks=data.line_breaks)
         state.score_before = result.as_dict()
         run.metrics.write("score", step=0, phase="before", exact=result.exact, **result.fields)
         if progress:
@@ -226,7 +227,8 @@ def _finish(run: Run, state: TrainState, progress: bool) -> RunResult:
     score_after = None
     if data.score_set:
         result = score_examples(peft_model, data.tokenizer, data.score_set, scorer=data.scorer,
-                                max_new_tokens=config.max_new_tokens, autocast=run.compute.autocast)
+                                max_new_tokens=config.max_new_tokens, autocast=run.compute.autocast,
+                                line_breaks=data.line_breaks)
         score_after = result.as_dict()
         metrics.write("score", step=state.step, phase="after", exact=result.exact, **result.fields)
         if progress:

@@ -19,11 +19,11 @@ import torch
 
 from lorakit.data import Collator, PackingCollator, load_data, supports_packing, supports_varlen
 from lorakit.errors import CheckpointError
-from lorakit.plugins import method_for
+from lorakit.evaluation import line_breaks_for, scorer_for
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_model
+from lorakit.plugins import method_for
 from lorakit.train.config import TrainConfig
-from lorakit.evaluation import scorer_for
 from lorakit.train.fast import make_optimizer, speed_up
 from lorakit.train.report import MetricsLog
 from lorakit.train.schedule import warmup_steps
@@ -80,6 +80,8 @@ class RunData:
     score_set: list
     """Held-out examples scored by generation."""
     scorer: str
+    line_breaks: tuple[int, ...] | None
+    """The scorer's stop ids (`lorakit.evaluation.line_breaks_for`), computed once for both scorings."""
     collate: Collator
     """Padded batches, for the held-out loss."""
     train_collate: Collator | PackingCollator
@@ -165,6 +167,7 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
         picked = sorted(random.Random(config.seed).sample(range(len(examples)), config.train_examples))
         examples = [examples[i] for i in picked]
     heldout = list(splits.val.examples) if splits.val is not None else []
+    score_set, scorer = heldout[: config.score_examples], scorer_for(config.data)
 
     steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -197,7 +200,8 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
         model=peft_model, optimizer=optimizer, params=params,
         data=RunData(tokenizer=tokenizer, splits=splits, examples=examples,
                      eval_set=heldout[: config.eval_examples] if config.eval_examples else heldout,
-                     score_set=heldout[: config.score_examples], scorer=scorer_for(config.data),
+                     score_set=score_set, scorer=scorer,
+                     line_breaks=line_breaks_for(scorer, tokenizer) if score_set else None,
                      collate=collate, train_collate=train_collate),
         schedule=Schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                           warmup=warmup_steps(total_steps, config.warmup_ratio)),

@@ -11,7 +11,7 @@ A bad record raises ``DataError("file:line: reason; fix")`` at the first one, or
 ``skip_bad_records=True``, is skipped and counted under its reason (the ``REASONS`` below).
 Blank lines are not records and are passed over.
 
-The file is read as bytes and split on ``\n`` only (a ``\r\n`` ending is fine; a bare ``\r``, a
+The file is read as bytes and split on ``\\n`` only (a ``\\r\\n`` ending is fine; a bare ``\\r``, a
 form feed or U+2028 inside a line neither splits it nor shifts later line numbers), and each line
 is decoded as UTF-8 on its own, so a bad byte is one bad line. A UTF-8 byte-order mark at the start
 of the file is passed over. A line may nest arrays and objects ``MAX_DEPTH`` deep and hold
@@ -48,7 +48,7 @@ REASONS: dict[str, str] = {
     "too_deep": f"a line may nest arrays and objects at most {MAX_DEPTH} levels deep",
     "too_large": f"a line may hold at most {MAX_LINE_BYTES // 2**20} MiB; split the text into several records",
     "duplicate_key": "each key may appear only once in an object (which value was meant is unclear)",
-    "wrong_type": "text, prompt, completion and content must be strings, messages a list of objects",
+    "wrong_type": "text, prompt, completion and content must be strings, messages an array of objects",
     "missing_field": 'a record needs "text", or "prompt" and "completion", or "messages" '
     '(each message with "role" and "content")',
     "empty_text": "text and completion must not be empty",
@@ -94,12 +94,20 @@ class Record:
         return "completion" if self.completion is not None else "text"
 
 
+def _json_type(value: object) -> str:
+    """What ``value`` is called in JSON: a string, a number, an array, an object, true, null."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    names = {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def _string(obj: Mapping, key: str, where: str = "") -> str:
     if key not in obj:
         raise RecordError("missing_field", f'missing field "{key}"{where}')
     value = obj[key]
     if not isinstance(value, str):
-        raise RecordError("wrong_type", f'field "{key}"{where} is {type(value).__name__}, not a string')
+        raise RecordError("wrong_type", f'field "{key}"{where} is {_json_type(value)}, not a string')
     if not value.isascii():
         try:
             value.encode("utf-8")
@@ -112,14 +120,14 @@ def _string(obj: Mapping, key: str, where: str = "") -> str:
 
 def _messages(value: object) -> tuple[dict[str, str], ...]:
     if not isinstance(value, list):
-        raise RecordError("wrong_type", f'field "messages" is {type(value).__name__}, not a list')
+        raise RecordError("wrong_type", f'field "messages" is {_json_type(value)}, not an array')
     if not value:
-        raise RecordError("empty_messages", 'field "messages" is an empty list')
+        raise RecordError("empty_messages", 'field "messages" is an empty array')
     out = []
     for i, message in enumerate(value):
         where = f" of messages[{i}]"
         if not isinstance(message, dict):
-            raise RecordError("wrong_type", f"messages[{i}] is {type(message).__name__}, not an object")
+            raise RecordError("wrong_type", f"messages[{i}] is {_json_type(message)}, not an object")
         role, content = _string(message, "role", where), _string(message, "content", where)
         if role not in ROLES:
             raise RecordError("unknown_role", f"messages[{i}] has role {role!r}")
@@ -132,7 +140,7 @@ def _messages(value: object) -> tuple[dict[str, str], ...]:
 def parse_record(obj: object, source: str) -> Record:
     """Check one decoded JSON value and return it as a Record; raise RecordError if unusable."""
     if not isinstance(obj, dict):
-        raise RecordError("wrong_type", f"the line is a JSON {type(obj).__name__}, not an object")
+        raise RecordError("wrong_type", f"the line is {_json_type(obj)}, not an object")
     if "messages" in obj:
         return Record(source, messages=_messages(obj["messages"]))
     if "prompt" in obj or "completion" in obj:
@@ -184,7 +192,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 def _decode(line: bytes) -> object:
     """The JSON value on one line (its ending already removed); RecordError if it is not one."""
     if len(line) > MAX_LINE_BYTES:
-        raise RecordError("too_large", f"the line is {len(line):,} bytes")
+        raise RecordError("too_large", f"the line is longer than {MAX_LINE_BYTES:,} bytes")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -200,13 +208,14 @@ def _decode(line: bytes) -> object:
             raise RecordError("invalid_json", f"invalid JSON (a raw control character U+{code:04X} inside a "
                                               f"string at column {exc.colno}; write it escaped, as \\u{code:04x})"
                               ) from None
-        raise RecordError("invalid_json", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        message = exc.msg.removesuffix(" at")  # "Unterminated string starting at"
+        raise RecordError("invalid_json", f"invalid JSON ({message} at column {exc.colno})") from None
     except RecursionError:  # deeper than this interpreter's stack, though within MAX_DEPTH
         raise RecordError("too_deep", "arrays and objects nest too deep to parse") from None
 
 
 def _lines(f) -> Iterator[tuple[int, bytes]]:
-    """(line number, line without its ending) for each ``\n``-terminated line of a binary file;
+    """(line number, line without its ending) for each ``\\n``-terminated line of a binary file;
     a line over MAX_LINE_BYTES is not held: it comes back as MAX_LINE_BYTES + 1 bytes."""
     for lineno in itertools.count(1):
         line = f.readline(MAX_LINE_BYTES + 1)

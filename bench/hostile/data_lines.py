@@ -14,6 +14,10 @@ bad: an untyped exception, a wrong line number, a record dropped or changed with
 
 prints the table and "N of 39 give file:line: reason or are accepted correctly" (about 3 s once
 the default model's tokenizer is in lorakit's cache; the first run converts it, about 20 s).
+``--train`` also runs ``lorakit train`` (a subprocess, a tiny random model with the real
+tokenizer, one step) on the kinds of ``TRAIN_KINDS``: a bad line must exit 2 with one line
+``error: file:line: reason`` and no traceback, and with ``--skip-bad-records`` train, its report
+counting the line under its reason; a good one must train (about two minutes on two cores).
 ``PYTHONPATH`` pointing at another checkout's ``src`` runs the same campaign against that code.
 ``tests/data/test_hostile_table.py`` runs every kind too (the size-bound kind with a small bound).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -222,22 +227,90 @@ def run(tokenizer, directory: Path) -> list[tuple[Kind, bool, str]]:
     return [(kind, *classify(kind, tokenizer, directory)) for kind in KINDS]
 
 
+TRAIN_KINDS = ("truncated JSON", "invalid UTF-8 (latin-1)", "lone surrogate", "nested 200,000 deep",
+               "UTF-8 BOM at the start", "bare CR between tokens, CRLF endings")
+
+
+def tiny_model(tokenizer_dir: Path, out: Path) -> Path:
+    """A random 2-layer Llama with the tokenizer of ``tokenizer_dir``: trains a step in milliseconds."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    for item in tokenizer_dir.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy(item, out / item.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _lorakit_train(model: Path, data: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
+    code = "import sys; from lorakit.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["train", "--model", str(model), "--data", str(data), "--max-steps", "1", "--batch-size", "2",
+            "--eval-every", "0", "--score-examples", "0", "--save-every", "0", "--precision", "fp32",
+            "--no-progress", "--run-dir", str(run_dir), *extra]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    return done.returncode, done.stderr
+
+
+def classify_train(kind: Kind, model: Path, directory: Path) -> tuple[bool, str]:
+    """(good, what happened) for one kind through ``lorakit train``."""
+    path = directory / f"train-{KINDS.index(kind):02d}.jsonl"
+    lineno = write_file(kind, path)
+    end = b"\r\n" if kind.layout == "crlf" else b"\n"
+    with path.open("ab") as f:
+        f.write(end.join(GOOD * 2) + end)  # enough examples for a step
+    rc, err = _lorakit_train(model, path, directory / f"run-{KINDS.index(kind):02d}")
+    if "Traceback" in err:
+        return False, f"exit {rc} with a traceback: {err.strip().splitlines()[-1][:80]}"
+    if kind.expect == ACCEPTED:
+        return (rc == 0, "trained" if rc == 0 else f"exit {rc}: {err.strip()[-90:]}")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # not the loading bars
+    if rc != 2 or len(errors) != 1 or not errors[0].startswith(f"error: {path}:{lineno}: "):
+        return False, f"exit {rc}: {(errors or [err.strip()])[-1][:90]}"
+    run_dir = directory / f"run-{KINDS.index(kind):02d}-skip"
+    rc, err = _lorakit_train(model, path, run_dir, "--skip-bad-records")
+    report = (run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else ""
+    if rc != 0 or f"{kind.expect}: 1" not in report:
+        counted = f"{kind.expect}: 1" in report
+        return False, f"with --skip-bad-records: exit {rc}, report counts {kind.expect}: {counted}"
+    return True, f"exit 2, {errors[0][len(f'error: {directory}/'):][:60]}...; skipped, counted with --skip-bad-records"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="whose tokenizer (default: smollm2-135m)")
+    parser.add_argument("--train", action="store_true", help="also run `lorakit train` on a few kinds")
     args = parser.parse_args(argv)
     from lorakit.models import load_tokenizer, resolve_model_dir
 
-    tokenizer = load_tokenizer(resolve_model_dir(args.model))
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(tokenizer, Path(tmp))
+        if args.train:
+            tiny = tiny_model(model_dir, Path(tmp) / "tiny-model")
+            trained = [(kind, *classify_train(kind, tiny, Path(tmp))) for kind in KINDS if kind.name in TRAIN_KINDS]
     width = max(len(kind.name) for kind, _, _ in rows)
     print(f"{'#':>2}  {'kind':<{width}}  {'expected':<17}  result")
     for i, (kind, good, what) in enumerate(rows, 1):
         print(f"{i:>2}  {kind.name:<{width}}  {kind.expect:<17}  {'ok ' if good else 'BAD'} {what}")
     n_good = sum(good for _, good, _ in rows)
     print(f"\n{n_good} of {len(rows)} give file:line: reason or are accepted correctly")
-    return 0 if n_good == len(rows) else 1
+    if not args.train:
+        return 0 if n_good == len(rows) else 1
+    print("\nlorakit train:")
+    for kind, good, what in trained:
+        print(f"    {kind.name:<{width}}  {'ok ' if good else 'BAD'} {what}")
+    n_trained = sum(good for _, good, _ in trained)
+    print(f"\n{n_trained} of {len(trained)} through `lorakit train` exit with the typed message or train")
+    return 0 if n_good == len(rows) and n_trained == len(trained) else 1
 
 
 if __name__ == "__main__":

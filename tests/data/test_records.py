@@ -16,15 +16,15 @@ GOOD = [
 # (reason, the bad line, a word the message must contain)
 BAD = [
     ("invalid_json", '{"text": "unterminated', "invalid JSON"),
-    ("wrong_type", '["a", "list"]', "list, not an object"),
-    ("wrong_type", '{"text": 42}', '"text" is int'),
-    ("wrong_type", '{"messages": "hello"}', '"messages" is str'),
-    ("wrong_type", '{"messages": [{"role": "user", "content": ["x"]}]}', '"content" of messages[0] is list'),
+    ("wrong_type", '["a", "list"]', "the line is an array, not an object"),
+    ("wrong_type", '{"text": 42}', '"text" is a number'),
+    ("wrong_type", '{"messages": "hello"}', '"messages" is a string, not an array'),
+    ("wrong_type", '{"messages": [{"role": "user", "content": ["x"]}]}', '"content" of messages[0] is an array'),
     ("missing_field", '{"prompt": "only a prompt"}', 'missing field "completion"'),
     ("missing_field", '{"id": 7}', 'no "text"'),
     ("missing_field", '{"messages": [{"content": "who am I"}]}', 'missing field "role" of messages[0]'),
     ("empty_text", '{"text": "   "}', '"text" is empty'),
-    ("empty_messages", '{"messages": []}', "empty list"),
+    ("empty_messages", '{"messages": []}', "empty array"),
     ("unknown_role", '{"messages": [{"role": "robot", "content": "beep"}]}', "role 'robot'"),
     ("no_assistant_turn", '{"messages": [{"role": "user", "content": "hi"}]}', "no message has role 'assistant'"),
 ]

@@ -10,28 +10,45 @@ Three record shapes, one JSON object per line (other keys, such as ``"id"``, are
 A bad record raises ``DataError("file:line: reason; fix")`` at the first one, or, with
 ``skip_bad_records=True``, is skipped and counted under its reason (the ``REASONS`` below).
 Blank lines are not records and are passed over.
+
+The file is read as bytes and split on ``\\n`` only (a ``\\r\\n`` ending is fine; a bare ``\\r``, a
+form feed or U+2028 inside a line neither splits it nor shifts later line numbers), and each line
+is decoded as UTF-8 on its own, so a bad byte is one bad line. A UTF-8 byte-order mark at the start
+of the file is passed over. A line may nest arrays and objects ``MAX_DEPTH`` deep and hold
+``MAX_LINE_BYTES``; every string the trainer reads must be valid Unicode (no lone surrogate).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
 
 __all__ = [
-    "ROLES", "REASONS", "Record", "RecordError", "parse_record", "read_jsonl", "records_from_dicts", "reject",
+    "MAX_DEPTH", "MAX_LINE_BYTES", "ROLES", "REASONS", "Record", "RecordError", "parse_record", "read_jsonl",
+    "records_from_dicts", "reject",
 ]
 
 ROLES = ("system", "user", "assistant")
 
+MAX_DEPTH = 100  # arrays and objects inside each other on one line (a chat record needs 3)
+MAX_LINE_BYTES = 64 * 2**20  # one line, one record: 64 MiB is millions of tokens
+
 # Why a record is unusable: the keys of the skip counts, each with the fix that goes in the error.
 REASONS: dict[str, str] = {
     "invalid_json": "each line must be one JSON object",
-    "wrong_type": "text, prompt, completion and content must be strings, messages a list of objects",
+    "invalid_utf8": "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8 in.jsonl > out.jsonl)",
+    "invalid_text": "strings must be valid Unicode: a \\ud800-\\udfff escape must be half of a surrogate pair",
+    "too_deep": f"a line may nest arrays and objects at most {MAX_DEPTH} levels deep",
+    "too_large": f"a line may hold at most {MAX_LINE_BYTES // 2**20} MiB; split the text into several records",
+    "duplicate_key": "each key may appear only once in an object (which value was meant is unclear)",
+    "wrong_type": "text, prompt, completion and content must be strings, messages an array of objects",
     "missing_field": 'a record needs "text", or "prompt" and "completion", or "messages" '
     '(each message with "role" and "content")',
     "empty_text": "text and completion must not be empty",
@@ -45,7 +62,10 @@ REASONS: dict[str, str] = {
     "raise max_length or shorten it",
 }
 
-_SKIP_HINT = "pass skip_bad_records=True to skip and count bad records"
+_SKIP_HINT = "pass skip_bad_records=True (--skip-bad-records) to skip and count bad records"
+_BOM = b"\xef\xbb\xbf"
+# a JSON string (possibly unterminated: it then runs to the end) or one bracket, left to right
+_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*+"?|[\[\]{}]')
 
 
 class RecordError(Exception):
@@ -74,25 +94,40 @@ class Record:
         return "completion" if self.completion is not None else "text"
 
 
+def _json_type(value: object) -> str:
+    """What ``value`` is called in JSON: a string, a number, an array, an object, true, null."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    names = {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def _string(obj: Mapping, key: str, where: str = "") -> str:
     if key not in obj:
         raise RecordError("missing_field", f'missing field "{key}"{where}')
     value = obj[key]
     if not isinstance(value, str):
-        raise RecordError("wrong_type", f'field "{key}"{where} is {type(value).__name__}, not a string')
+        raise RecordError("wrong_type", f'field "{key}"{where} is {_json_type(value)}, not a string')
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: no tokenizer can take it
+            code = ord(value[exc.start])
+            raise RecordError("invalid_text", f'field "{key}"{where} holds a lone surrogate '
+                                              f"\\u{code:04x} at character {exc.start}") from None
     return value
 
 
 def _messages(value: object) -> tuple[dict[str, str], ...]:
     if not isinstance(value, list):
-        raise RecordError("wrong_type", f'field "messages" is {type(value).__name__}, not a list')
+        raise RecordError("wrong_type", f'field "messages" is {_json_type(value)}, not an array')
     if not value:
-        raise RecordError("empty_messages", 'field "messages" is an empty list')
+        raise RecordError("empty_messages", 'field "messages" is an empty array')
     out = []
     for i, message in enumerate(value):
         where = f" of messages[{i}]"
         if not isinstance(message, dict):
-            raise RecordError("wrong_type", f"messages[{i}] is {type(message).__name__}, not an object")
+            raise RecordError("wrong_type", f"messages[{i}] is {_json_type(message)}, not an object")
         role, content = _string(message, "role", where), _string(message, "content", where)
         if role not in ROLES:
             raise RecordError("unknown_role", f"messages[{i}] has role {role!r}")
@@ -105,7 +140,7 @@ def _messages(value: object) -> tuple[dict[str, str], ...]:
 def parse_record(obj: object, source: str) -> Record:
     """Check one decoded JSON value and return it as a Record; raise RecordError if unusable."""
     if not isinstance(obj, dict):
-        raise RecordError("wrong_type", f"the line is a JSON {type(obj).__name__}, not an object")
+        raise RecordError("wrong_type", f"the line is {_json_type(obj)}, not an object")
     if "messages" in obj:
         return Record(source, messages=_messages(obj["messages"]))
     if "prompt" in obj or "completion" in obj:
@@ -129,6 +164,71 @@ def reject(error: RecordError, source: str, skipped: Counter | None) -> None:
     skipped[error.reason] += 1
 
 
+def _too_deep(line: bytes) -> bool:
+    """Whether arrays and objects nest more than MAX_DEPTH deep (brackets inside strings aside)."""
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(line):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = next(key for i, key in enumerate(keys) if key in keys[:i])
+        raise RecordError("duplicate_key", f'key "{repeated}" appears more than once in one object')
+    return obj
+
+
+def _decode(line: bytes) -> object:
+    """The JSON value on one line (its ending already removed); RecordError if it is not one."""
+    if len(line) > MAX_LINE_BYTES:
+        raise RecordError("too_large", f"the line is longer than {MAX_LINE_BYTES:,} bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError("invalid_utf8", f"invalid UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1} "
+                                          "of the line)") from None
+    if _too_deep(line):
+        raise RecordError("too_deep", f"arrays and objects nest more than {MAX_DEPTH} levels deep")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        if exc.msg.startswith("Invalid control character"):  # a raw tab, CR, NUL ... inside a string
+            code = ord(exc.doc[exc.pos])
+            raise RecordError("invalid_json", f"invalid JSON (a raw control character U+{code:04X} inside a "
+                                              f"string at column {exc.colno}; write it escaped, as \\u{code:04x})"
+                              ) from None
+        message = exc.msg.removesuffix(" at")  # "Unterminated string starting at"
+        raise RecordError("invalid_json", f"invalid JSON ({message} at column {exc.colno})") from None
+    except RecursionError:  # deeper than this interpreter's stack, though within MAX_DEPTH
+        raise RecordError("too_deep", "arrays and objects nest too deep to parse") from None
+
+
+def _lines(f) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its ending) for each ``\\n``-terminated line of a binary file;
+    a line over MAX_LINE_BYTES is not held: it comes back as MAX_LINE_BYTES + 1 bytes."""
+    for lineno in itertools.count(1):
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass  # read past the rest of an over-long line
+        elif lineno == 1 and line.startswith(_BOM):
+            line = line[len(_BOM):]
+        yield lineno, line.rstrip(b"\n").removesuffix(b"\r")
+
+
 def read_jsonl(path: str | Path, *, skip_bad_records: bool = False) -> tuple[list[Record], Counter]:
     """Read a JSONL file into Records, and the counts of skipped records by reason.
 
@@ -139,18 +239,17 @@ def read_jsonl(path: str | Path, *, skip_bad_records: bool = False) -> tuple[lis
         raise DataError(f"data file {path} not found; pass the path of a .jsonl file")
     skipped: Counter = Counter()
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                            f"save it as UTF-8 (for example: iconv -f utf-16 -t utf-8 in.jsonl > out.jsonl)")
+        f.seek(0)
+        for lineno, line in _lines(f):
             if not line.strip():
                 continue
             source = f"{path}:{lineno}"
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    detail = f"invalid JSON ({exc.msg} at column {exc.colno})"
-                    raise RecordError("invalid_json", detail) from None
-                records.append(parse_record(obj, source))
+                records.append(parse_record(_decode(line), source))
             except RecordError as error:
                 reject(error, source, skipped if skip_bad_records else None)
     return records, skipped

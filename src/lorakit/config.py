@@ -188,6 +188,8 @@ class LoraConfig:
         problems = list(self._problems())  # before any conversion: set() of a nested list fails
         if problems:
             raise ConfigError("invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+        if self.peft_type is None:  # PEFT sets its own
+            self.peft_type = self.PEFT_TYPE
         # PEFT keeps list-valued targets as sets; so do we (saved sorted).
         if isinstance(self.target_modules, (list, tuple, set, frozenset)):
             self.target_modules = set(self.target_modules)
@@ -372,10 +374,11 @@ def _compiles(pattern: str) -> bool:
 
 
 def _unset(value: Any, default: Any) -> bool:
-    """Whether a PEFT-only option is at its default (or an empty / false spelling of it)."""
+    """Whether a PEFT-only option is at its default (loftq_config: also null, which PEFT reads as
+    unset too). Anything else, an empty list included, turns the option on in PEFT."""
     if value is default or (type(value) is type(default) and value == default):
         return True
-    return value is None or value is False or (isinstance(value, (dict, list)) and not value)
+    return default == {} and value is None
 
 
 def _alpha_problems(name: str, value: Any):

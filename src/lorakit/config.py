@@ -224,7 +224,8 @@ class LoraConfig:
         for name in _BOOLS:
             value = getattr(self, name)
             if not isinstance(value, bool):
-                yield f"{name}={shown(value)}: must be true or false"
+                what = "True (DoRA) or False (plain LoRA)" if name == "use_dora" else "true or false"
+                yield f"{name}={shown(value)}: must be {what}"
         if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
             yield f"auto_mapping={shown(self.auto_mapping)}: must be a mapping or null"
         if not _is_int(self.qalora_group_size):

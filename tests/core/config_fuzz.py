@@ -95,7 +95,7 @@ DELIBERATE: dict[str, str] = {
     r"ranks above 1,048,576": "r or a rank_pattern value beyond 2**20 exceeds every layer's min(in, out); "
                               "PEFT tries to allocate it",
     r"\|alpha\| above": "a scale beyond 2**24 overflows activations; PEFT accepts it and outputs inf",
-    r"must be true or false": "PEFT reads any truthy value, the string 'false' included, as True",
+    r"must be true or false|must be True \(DoRA\) or False": "PEFT reads any truthy value, the string 'false' included, as True",
     r"must be a string or null|must be a mapping or null|must be an integer \(it is unused": "PEFT stores "
         "any value in its bookkeeping fields and writes it into the file",
     r"lorakit does not implement this PEFT option|initialisation is not implemented": "PEFT options lorakit "

@@ -239,7 +239,7 @@ class LoraConfig:
         yield from _init_problems(self.init_lora_weights)
         for name, default in UNSUPPORTED_AT_DEFAULT.items():
             value = getattr(self, name)
-            if not _unset(value, default):
+            if not _unset(name, value, default):
                 yield (f"{name}={shown(value)}: lorakit does not implement this PEFT option; "
                        f"leave it at {default!r}")
 
@@ -374,12 +374,17 @@ def _compiles(pattern: str) -> bool:
     return True
 
 
-def _unset(value: Any, default: Any) -> bool:
-    """Whether a PEFT-only option is at its default (loftq_config: also null, which PEFT reads as
-    unset too). Anything else, an empty list included, turns the option on in PEFT."""
+# PEFT-only options PEFT tests by truthiness, so that an empty list or dict leaves them off too;
+# the others (trainable_token_indices, alora_invocation_tokens, arrow_config, ...) PEFT turns on
+# for any value but None.
+_EMPTY_IS_UNSET = ("megatron_config", "loftq_config", "layer_replication", "target_parameters")
+
+
+def _unset(name: str, value: Any, default: Any) -> bool:
+    """Whether PEFT-only option ``name`` is off, as PEFT reads ``value``."""
     if value is default or (type(value) is type(default) and value == default):
         return True
-    return default == {} and value is None
+    return name in _EMPTY_IS_UNSET and (value is None or (type(value) in (dict, list) and not value))
 
 
 def _alpha_problems(name: str, value: Any):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,40 @@ UNSUPPORTED_AT_DEFAULT = {
     "arrow_config": None,
     "kasa_config": None,
 }
+
+MAX_RANK = 2 ** 20
+"""The largest rank a config may ask for. A rank above min(in_features, out_features) adds no
+capacity, and no model has a layer 2**20 features wide; a larger value is a typo that would try
+to allocate terabytes, so it is refused before anything is allocated (PEFT accepts it)."""
+MAX_ALPHA = 2.0 ** 24
+"""The largest |lora_alpha|: the update is multiplied by lora_alpha / r, and a scale beyond this
+turns activations into inf in float32 / bfloat16 (typical values are 8 to 512)."""
+
+# Fields and the Python types a value of theirs may have, beyond the ones checked one by one in
+# `LoraConfig._problems`. bool fields take only True / False (PEFT would read "false" as true).
+_OPTIONAL_STR = ("peft_version", "base_model_name_or_path", "revision", "megatron_core")
+_BOOLS = ("inference_mode", "fan_in_fan_out", "use_rslora", "use_dora", "ensure_weight_tying")
+
+_shown_repr = reprlib.Repr()
+_shown_repr.maxlevel, _shown_repr.maxstring, _shown_repr.maxother = 3, 60, 60
+_shown_repr.maxlist = _shown_repr.maxtuple = _shown_repr.maxset = _shown_repr.maxdict = 8
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut short (nesting, long strings, long lists), safe on any input: error
+    messages quote the bad value without echoing megabytes or recursing 100,000 levels deep."""
+    try:
+        return _shown_repr.repr(value)
+    except Exception:  # a value whose own __repr__ fails
+        return f"<{type(value).__name__}>"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -150,65 +185,84 @@ class LoraConfig:
     ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
+        problems = list(self._problems())  # before any conversion: set() of a nested list fails
+        if problems:
+            raise ConfigError("invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+        if self.peft_type is None:  # PEFT sets its own
+            self.peft_type = self.PEFT_TYPE
         # PEFT keeps list-valued targets as sets; so do we (saved sorted).
-        if isinstance(self.target_modules, (list, tuple, set)):
+        if isinstance(self.target_modules, (list, tuple, set, frozenset)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple, set)):
+        if isinstance(self.exclude_modules, (list, tuple, set, frozenset)):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
-        problems = list(self._problems())
-        if problems:
-            raise ConfigError("invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+        if isinstance(self.modules_to_save, (tuple, set, frozenset)):
+            self.modules_to_save = list(self.modules_to_save)
 
     def _problems(self):
         """Yield one message per invalid field; every message names the field and the fix."""
         if self.peft_type not in (self.PEFT_TYPE, None):
-            yield (f"peft_type={self.peft_type!r}: a {type(self).__name__} has peft_type "
+            yield (f"peft_type={shown(self.peft_type)}: a {type(self).__name__} has peft_type "
                    f"{self.PEFT_TYPE!r}; lorakit reads {', '.join(peft_types())} adapters")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            yield f"r={self.r!r}: the rank must be a positive integer, e.g. r=16"
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not math.isfinite(self.lora_alpha):
-            yield f"lora_alpha={self.lora_alpha!r}: must be a finite number, e.g. lora_alpha=16"
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            yield f"lora_dropout={self.lora_dropout!r}: must be a probability in [0, 1), e.g. 0.05"
+        if not _is_int(self.r) or self.r <= 0:
+            yield f"r={shown(self.r)}: the rank must be a positive integer, e.g. r=16"
+        elif self.r > MAX_RANK:
+            yield (f"r={self.r}: ranks above {MAX_RANK:,} exceed min(in_features, out_features) of any "
+                   "layer and would allocate absurd amounts of memory; typical ranks are 4 to 256")
+        yield from _alpha_problems("lora_alpha", self.lora_alpha)
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            yield f"lora_dropout={shown(self.lora_dropout)}: must be a probability in [0, 1), e.g. 0.05"
         if self.bias not in ("none", "all", "lora_only"):
-            yield f"bias={self.bias!r}: must be one of 'none', 'all', 'lora_only'"
+            yield f"bias={shown(self.bias)}: must be one of 'none', 'all', 'lora_only'"
         if self.task_type is not None and self.task_type not in TaskType.ALL:
-            yield f"task_type={self.task_type!r}: must be one of {', '.join(TaskType.ALL)} or None"
+            yield f"task_type={shown(self.task_type)}: must be one of {', '.join(TaskType.ALL)} or None"
+        for name in _OPTIONAL_STR:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                yield f"{name}={shown(value)}: must be a string or null"
+        for name in _BOOLS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                what = "True (DoRA) or False (plain LoRA)" if name == "use_dora" else "true or false"
+                yield f"{name}={shown(value)}: must be {what}"
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            yield f"auto_mapping={shown(self.auto_mapping)}: must be a mapping or null"
+        if not _is_int(self.qalora_group_size):
+            yield f"qalora_group_size={shown(self.qalora_group_size)}: must be an integer (it is unused unless use_qalora)"
         yield from _pattern_problems("target_modules", self.target_modules)
         yield from _pattern_problems("exclude_modules", self.exclude_modules)
-        if self.modules_to_save is not None and (
-            not isinstance(self.modules_to_save, (list, tuple, set))
-            or not all(isinstance(m, str) and m for m in self.modules_to_save)
-        ):
-            yield f"modules_to_save={self.modules_to_save!r}: must be a list of module names"
+        yield from _modules_to_save_problems(self.modules_to_save)
         yield from self._layer_problems()
         yield from self._rank_pattern_problems()
         yield from _mapping_problems("alpha_pattern", self.alpha_pattern, positive_int=False)
         yield from _init_problems(self.init_lora_weights)
-        if not isinstance(self.use_dora, bool):
-            yield f"use_dora={self.use_dora!r}: must be True (DoRA) or False (plain LoRA)"
         for name, default in UNSUPPORTED_AT_DEFAULT.items():
             value = getattr(self, name)
-            if value != default and not (default is None and value in ({}, [], False)):
-                yield (f"{name}={value!r}: lorakit does not implement this PEFT option; "
+            if not _unset(name, value, default):
+                yield (f"{name}={shown(value)}: lorakit does not implement this PEFT option; "
                        f"leave it at {default!r}")
 
     def _layer_problems(self):
-        layers = self.layers_to_transform
+        layers, pattern = self.layers_to_transform, self.layers_pattern
         if layers is not None:
-            items = [layers] if isinstance(layers, int) else layers
-            if not isinstance(items, list) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
-            ):
-                yield (f"layers_to_transform={layers!r}: must be a layer index or a list of "
+            items = [layers] if _is_int(layers) else layers
+            if not isinstance(items, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in items):
+                yield (f"layers_to_transform={shown(layers)}: must be a layer index or a list of "
                        "non-negative layer indices")
             if isinstance(self.target_modules, str):
                 yield ("layers_to_transform: cannot be combined with a regular-expression "
                        "target_modules; put the layer indices into the expression instead")
-        if self.layers_pattern and layers is None:
+        if pattern is not None:
+            items = [pattern] if isinstance(pattern, str) else pattern
+            if not isinstance(items, (list, tuple)) or not all(
+                    isinstance(p, str) and _compiles(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in items):
+                yield (f"layers_pattern={shown(pattern)}: must be the name of the layer list (e.g. "
+                       "'layers'), a list of such names, or null; each is a regular expression")
+            elif isinstance(self.target_modules, str):
+                yield ("layers_pattern: cannot be combined with a regular-expression target_modules; "
+                       "put the layer indices into the expression instead")
+        if pattern and layers is None:
             yield ("layers_pattern: only has a meaning together with layers_to_transform; "
                    "set layers_to_transform or remove layers_pattern")
 
@@ -233,8 +287,10 @@ class LoraConfig:
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         """Build from a dict; keys this version does not know (a newer PEFT) are dropped
         with a warning, as PEFT does."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"an adapter config must be a mapping of field: value, not {shown(data)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((shown(k) if not isinstance(k, str) else k for k in data if k not in known))
         if unknown:
             warnings.warn(
                 f"adapter config keys not known to this lorakit version were ignored: {unknown}",
@@ -261,19 +317,37 @@ class LoraConfig:
                 f"{path}: no {CONFIG_NAME} here; an adapter directory holds {CONFIG_NAME} and "
                 "adapter_model.safetensors (what save_pretrained writes)"
             )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
+        data = read_json_object(path)
         peft_type = data.get("peft_type")
-        if peft_type is not None and peft_type not in peft_types():
-            raise ConfigError(f"{path}: peft_type is {peft_type!r}; lorakit loads "
+        if peft_type is not None and (not isinstance(peft_type, str) or peft_type not in peft_types()):
+            raise ConfigError(f"{path}: peft_type is {shown(peft_type)}; lorakit loads "
                               f"{', '.join(peft_types())} adapters only")
         config_class = method_for(peft_type).config_class  # its method's (lorakit.methods)
         if not issubclass(config_class, cls):
             raise ConfigError(f"{path}: peft_type is {peft_type!r}, not a {cls.__name__}; read it with "
                               f"{config_class.__name__}.from_pretrained (or LoraConfig.from_pretrained)")
-        return config_class.from_dict(data)
+        try:
+            return config_class.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in file ``path``; AdapterFormatError naming the file when it is not
+    readable text, not JSON, nested too deeply, or not an object (``[]``, ``null``, ``42``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise AdapterFormatError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: nested too deeply to be an adapter config; "
+                                 f"{CONFIG_NAME} is a flat object of field: value") from None
+    except ValueError as err:  # JSONDecodeError, and numbers too long to convert
+        raise AdapterFormatError(f"{path}: not valid JSON ({shown(str(err))})") from None
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{path}: holds a JSON {type(data).__name__}, not an object; "
+                                 f"{CONFIG_NAME} is an object of field: value (what save_pretrained writes)")
+    return data
 
 
 def _init_problems(init: Any):
@@ -289,40 +363,80 @@ def _init_problems(init: Any):
         yield (f"init_lora_weights={init!r}: write 'pissa' (exact SVD) or 'pissa_niter_<N>' with N a "
                "non-negative integer (randomized SVD, e.g. 'pissa_niter_4'), in lower case as PEFT reads it")
     else:
-        yield f"init_lora_weights={init!r}: lorakit supports {supported}"
+        yield f"init_lora_weights={shown(init)}: lorakit supports {supported}"
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+# PEFT-only options PEFT tests by truthiness, so that an empty list or dict leaves them off too;
+# the others (trainable_token_indices, alora_invocation_tokens, arrow_config, ...) PEFT turns on
+# for any value but None.
+_EMPTY_IS_UNSET = ("megatron_config", "loftq_config", "layer_replication", "target_parameters")
+
+
+def _unset(name: str, value: Any, default: Any) -> bool:
+    """Whether PEFT-only option ``name`` is off, as PEFT reads ``value``."""
+    if value is default or (type(value) is type(default) and value == default):
+        return True
+    return name in _EMPTY_IS_UNSET and (value is None or (type(value) in (dict, list) and not value))
+
+
+def _alpha_problems(name: str, value: Any):
+    if not _is_number(value) or not math.isfinite(value):
+        yield f"{name}={shown(value)}: must be a finite number, e.g. 16"
+    elif abs(value) > MAX_ALPHA:
+        yield (f"{name}={value!r}: |alpha| above {MAX_ALPHA:,.0f} scales the update by more than "
+               "float32 / bfloat16 activations can hold; typical values are 8 to 512")
 
 
 def _pattern_problems(name: str, value: Any):
+    """target_modules / exclude_modules: None, a regular expression (or 'all-linear'), or a
+    non-empty list (tuple, set) of non-empty module names."""
     if value is None:
         return
     if isinstance(value, str):
-        if value.lower() == "all-linear":
-            return
-        try:
-            re.compile(value)
-        except re.error as err:
-            yield f"{name}={value!r}: not a valid regular expression ({err})"
+        if value.lower() != "all-linear" and not _compiles(value):
+            yield f"{name}={shown(value)}: not a valid regular expression"
         return
-    if not value or not all(isinstance(v, str) and v for v in value):
-        yield (f"{name}={sorted(map(str, value))!r}: must be a non-empty list of module names, "
-               "a regular expression, or 'all-linear'")
+    if not isinstance(value, (list, tuple, set, frozenset)) or not value \
+            or not all(isinstance(v, str) and v for v in value):
+        yield (f"{name}={shown(value)}: must be a non-empty list of module names (strings), "
+               "a regular expression, 'all-linear', or null")
+
+
+def _modules_to_save_problems(value: Any):
+    """modules_to_save: None or a list of non-empty names. PEFT matches each entry against module
+    names as a suffix and, to keep those modules out of target_modules, as a regular expression
+    in ``(^|.*\\.)<entry>($|\\..*)``: an entry must be a valid expression there."""
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+            isinstance(m, str) and m and _compiles(rf"(^|.*\.){m}($|\..*)") for m in value):
+        yield (f"modules_to_save={shown(value)}: must be a list of module names (non-empty strings, "
+               "each a valid regular expression as PEFT matches them), or null")
 
 
 def _mapping_problems(name: str, mapping: Any, *, positive_int: bool):
     if not isinstance(mapping, dict):
-        yield f"{name}={mapping!r}: must be a dict of {{module pattern: value}}"
+        yield f"{name}={shown(mapping)}: must be a dict of {{module pattern: value}}"
         return
     for key, value in mapping.items():
-        try:
-            re.compile(key)
-        except (re.error, TypeError) as err:
-            yield f"{name}[{key!r}]: not a valid pattern ({err})"
+        if not isinstance(key, str) or not key or not _compiles(rf"(.*\.)?({key})$"):
+            yield f"{name}[{shown(key)}]: not a valid module pattern (a non-empty regular expression)"
         if positive_int:
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                yield f"{name}[{key!r}]={value!r}: a rank must be a positive integer"
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
-            yield f"{name}[{key!r}]={value!r}: alpha must be a finite number"
+            if not _is_int(value) or value <= 0:
+                yield f"{name}[{shown(key)}]={shown(value)}: a rank must be a positive integer"
+            elif value > MAX_RANK:
+                yield (f"{name}[{shown(key)}]={value}: ranks above {MAX_RANK:,} exceed every layer's "
+                       "min(in_features, out_features)")
+        else:
+            yield from _alpha_problems(f"{name}[{shown(key)}]", value)
 
 
 # The three configuration patterns of the LoRA lesson our users start from.

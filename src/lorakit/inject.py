@@ -24,7 +24,7 @@ from lorakit.plugins import method_for
 __all__ = [
     "ModulesToSave", "logical_modules", "resolve_targets", "inject_adapter", "inject_lora", "mark_trainable",
     "count_parameters", "lora_layers", "pattern_value", "replace_module", "name_matches", "layer_index_ok",
-    "match_targets", "wrap_modules_to_save",
+    "match_targets", "wrap_modules_to_save", "saved_module_matches", "saved_modules",
 ]
 
 # PEFT's defaults when target_modules is None, by `model.config.model_type`.
@@ -171,7 +171,9 @@ def layer_index_ok(layers, patterns, name: str) -> bool:
 def _excluded(config: LoraConfig, name: str) -> bool:
     if config.exclude_modules and name_matches(config.exclude_modules, name):
         return True
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or ())
+    # PEFT's rule (peft.tuners.tuners_utils.check_target_module_exists): each modules_to_save entry,
+    # as a regular expression, matching the whole name or a dot-separated part of it
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or ())
 
 
 def pattern_value(patterns: dict, name: str, default):
@@ -247,6 +249,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
     Returns the config with concrete target_modules (what is saved)."""
     config = resolve_targets(model, config)
     found = match_targets(model, config)
+    saved_modules(model, config, adapted={name for name, _ in found})  # its errors, before any change
     wanted = [v for v in plugins.variants() if v.wanted(config)]
     for variant in wanted:
         variant.check_targets(found)  # before anything is wrapped
@@ -276,25 +279,57 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
     return config
 
 
-def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+def saved_module_matches(entry: str, name: str) -> bool:
+    """PEFT's modules_to_save rule (``peft.utils.other._set_trainable``): a module is trained in
+    full when its name ENDS WITH an entry, as plain text, with no dot needed before it: "norm"
+    wraps input_layernorm, post_attention_layernorm and model.norm alike."""
+    return bool(name) and name.endswith(entry)
+
+
+def saved_modules(model: nn.Module, config: LoraConfig, adapted=()) -> list[str]:
+    """The modules ``config.modules_to_save`` (plus the classifier heads of SEQ_CLS and TOKEN_CLS)
+    trains in full, by PEFT's rule (`saved_module_matches`) over the user's modules; ConfigError
+    for an entry that matches nothing. ``adapted``: names about to get LoRA layers.
+
+    Unlike PEFT, which also looks inside its LoRA layers (an entry "layer" wraps every
+    ``base_layer``) and wraps LoRA layers themselves (an entry "proj" with LoRA on q_proj),
+    lorakit refuses an entry that matches a LoRA-adapted module or a module inside another one it
+    wraps: PEFT's result in those cases does not save and load back consistently."""
     wanted = list(dict.fromkeys(config.modules_to_save or ()))
     if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
         wanted += [h for h in CLASSIFIER_HEADS if h not in wanted]
-    hit = set()
-    for name, module in list(logical_modules(model)):
-        entry = next((e for e in wanted if name == e or name.endswith("." + e)), None)
-        if not name or entry is None:
+    hit, chosen = set(), []
+    for name, module in logical_modules(model):
+        entries = [e for e in wanted if saved_module_matches(e, name)]
+        if not entries:
             continue
-        hit.add(entry)
+        hit.update(entries)
+        if isinstance(module, LoraLayer) or name in adapted:
+            raise ConfigError(f"modules_to_save entry {entries[0]!r} matches {name!r} (PEFT's rule: the "
+                              "module name ends with the entry), which target_modules adapts with LoRA; a "
+                              "module is either adapted or trained in full: use a longer entry, or leave "
+                              "the module out of target_modules")
+        outer = next((c for c in chosen if name.startswith(c + ".")), None)
+        if outer is not None:
+            raise ConfigError(f"modules_to_save entry {entries[0]!r} matches {name!r}, which sits inside "
+                              f"{outer!r}, also matched; name only the outer module")
+        chosen.append(name)
+    missing = [e for e in config.modules_to_save or () if e not in hit and e not in CLASSIFIER_HEADS]
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in logical_modules(model) if n})
+        raise ConfigError(f"modules_to_save entries matched no module: {missing} (a module matches "
+                          f"when its name ends with the entry); the model's modules are named: {names}")
+    return chosen
+
+
+def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Wrap each of `saved_modules` in a `ModulesToSave` with a trainable copy for ``adapter_name``."""
+    for name in saved_modules(model, config):
+        module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
-    missing = [e for e in config.modules_to_save or () if e not in hit and e not in CLASSIFIER_HEADS]
-    if missing:
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in logical_modules(model) if n})
-        raise ConfigError(f"modules_to_save entries matched no module: {missing}; "
-                          f"the model's modules are named: {names}")
 
 
 def mark_trainable(model: nn.Module, adapter_names: list[str], config: LoraConfig | None) -> None:

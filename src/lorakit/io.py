@@ -32,13 +32,14 @@ from safetensors.torch import save_file
 
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
-from lorakit.inject import ModulesToSave, bias_parameters, logical_modules
-from lorakit.layer import LoraLayer
+from lorakit.inject import ModulesToSave, bias_parameters, logical_modules, pattern_value
+from lorakit.layer import LoraLayer, is_conv1d
 from lorakit.plugins import method_for
 
 __all__ = [
     "WEIGHTS_NAME", "PREFIX", "adapter_tensors", "save_adapter", "read_adapter",
     "load_adapter_tensors", "adapter_subdir", "check_adapter_name", "lora_layer_tensors",
+    "check_shapes_before_injection",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -216,6 +217,81 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     except Exception as err:  # safetensors raises its own error types for a corrupt file
         raise AdapterFormatError(f"{weights}: not a readable safetensors file ({err})") from None
     return config, tensors
+
+
+# The rank-bearing tensors of the LoRA family's files, by key suffix: each dimension is "r" (the
+# layer's rank in the config), "in" / "out" (the base layer's; for an embedding, the vocabulary
+# size and the embedding width) or a number.
+_RANKED_SUFFIXES = {
+    "lora_A.weight": ("r", "in"), "lora_B.weight": ("out", "r"),
+    "lora_embedding_A": ("r", "in"), "lora_embedding_B": ("out", "r"),
+    "lora_A": ("r", "in"), "lora_B": ("out", "r"), "lora_E": ("r", 1),  # AdaLoRA's
+    "lora_magnitude_vector": ("out",),  # DoRA's
+}
+
+
+def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a layer an adapter can wrap; None for any other module."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if is_conv1d(base):
+        return tuple(base.weight.shape)  # Conv1D stores (in, out)
+    return None
+
+
+def _config_rank(config: LoraConfig, module_name: str) -> int:
+    rank_of = getattr(config, "rank_of", None)  # AdaLoRA: init_r or the kept triplets
+    return rank_of(module_name) if callable(rank_of) else pattern_value(config.rank_pattern, module_name, config.r)
+
+
+def check_shapes_before_injection(model: nn.Module, config: LoraConfig, shapes: dict[str, tuple],
+                                  source: str | os.PathLike) -> None:
+    """Compare the file's tensor shapes (``shapes``: key -> shape, from the safetensors header)
+    with what ``config`` would build on ``model``, BEFORE anything is injected or allocated: a
+    config whose r (or rank_pattern) disagrees with the file's tensors is an AdapterFormatError,
+    a tensor whose layer dimensions are not the model's a CompatibilityError, each naming the
+    tensor, the expected and the found shape. Keys of modules the model lacks are left to
+    `load_adapter_tensors`, which reports them with every other missing or unexpected key."""
+    rank_problems, model_problems = [], []
+    modules = dict(logical_modules(model))
+    for key, shape in sorted(shapes.items()):
+        if not key.startswith(PREFIX):
+            continue
+        rest = key[len(PREFIX):]
+        suffix = next((x for x in _RANKED_SUFFIXES if rest.endswith("." + x)), None)
+        if suffix is None:
+            continue
+        module_name = rest[:-len(suffix) - 1]
+        dims = _layer_dims(modules[module_name]) if module_name in modules else None
+        if dims is None:
+            continue
+        rank = _config_rank(config, module_name)
+        sizes = {"r": rank, "in": dims[0], "out": dims[1]}
+        expected = tuple(sizes.get(d, d) for d in _RANKED_SUFFIXES[suffix])
+        shape = tuple(shape)
+        if shape == expected:
+            continue
+        line = f"{key}: expected {expected}, found {shape}"
+        layer_dims_agree = len(shape) == len(expected) and all(
+            got == want for got, want, d in zip(shape, expected, _RANKED_SUFFIXES[suffix]) if d != "r")
+        if layer_dims_agree:
+            rank_problems.append(f"{line} (rank {rank} in the config)")
+        else:
+            model_problems.append(line)
+    if rank_problems:
+        raise AdapterFormatError(
+            f"{source}: the tensors do not have the rank the adapter config gives (r / rank_pattern in "
+            f"{CONFIG_NAME} disagree with {WEIGHTS_NAME}); nothing was loaded:\n  - "
+            + "\n  - ".join(rank_problems[:20]) + (f"\n  ... and {len(rank_problems) - 20} more"
+                                                    if len(rank_problems) > 20 else ""))
+    if model_problems:
+        raise CompatibilityError(
+            f"{source}: tensor shapes do not match this base model (is the adapter for another "
+            f"model?); nothing was loaded:\n  - " + "\n  - ".join(model_problems[:20])
+            + (f"\n  ... and {len(model_problems) - 20} more" if len(model_problems) > 20 else ""))
 
 
 def load_adapter_tensors(model: nn.Module, adapter_name: str, config: LoraConfig,

@@ -329,6 +329,7 @@ class PeftModel(nn.Module):
         directory = os.path.join(model_id, subfolder) if subfolder else model_id
         file_config, tensors = io.read_adapter(directory)
         config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
+        io.check_shapes_before_injection(model, config, _shapes(tensors), directory)
         _warn_on_reload(config, f"{directory} is loaded")
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
         io.load_adapter_tensors(peft_model.get_base_model(), adapter_name,
@@ -343,12 +344,17 @@ class PeftModel(nn.Module):
         if kwargs:
             raise ConfigError(f"load_adapter got arguments lorakit does not support: {sorted(kwargs)}")
         file_config, tensors = io.read_adapter(model_id)
+        io.check_shapes_before_injection(self.get_base_model(), file_config, _shapes(tensors), model_id)
         _warn_on_reload(file_config, f"{model_id} is loaded")
         self.add_adapter(adapter_name, dataclasses.replace(file_config, inference_mode=not is_trainable))
         io.load_adapter_tensors(self.get_base_model(), adapter_name, self.peft_config[adapter_name],
                                 tensors, model_id)
         if not is_trainable:
             self.eval()
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(t.shape) for k, t in tensors.items()}
 
 
 def _base_model_class(config: LoraConfig) -> type[LoraModel]:

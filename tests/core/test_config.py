@@ -72,6 +72,29 @@ def test_unknown_keys_from_a_newer_version_are_dropped_with_a_warning():
     ("use_dora", "yes", "use_dora='yes'"),
     ("lora_bias", True, "lora_bias"),
     ("peft_type", "IA3", "peft_type"),
+    # wrong types that used to escape as TypeError / AttributeError, and absurd numbers
+    ("target_modules", 5, "target_modules=5: must be a non-empty list of module names"),
+    ("target_modules", [["q_proj"]], "target_modules=[['q_proj']]"),
+    ("target_modules", {"q_proj": 1}, "target_modules={'q_proj': 1}"),
+    ("exclude_modules", 7, "exclude_modules=7"),
+    ("exclude_modules", [["k_proj"]], "exclude_modules=[['k_proj']]"),
+    ("modules_to_save", [["norm"]], "modules_to_save=[['norm']]"),
+    ("modules_to_save", ["lm_head("], "modules_to_save=['lm_head(']"),
+    ("layers_to_transform", {"0": 1}, "layers_to_transform={'0': 1}"),
+    ("layers_to_transform", [[0]], "layers_to_transform=[[0]]"),
+    ("peft_type", ["LORA"], "peft_type=['LORA']"),
+    ("r", 10**18, "r=1000000000000000000: ranks above 1,048,576"),
+    ("r", "8", "r='8'"),
+    ("lora_alpha", 1e308, "lora_alpha=1e+308: |alpha| above"),
+    ("lora_alpha", float("inf"), "lora_alpha=inf"),
+    ("alpha_pattern", {"q_proj": 1e308}, "alpha_pattern['q_proj']=1e+308"),
+    ("rank_pattern", {"q_proj": 2**40}, "rank_pattern['q_proj']=1099511627776"),
+    ("rank_pattern", {5: 2}, "rank_pattern[5]"),
+    ("inference_mode", "false", "inference_mode='false': must be true or false"),
+    ("use_rslora", 1, "use_rslora=1"),
+    ("fan_in_fan_out", None, "fan_in_fan_out=None"),
+    ("base_model_name_or_path", 3, "base_model_name_or_path=3"),
+    ("auto_mapping", [], "auto_mapping=[]"),
 ])
 def test_each_invalid_field_is_a_config_error_naming_it(field, value, words):
     with pytest.raises(ConfigError) as err:
@@ -101,3 +124,22 @@ def test_presets_match_the_lesson():
     assert preset("max_capacity", lora_dropout=0.1).r == 64
     with pytest.raises(ConfigError, match="conservative"):
         preset("huge")
+
+
+def test_a_deeply_nested_value_is_a_config_error_with_a_short_message():
+    deep = inner = []
+    for _ in range(100_000):
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(ConfigError) as err:
+        LoraConfig(target_modules=deep, modules_to_save=deep, rank_pattern={"q_proj": deep})
+    assert "target_modules=[[[[...]]]]" in str(err.value) and len(str(err.value)) < 1000
+
+
+def test_layers_pattern_is_type_checked_and_refused_with_a_regex_target_as_in_peft():
+    with pytest.raises(ConfigError, match="layers_pattern=5"):
+        LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=5)
+    with pytest.raises(ValueError, match="layers_pattern"):
+        peft.LoraConfig(target_modules=".*q_proj", layers_pattern="layers")
+    with pytest.raises(ConfigError, match="layers_pattern"):
+        LoraConfig(target_modules=".*q_proj", layers_pattern="layers")

@@ -70,7 +70,7 @@ def test_a_target_that_is_not_a_layer_lorakit_can_adapt():
 
 def test_modules_to_save_that_matches_nothing_is_an_error():
     with pytest.raises(ConfigError, match="modules_to_save"):
-        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["head"]))
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["heads"]))
 
 
 def test_rank_pattern_picks_the_most_specific_pattern_whatever_the_order():

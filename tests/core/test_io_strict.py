@@ -120,3 +120,57 @@ def test_safe_serialization_false_is_refused(tmp_path):
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="safetensors only"):
         model.save_pretrained(tmp_path, safe_serialization=False)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[]", "holds a JSON list, not an object"),
+    ("null", "holds a JSON NoneType, not an object"),
+    ("42", "holds a JSON int, not an object"),
+    ('{"r": 4,', "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (b'{"r": "\xff"}', "not UTF-8"),
+])
+def test_an_adapter_config_that_is_not_a_json_object_names_the_file(adapter_dir, text, words):
+    path = adapter_dir / "adapter_config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    for load in (lambda: LoraConfig.from_pretrained(adapter_dir),
+                 lambda: PeftModel.from_pretrained(tiny_llama(), adapter_dir)):
+        with pytest.raises(AdapterFormatError) as err:
+            load()
+        assert str(path) in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("target_modules", 5), ("target_modules", [["q_proj"]]), ("exclude_modules", {"q_proj": 1}),
+    ("peft_type", ["LORA"]), ("r", 10**18), ("lora_alpha", 1e308), ("modules_to_save", [["norm"]]),
+])
+def test_a_bad_field_in_the_file_is_a_config_error_naming_the_file_and_the_field(adapter_dir, field, value):
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(ConfigError) as err:
+        PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+    assert str(path) in str(err.value) and field in str(err.value)
+
+
+@pytest.mark.parametrize("config_r", [2, 100_000])
+def test_a_config_rank_that_disagrees_with_the_tensors_is_refused_before_anything_is_allocated(adapter_dir, config_r):
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": config_r}))
+    base = tiny_llama()
+    with pytest.raises(AdapterFormatError) as err:
+        PeftModel.from_pretrained(base, adapter_dir)
+    message = str(err.value)
+    assert f"{KEY}: expected ({config_r}, 32), found (4, 32)" in message and "nothing was loaded" in message
+    assert KEY.replace("lora_A", "lora_B") + f": expected (32, {config_r}), found (32, 4)" in message
+    from lorakit.layer import LoraLayer
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())  # never injected
+
+
+def test_a_file_tensor_whose_rank_disagrees_with_the_config_is_named(adapter_dir):
+    rewrite(adapter_dir, lambda t: t.__setitem__(KEY, torch.zeros(3, 32)))
+    with pytest.raises(AdapterFormatError, match=rf"{KEY}: expected \(4, 32\), found \(3, 32\) \(rank 4 in the config\)"):
+        PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["k_proj"]), "other")
+    with pytest.raises(AdapterFormatError, match="found \\(3, 32\\)"):
+        model.load_adapter(adapter_dir, "loaded")
+    assert "loaded" not in model.peft_config

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
-from lorakit.config import PRESETS, LoraConfig, preset
+from lorakit.config import PRESETS, LoraConfig, preset, shown
 from lorakit.errors import ConfigError
 from lorakit.methods.adalora import AdaLoraConfig
 from lorakit.models.load import DEFAULT_MODEL
@@ -53,8 +53,8 @@ class AdapterSettings:
 
     def lora_config(self) -> LoraConfig:
         """The causal-LM adapter: the preset, with every setting given here overriding it."""
-        if self.preset not in PRESETS:
-            raise ConfigError(f"preset={self.preset!r}: must be one of {', '.join(PRESETS)}")
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
+            raise ConfigError(f"preset={shown(self.preset)}: must be one of {', '.join(PRESETS)}")
         overrides: dict[str, Any] = {"task_type": "CAUSAL_LM", "use_rslora": self.use_rslora,
                                      "use_dora": self.use_dora, "init_lora_weights": _init_value(self.init_lora_weights)}
         for name in ("r", "lora_alpha", "lora_dropout", "target_modules"):
@@ -180,58 +180,76 @@ class TrainConfig:
         return config
 
     def _problems(self):
+        """One message per invalid field, each naming it; every field is type-checked, so a
+        config.yaml value of the wrong kind is a ConfigError, never a TypeError later."""
         if not isinstance(self.lora, LoraConfig):
-            yield f"lora={self.lora!r}: must be a LoraConfig (TrainConfig.from_settings reads flat settings)"
+            yield f"lora={shown(self.lora)}: must be a LoraConfig (TrainConfig.from_settings reads flat settings)"
+        for name in ("model", "data", "output_dir", "name"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                yield f"{name}={shown(value)}: must be a non-empty string"
+        for name in ("val_file", "run_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                yield f"{name}={shown(value)}: must be a path (a non-empty string) or unset"
+        if not isinstance(self.extra, dict):
+            yield f"extra={shown(self.extra)}: must be a mapping of notes"
         positive = ("batch_size", "grad_accum", "max_length", "log_every", "max_new_tokens")
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                yield f"{name}={value!r}: must be a positive integer"
+            if not _is_int(value) or value < 1:
+                yield f"{name}={shown(value)}: must be a positive integer"
         for name in ("eval_every", "save_every", "score_examples", "keep_checkpoints"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                yield f"{name}={value!r}: must be 0 or a positive integer"
+            if not _is_int(value) or value < 0:
+                yield f"{name}={shown(value)}: must be 0 or a positive integer"
         for name in ("max_steps", "train_examples", "eval_examples"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                yield f"{name}={value!r}: must be a positive integer or unset"
+            if value is not None and (not _is_int(value) or value < 1):
+                yield f"{name}={shown(value)}: must be a positive integer or unset"
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            yield f"seed={shown(self.seed)}: must be an integer from 0 to 2**32 - 1"
         for name in ("skip_bad_records", "packing", "group_by_length", "score_before", "fused_norms",
                      "gradient_checkpointing", "compile"):
             if not isinstance(getattr(self, name), bool):
-                yield f"{name}={getattr(self, name)!r}: must be true or false"
-        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)):
-            yield f"epochs={self.epochs!r}: must be a positive number"
-        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
-            yield f"learning_rate={self.learning_rate!r}: must be between 0 and 1, e.g. 2e-4"
+                yield f"{name}={shown(getattr(self, name))}: must be true or false"
+        if not (_is_number(self.epochs) and self.epochs > 0 and math.isfinite(self.epochs)):
+            yield f"epochs={shown(self.epochs)}: must be a positive number"
+        if not (_is_number(self.learning_rate) and 0 < self.learning_rate < 1):
+            yield f"learning_rate={shown(self.learning_rate)}: must be between 0 and 1, e.g. 2e-4"
         for name in ("warmup_ratio", "min_lr_ratio"):
-            if not 0 <= getattr(self, name) <= 1:
-                yield f"{name}={getattr(self, name)!r}: must be between 0 and 1"
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            yield "weight_decay and max_grad_norm must not be negative"
-        if self.precision not in ("auto", "fp32", "bf16"):
-            yield f"precision={self.precision!r}: must be auto, fp32 or bf16"
-        if self.attention not in ATTENTION_CHOICES:
-            yield f"attention={self.attention!r}: must be one of {', '.join(ATTENTION_CHOICES)}"
-        if self.overlong not in ("truncate", "drop"):
-            yield f"overlong={self.overlong!r}: must be truncate or drop"
-        if self.val_file and self.val_fraction:
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value <= 1):
+                yield f"{name}={shown(value)}: must be a number between 0 and 1"
+        if not (_is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
+            yield f"val_fraction={shown(self.val_fraction)}: must be a number in [0, 1), e.g. 0.1"
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value and math.isfinite(value)):
+                yield f"{name}={shown(value)}: must be a finite number >= 0"
+        for name, choices in (("precision", ("auto", "fp32", "bf16")), ("attention", ATTENTION_CHOICES),
+                              ("overlong", ("truncate", "drop"))):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                yield f"{name}={shown(value)}: must be one of {', '.join(choices)}"
+        if self.val_file and _is_number(self.val_fraction) and self.val_fraction:
             yield "val_file and val_fraction: give one way to get held-out data, not both"
         ratio = self.loraplus_ratio
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                                  or not math.isfinite(ratio) or ratio <= 0):
-            yield f"loraplus_ratio={ratio!r}: must be a positive number (LoRA+ suggests 16), or unset for plain LoRA"
+        if ratio is not None and (not _is_number(ratio) or not math.isfinite(ratio) or ratio <= 0):
+            yield f"loraplus_ratio={shown(ratio)}: must be a positive number (LoRA+ suggests 16), or unset for plain LoRA"
         yield from self._method_problems()
 
     def _method_problems(self):
-        method = TRAIN_METHODS.get(self.method)
+        method = TRAIN_METHODS.get(self.method) if isinstance(self.method, str) else None
         if method is None:
-            yield f"method={self.method!r}: must be one of {', '.join(TRAIN_METHODS)}"
+            yield f"method={shown(self.method)}: must be one of {', '.join(TRAIN_METHODS)}"
             return
         if self.loraplus_ratio is not None and not method.loraplus:
             yield f"method={self.method}: LoRA+ does not apply to it; leave loraplus_ratio unset"
         if isinstance(self.lora, LoraConfig):
             try:  # the method's own config checks the adapter settings (a nominal step count)
-                method.adapter(self.lora, self.max_steps or 100)
+                steps = self.max_steps if _is_int(self.max_steps) and self.max_steps > 0 else 100
+                method.adapter(self.lora, steps)
             except ConfigError as err:
                 yield f"method={self.method}: the adapter settings do not fit it: {err}"
 
@@ -267,12 +285,23 @@ def _adapter(lora: LoraConfig | dict | None, flat: dict[str, Any]) -> LoraConfig
         return AdapterSettings(**flat).lora_config()
     if isinstance(lora, dict):
         lora = LoraConfig.from_dict(lora)
+    if not isinstance(lora, LoraConfig):
+        raise ConfigError(f"lora={shown(lora)}: must be a mapping of LoraConfig fields (as a run's "
+                          "config.yaml holds it)")
     if "preset" in flat:
         raise ConfigError("preset: give a preset or a lora mapping, not both")
     overrides = {k: _init_value(v) if k == "init_lora_weights" else v for k, v in flat.items()}
     if "r" in overrides and "lora_alpha" not in overrides:
         overrides["lora_alpha"] = overrides["r"]  # alpha = rank unless said otherwise
     return dataclasses.replace(lora, **overrides) if overrides else lora
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _adalora(lora: LoraConfig, total_steps: int) -> LoraConfig:
@@ -345,15 +374,21 @@ def load_train_config(path: str | Path | None = None, **overrides: Any) -> Train
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply; config.yaml is a mapping of field: value") from None
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. an integer too long to convert
+            raise ConfigError(f"{path}: not valid YAML ({shown(str(err))})") from None
+        if loaded is None:
+            loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: must be a mapping of field: value")
+            raise ConfigError(f"{path}: must be a mapping of field: value, not a {type(loaded).__name__}")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = set(setting_names()) | {"lora", "extra"}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(shown(k) if not isinstance(k, str) else k for k in values if k not in known)
     if unknown:
         raise ConfigError(f"unknown training option(s) {unknown}; known options: {sorted(known)}")
     return TrainConfig.from_settings(**values)

@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from lorakit.config import LoraConfig
+from lorakit.config import MAX_RANK, LoraConfig, shown
 
 __all__ = ["AdaLoraConfig"]
 
@@ -63,7 +63,7 @@ class AdaLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         self.peft_type = "ADALORA" if self.peft_type in (None, "LORA") else self.peft_type
-        if self.r != 8:  # PEFT's warning: r is LoraConfig's field, AdaLoRA starts at init_r
+        if self.r is not None and self.r != 8:  # PEFT's warning: r is LoraConfig's field, AdaLoRA starts at init_r
             warnings.warn("AdaLoraConfig: `r` is not used by AdaLoRA and is ignored; set the starting "
                           "rank with init_r and the final average rank with target_r", stacklevel=3)
         super().__post_init__()
@@ -73,27 +73,29 @@ class AdaLoraConfig(LoraConfig):
         for name in ("target_r", "init_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                yield f"{name}={value!r}: must be a positive integer, e.g. {name}=8"
+                yield f"{name}={shown(value)}: must be a positive integer, e.g. {name}=8"
+            elif value > MAX_RANK:
+                yield f"{name}={value}: ranks above {MAX_RANK:,} exceed every layer's min(in_features, out_features)"
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                yield f"{name}={value!r}: must be 0 or a positive number of steps"
+                yield f"{name}={shown(value)}: must be 0 or a positive number of steps"
         if isinstance(self.deltaT, bool) or not isinstance(self.deltaT, int) or self.deltaT < 1:
-            yield f"deltaT={self.deltaT!r}: must be a positive number of steps, e.g. deltaT=1"
+            yield f"deltaT={shown(self.deltaT)}: must be a positive number of steps, e.g. deltaT=1"
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
-                yield f"{name}={value!r}: an EMA factor must lie strictly between 0 and 1, e.g. 0.85"
+                yield f"{name}={shown(value)}: an EMA factor must lie strictly between 0 and 1, e.g. 0.85"
         weight = self.orth_reg_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
                 or weight < 0:
-            yield f"orth_reg_weight={weight!r}: must be a number >= 0, e.g. 0.5"
+            yield f"orth_reg_weight={shown(weight)}: must be a number >= 0, e.g. 0.5"
         yield from self._schedule_problems()
         if isinstance(self.target_r, int) and isinstance(self.init_r, int) and self.target_r > self.init_r:
             yield (f"target_r={self.target_r} > init_r={self.init_r}: the rank budget only falls; "
                    "start higher (init_r >= target_r, e.g. init_r = 1.5 * target_r)")
         if not isinstance(self.init_lora_weights, bool):
-            yield (f"init_lora_weights={self.init_lora_weights!r}: AdaLoRA has one initialisation: "
+            yield (f"init_lora_weights={shown(self.init_lora_weights)}: AdaLoRA has one initialisation: "
                    "True (E = 0, A and B ~ N(0, 0.02)) or False (all random)")
         if self.use_dora:
             yield "use_dora=True: AdaLoRA does not combine with DoRA (nor does PEFT); set use_dora=False"
@@ -105,7 +107,7 @@ class AdaLoraConfig(LoraConfig):
     def _schedule_problems(self):
         total = self.total_step
         if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
-            yield (f"total_step={total!r}: AdaLoRA needs the run's number of optimizer steps "
+            yield (f"total_step={shown(total)}: AdaLoRA needs the run's number of optimizer steps "
                    "(the budget schedule depends on it), e.g. total_step=1000")
         elif isinstance(self.tinit, int) and isinstance(self.tfinal, int) and self.tinit >= total - self.tfinal:
             yield (f"tinit={self.tinit}, tfinal={self.tfinal}, total_step={total}: no steps are left for "
@@ -117,14 +119,14 @@ class AdaLoraConfig(LoraConfig):
         if pattern is None:
             return
         if not isinstance(pattern, dict):
-            yield f"rank_pattern={pattern!r}: must be None or {{'<module>.lora_E': [bool, ...]}}"
+            yield f"rank_pattern={shown(pattern)}: must be None or {{'<module>.lora_E': [bool, ...]}}"
             return
         for key, kept in pattern.items():
             if not isinstance(key, str) or ".lora_E" not in key:
-                yield f"rank_pattern[{key!r}]: keys name a layer's singular values, '<module>.lora_E'"
+                yield f"rank_pattern[{shown(key)}]: keys name a layer's singular values, '<module>.lora_E'"
             if not isinstance(kept, list) or not all(isinstance(k, bool) for k in kept) \
                     or (isinstance(self.init_r, int) and len(kept) > self.init_r):
-                yield (f"rank_pattern[{key!r}]: must be a list of at most init_r={self.init_r} booleans "
+                yield (f"rank_pattern[{shown(key)}]: must be a list of at most init_r={self.init_r} booleans "
                        "(True: the triplet is kept)")
 
     def rank_of(self, module_name: str) -> int:

@@ -21,7 +21,9 @@ import torch.nn as nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, ConfigError
 # inject's target matching and modules_to_save wrapping, shared with LoRA
-from lorakit.inject import lora_layers, match_targets, replace_module, resolve_targets, wrap_modules_to_save
+from lorakit.inject import (
+    lora_layers, match_targets, replace_module, resolve_targets, saved_modules, wrap_modules_to_save,
+)
 from lorakit.layer import LoraLayer, LoraLinear, is_conv1d
 from lorakit.methods.adalora.config import pattern_for
 
@@ -121,7 +123,9 @@ def inject_adalora(model: nn.Module, config, adapter_name: str, autocast_adapter
     if config.target_modules is None and model_type in ADALORA_DEFAULT_TARGETS:
         config.target_modules = set(ADALORA_DEFAULT_TARGETS[model_type])
     config = resolve_targets(model, config)
-    for name, module in match_targets(model, config):
+    found = match_targets(model, config)
+    saved_modules(model, config, adapted={name for name, _ in found})  # its errors, before any change
+    for name, module in found:
         layer = module
         if isinstance(module, LoraLayer) and not isinstance(module, SVDLinear):
             raise ConfigError(f"{name} already holds LoRA adapters; AdaLoRA and LoRA adapters cannot share "

@@ -107,7 +107,7 @@ def _default_from_environment(action: argparse.Action, environ: Mapping[str, str
         return
     action.default = environ[name]
     stated = re.sub(r"\s*\(default: [^)]*\)", "", action.help or "")
-    shown = environ[name].replace("%", "%%")  # argparse %-formats help text
+    shown = "set" if name.endswith("_KEY") else environ[name].replace("%", "%%")  # argparse %-formats help; keys stay secret
     action.help = f"{stated} (default: ${name}, {shown})".strip()
 
 

@@ -27,6 +27,7 @@ _REFUSERS = 32
 
 class HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = socket.SOMAXCONN  # the listen backlog: socketserver's 5 resets bursts of clients
 
     def __init__(self, address, handler, *, max_connections: int = 64, idle_timeout: float = 30.0):
         super().__init__(address, handler)

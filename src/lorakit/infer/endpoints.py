@@ -138,8 +138,8 @@ def find_adapter(root: Path, source: str, param: str) -> Path:
     and inside ``root``; ``source`` must be one plain directory name."""
     if (not source or source in (".", "..") or "/" in source or "\\" in source or "\0" in source
             or os.path.isabs(source) or len(source) > 255):
-        raise RequestError(f"{source[:80]!r} is not an adapter name: send the name of one directory in the "
-                           "server's --adapter-dir (no '/', no '..')", param=param, code="invalid_value")
+        raise RequestError(f"'{param}' is not an adapter name: send the name of one directory in the server's "
+                           "--adapter-dir (not a path: no '/', '\\' or '..')", param=param, code="invalid_value")
     for candidate in (root / source, root / source / "adapter"):
         try:
             resolved = candidate.resolve()

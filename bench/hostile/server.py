@@ -18,8 +18,9 @@ It starts `lorakit serve` as a subprocess (with --api-key, --adapter-dir and a s
    appear in any answer;
 4. connections: 80 idle connections held open, then a real request (must be served), then how many
    of the 80 the server closed (the oldest for room, the rest after --idle-timeout);
-5. drain: a long streamed request in flight, SIGTERM; the exit code (must be 0), whether the
-   stream ended complete or with a clean error, and whether "terminate called" appeared.
+5. drain: a long streamed request in flight, SIGTERM, with --drain-timeout 60 (the stream must end
+   complete) and 0 (it must end with a clean 503 event); the exit code (must be 0) and whether
+   "terminate called" appeared.
 
 It prints one table of figures and exits 1 if any check failed.
 """
@@ -208,8 +209,8 @@ def campaign_idle(client: Client, args, rows: dict) -> None:
                                                    f"{args.idle_timeout:g})")
 
 
-def campaign_drain(args, model: str, shelf: Path, rows: dict) -> None:
-    process, port = start(args, model, shelf, extra=["--max-tokens", "400", "--drain-timeout", "60"])
+def campaign_drain(args, model: str, shelf: Path, rows: dict, drain_timeout: float) -> None:
+    process, port = start(args, model, shelf, extra=["--max-tokens", "400", "--drain-timeout", str(drain_timeout)])
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
     connection.request("POST", "/v1/completions", body=json.dumps(body).encode(),
@@ -220,12 +221,16 @@ def campaign_drain(args, model: str, shelf: Path, rows: dict) -> None:
     rest = response.read().decode()
     out, err = process.communicate(timeout=300)
     events = [json.loads(e[6:]) for e in rest.split("\n\n") if e.startswith("data: {")]
-    complete = rest.rstrip().endswith("data: [DONE]") and bool(events) and (
-        "error" in events[-1] or events[-1]["choices"][0]["finish_reason"] is not None)
-    ok = first.startswith(b"data: ") and process.returncode == 0 and complete and "terminate called" not in err
-    rows["SIGTERM with a stream in flight"] = (1, ok, f"exit {process.returncode}; stream ended "
-                                               f"{'complete' if complete else 'broken'}; 'terminate called': "
-                                               f"{'terminate called' in err}")
+    ended = "broken"
+    if rest.rstrip().endswith("data: [DONE]") and events:
+        if events[-1].get("error", {}).get("code") == "shutting_down":
+            ended = "cancelled (503 shutting_down event)"
+        elif events[-1].get("choices") and events[-1]["choices"][0]["finish_reason"] is not None:
+            ended = f"complete ({sum(len(e['choices'][0]['text']) for e in events)} chars)"
+    ok = first.startswith(b"data: ") and process.returncode == 0 and ended != "broken" and \
+        "terminate called" not in err
+    rows[f"SIGTERM, stream in flight, drain {drain_timeout:g} s"] = (
+        1, ok, f"exit {process.returncode}; stream ended {ended}; 'terminate called': {'terminate called' in err}")
 
 
 def main(argv=None) -> int:
@@ -255,7 +260,8 @@ def main(argv=None) -> int:
         finally:
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=300)
-        campaign_drain(args, model, shelf, rows)
+        for drain_timeout in (60.0, 0.0):  # finish the stream; cancel it at once
+            campaign_drain(args, model, shelf, rows, drain_timeout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nlorakit serve, hostile campaign ({args.model or 'tiny random model'}, {args.trials} trials)\n")

@@ -452,8 +452,11 @@ def test_cli_serve_parses_its_flags():
 
 
 def test_lorakit_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir, adapter_dirs):
+    """SIGTERM while a long stream is in flight, with --drain-timeout 0: the stream is cancelled at
+    its next token with a clean error (or it was already complete), the worker stops before the
+    process ends (no "terminate called" abort), the server prints "stopped" and exits 0."""
     command = [sys.executable, "-m", "lorakit.cli", "serve", "--model", str(tiny_model_dir), "--adapter",
-               f"a={adapter_dirs['a']}", "--port", "0", "--quiet"]
+               f"a={adapter_dirs['a']}", "--port", "0", "--quiet", "--max-tokens", "400", "--drain-timeout", "0"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         try:
             line = process.stdout.readline()  # printed once the server listens
@@ -461,13 +464,22 @@ def test_lorakit_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir, adap
             url = line.split(" on ")[1].split()[0]
             with urllib.request.urlopen(url + "/models", timeout=60) as response:
                 assert [m["id"] for m in json.load(response)["data"]] == [tiny_model_dir.name, "a"]
-            process.send_signal(signal.SIGTERM)
-            out, err = process.communicate(timeout=60)
+            body = {"model": "a", "prompt": PROMPTS[1], "max_tokens": 400, "temperature": 0, "stream": True}
+            request = urllib.request.Request(url + "/completions", data=json.dumps(body).encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                first = response.readline()  # a token came: the request is in flight
+                process.send_signal(signal.SIGTERM)
+                rest = response.read().decode()
+            out, err = process.communicate(timeout=120)
         finally:
             if process.poll() is None:
                 process.kill()
     assert process.returncode == 0, err
-    assert out.strip() == "stopped"
+    assert out.strip() == "stopped" and "terminate called" not in err
+    assert first.startswith(b"data: {") and rest.rstrip().endswith("data: [DONE]")
+    last = [json.loads(e[6:]) for e in rest.split("\n\n") if e.startswith("data: {")][-1]
+    assert last.get("error", {}).get("code") == "shutting_down" or last["choices"][0]["finish_reason"] is not None
 
 
 def test_one_connection_keeps_working_after_refused_requests(server):

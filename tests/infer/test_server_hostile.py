@@ -1,7 +1,8 @@
 """`lorakit serve` against hostile and unlucky clients, over real HTTP on localhost: poison
 requests are refused alone (400) before they join a batch, a row that fails inside a batch fails
 only its own request, the API key, adapters by name from --adapter-dir only (no server path in any
-answer), idle connections closed and a connection limit, and a graceful drain (SIGTERM on `lorakit serve`: test_server.py)."""
+answer), idle connections closed and a connection limit, and a graceful drain (SIGTERM on
+`lorakit serve` itself: test_server.py)."""
 
 import http.client
 import json

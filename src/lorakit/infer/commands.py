@@ -81,7 +81,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"the base model (default: {DEFAULT_MODEL})")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter to serve under NAME (repeatable); with --adapter-dir, clients add more by name")
-    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface; beyond loopback it needs --api-key)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (0.0.0.0: every interface; beyond loopback it needs --api-key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="the most rows (prompts) one batch runs together")
     p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens a request may ask for")

@@ -8,10 +8,10 @@ is routed back to its job as it is produced (a job's ``events`` queue), so strea
 see text while the batch is still running, and a job is answered as soon as its own rows end
 (at EOS, a stop token or string, or ``max_new_tokens``), not when the batch ends. Adapter
 changes are applied by the same thread between batches, so a batch never sees the model change
-under it; a change queued behind jobs runs after them. An exception inside generation fails
-a batch does not fail its neighbours: the batch's unanswered jobs are run again one by one, each
-going on from the text it already has, so only the job whose row fails gets the error (a 500) and
-every other job gets its whole answer.
+under it; a change queued behind jobs runs after them. One row's exception does not fail its
+neighbours: when a batch fails, its unanswered jobs run again one by one, each going on from the
+text it already has, so only the job whose row fails gets the error (a 500) and every other job
+gets its whole answer (a greedy one the same text; a sampled one draws its rest afresh).
 
 ``drain(timeout)`` is a graceful stop: no new job is taken (503), the queued and running jobs run
 on until the deadline, and whatever is left then is cancelled with a 503 (a running row ends at its
@@ -263,12 +263,9 @@ class Scheduler:
             return
         except Exception as err:
             failure = err
-        left = [job for job in jobs if not job.answered]
-        if len(left) == 1 or len(jobs) == 1:
-            for job in left:
-                job.fail(_generation_error(failure))
-            return
-        for job in left:
+        if len(jobs) == 1:
+            return jobs[0].fail(_generation_error(failure))
+        for job in [job for job in jobs if not job.answered]:
             try:
                 self._run_batch([job])
             except Exception as err:  # this job's own failure

@@ -76,6 +76,7 @@ POISON = [  # (body or raw bytes, param)
     (b'{"model": "a", "prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", None),
     ({**GOOD, "max_tokens": 10 ** 30}, "max_tokens"),
     ({**GOOD, "max_tokens": 500}, "max_tokens"),
+    ({**GOOD, "prompt": [5] * 500, "max_tokens": 20}, "max_tokens"),  # 520 > the tiny model's context of 512
     ({**GOOD, "max_tokens": 6.0}, "max_tokens"),
     ({**GOOD, "temperature": 10 ** 400}, "temperature"),
     ({**GOOD, "temperature": -(10 ** 400)}, "temperature"),
@@ -99,6 +100,8 @@ def test_a_poison_request_gets_a_400_naming_its_field(server, body, param):
     assert status == 400, answer
     assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["param"] == param
     assert answer["error"]["type"] == "invalid_request_error"
+    if isinstance(body, dict) and len(body.get("prompt", "")) == 500:
+        assert answer["error"]["code"] == "context_length_exceeded"
 
 
 def test_a_huge_top_k_keeps_every_token_instead_of_failing_the_batch(server):

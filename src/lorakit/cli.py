@@ -107,7 +107,8 @@ def _default_from_environment(action: argparse.Action, environ: Mapping[str, str
         return
     action.default = environ[name]
     stated = re.sub(r"\s*\(default: [^)]*\)", "", action.help or "")
-    shown = environ[name].replace("%", "%%")  # argparse %-formats help text
+    secret = name.endswith("_KEY")  # an API key is not printed by --help
+    shown = "set" if secret else environ[name].replace("%", "%%")  # argparse %-formats help text
     action.help = f"{stated} (default: ${name}, {shown})".strip()
 
 

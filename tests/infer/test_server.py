@@ -110,7 +110,8 @@ def test_models_lists_the_base_model_and_each_adapter(server, tiny_model_dir, ad
     assert [m["id"] for m in body["data"]] == [tiny_model_dir.name, "a", "b"]
     assert all(m["object"] == "model" and m["owned_by"] == "lorakit" for m in body["data"])
     status, card = call(server, "GET", "/v1/models/b")
-    assert status == 200 and card["parent"] == tiny_model_dir.name and card["root"] == str(adapter_dirs["b"])
+    assert status == 200 and card["parent"] == tiny_model_dir.name and card["root"] == "b"
+    assert str(adapter_dirs["b"].parent) not in json.dumps(call(server, "GET", "/v1/models")[1])  # no server path
     assert call(server, "GET", "/v1/models/zzz")[0] == 404
     assert call(server, "GET", "/health") == (200, {"status": "ok"})
 
@@ -296,23 +297,27 @@ def test_a_short_request_is_answered_while_its_batch_runs_on(server, reference, 
 
 # -- adapters through the API
 def test_adapters_are_added_and_removed_through_the_api(tiny_model_dir, adapter_dirs, reference, tmp_path):
-    """Starting with no adapter: the first one added wraps the base model, removing the last one
-    leaves the plain base model; every answer equals generate alone."""
+    """Starting with no adapter: the first one added (by name, from --adapter-dir) wraps the base
+    model, removing the last one leaves the plain base model; every answer equals generate alone."""
     ids = reference.tokenizer(PROMPTS[0])["input_ids"]
     ask = {"prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
-    broken = tmp_path / "broken"  # its tensors have rank 4, its config says 8
+    shelf = tmp_path / "shelf"  # the --adapter-dir: a, b (as a training run: run-b/adapter) and broken
+    shutil.copytree(adapter_dirs["a"], shelf / "a")
+    shutil.copytree(adapter_dirs["b"], shelf / "run-b" / "adapter")
+    broken = shelf / "broken"  # its tensors have rank 4, its config says 8
     shutil.copytree(adapter_dirs["a"], broken)
     config = json.loads((broken / "adapter_config.json").read_text())
     (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    with load_server(str(tiny_model_dir), port=0, max_tokens=8).start() as server:
+    with load_server(str(tiny_model_dir), port=0, max_tokens=8, adapter_dir=shelf).start() as server:
         assert [m["id"] for m in call(server, "GET", "/v1/models")[1]["data"]] == [tiny_model_dir.name]
-        status, err = call(server, "POST", "/v1/adapters", {"name": "broken", "path": str(broken)})
+        status, err = call(server, "POST", "/v1/adapters", {"name": "broken"})
         assert status == 400 and err["error"]["code"] == "adapter_invalid", err
+        assert str(tmp_path) not in err["error"]["message"]  # no server path in the error
         assert call(server, "POST", "/v1/completions", {**ask, "model": "base"})[1]["choices"][0]["text"] == \
             expected(reference, None, ids, 6)[1]  # a failed load leaves the base model as it was
-        status, card = call(server, "POST", "/v1/adapters", {"name": "tuned", "path": str(adapter_dirs["a"])})
+        status, card = call(server, "POST", "/v1/adapters", {"name": "tuned", "adapter": "a"})
         assert status == 200 and card["id"] == "tuned" and card["parent"] == tiny_model_dir.name
-        assert call(server, "POST", "/v1/adapters", {"name": "other", "path": str(adapter_dirs["b"])})[0] == 200
+        assert call(server, "POST", "/v1/adapters", {"name": "other", "adapter": "run-b"})[0] == 200
         assert [m["id"] for m in call(server, "GET", "/v1/models")[1]["data"]] == [tiny_model_dir.name, "tuned",
                                                                                    "other"]
         assert call(server, "POST", "/v1/completions", {**ask, "model": "tuned"})[1]["choices"][0]["text"] == \
@@ -320,14 +325,15 @@ def test_adapters_are_added_and_removed_through_the_api(tiny_model_dir, adapter_
         assert call(server, "POST", "/v1/completions", {**ask, "model": "other"})[1]["choices"][0]["text"] == \
             expected(reference, "b", ids, 6)[1]
 
-        status, err = call(server, "POST", "/v1/adapters", {"name": "tuned", "path": str(adapter_dirs["b"])})
+        status, err = call(server, "POST", "/v1/adapters", {"name": "tuned", "adapter": "run-b"})
         assert status == 409 and err["error"]["code"] == "adapter_exists"
-        for bad, param in [({"name": "x y", "path": str(adapter_dirs["a"])}, "name"),
-                           ({"name": "base", "path": str(adapter_dirs["a"])}, "name"),
-                           ({"name": "new", "path": str(tiny_model_dir / "nope")}, "path"),
-                           ({"name": "new"}, "path"), ({"name": 3, "path": "x"}, "name")]:
-            status, err = call(server, "POST", "/v1/adapters", bad)
-            assert status == 400 and err["error"]["param"] == param, (bad, err)
+        for bad, status, param in [({"name": "x y", "adapter": "a"}, 400, "name"),
+                                   ({"name": "base", "adapter": "a"}, 400, "name"),
+                                   ({"name": "new", "adapter": "nope"}, 404, "adapter"),
+                                   ({"name": "new", "path": str(adapter_dirs["a"])}, 400, "path"),
+                                   ({"name": "new", "adapter": 3}, 400, "adapter"), ({"name": 3}, 400, "name")]:
+            got, err = call(server, "POST", "/v1/adapters", bad)
+            assert got == status and err["error"]["param"] == param, (bad, err)
 
         assert call(server, "DELETE", "/v1/adapters/tuned") == (200, {"id": "tuned", "object": "model",
                                                                       "deleted": True})
@@ -446,8 +452,11 @@ def test_cli_serve_parses_its_flags():
 
 
 def test_lorakit_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir, adapter_dirs):
+    """SIGTERM while a long stream is in flight, with --drain-timeout 0: the stream is cancelled at
+    its next token with a clean error (or it was already complete), the worker stops before the
+    process ends (no "terminate called" abort), the server prints "stopped" and exits 0."""
     command = [sys.executable, "-m", "lorakit.cli", "serve", "--model", str(tiny_model_dir), "--adapter",
-               f"a={adapter_dirs['a']}", "--port", "0", "--quiet"]
+               f"a={adapter_dirs['a']}", "--port", "0", "--quiet", "--max-tokens", "400", "--drain-timeout", "0"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         try:
             line = process.stdout.readline()  # printed once the server listens
@@ -455,13 +464,22 @@ def test_lorakit_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir, adap
             url = line.split(" on ")[1].split()[0]
             with urllib.request.urlopen(url + "/models", timeout=60) as response:
                 assert [m["id"] for m in json.load(response)["data"]] == [tiny_model_dir.name, "a"]
-            process.send_signal(signal.SIGTERM)
-            out, err = process.communicate(timeout=60)
+            body = {"model": "a", "prompt": PROMPTS[1], "max_tokens": 400, "temperature": 0, "stream": True}
+            request = urllib.request.Request(url + "/completions", data=json.dumps(body).encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                first = response.readline()  # a token came: the request is in flight
+                process.send_signal(signal.SIGTERM)
+                rest = response.read().decode()
+            out, err = process.communicate(timeout=120)
         finally:
             if process.poll() is None:
                 process.kill()
     assert process.returncode == 0, err
-    assert out.strip() == "stopped"
+    assert out.strip() == "stopped" and "terminate called" not in err
+    assert first.startswith(b"data: {") and rest.rstrip().endswith("data: [DONE]")
+    last = [json.loads(e[6:]) for e in rest.split("\n\n") if e.startswith("data: {")][-1]
+    assert last.get("error", {}).get("code") == "shutting_down" or last["choices"][0]["finish_reason"] is not None
 
 
 def test_one_connection_keeps_working_after_refused_requests(server):

@@ -5,10 +5,17 @@ Generation endpoints check the body into a `Call` (`lorakit.infer.openai_api`), 
 on the server's `Scheduler` and wait for its events: the whole answer at the end, or with
 ``"stream": true`` Server-Sent Events as the tokens come. Adapter changes are queued the same
 way and answered once the worker has applied them, between two batches.
+
+Adapters are loaded over HTTP only from the server's ``--adapter-dir`` (off without one), by
+name: a client sends one directory name under it, never a path, and the name must resolve
+(symlinks followed) to a directory inside it. Answers and errors never show a server path, and
+every name that is not a loadable adapter inside the directory gets the same 404, so a client
+cannot learn what exists elsewhere on the server's disk.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from pathlib import Path
@@ -102,9 +109,17 @@ def _stream(app: Server, h: "_Handler", job: Job, rid: str, event: tuple) -> Non
 
 
 def _add_adapter(app: Server, h: "_Handler") -> None:
+    """``{"name": NAME}`` loads ``--adapter-dir``/NAME (a directory with adapter_config.json, or a
+    training run's directory with ``adapter/``) under NAME; ``"adapter": DIRNAME`` loads another
+    directory of it under NAME."""
+    _adapter_api_on(app)
     body = h.read_json()
     name = api.get_field(body, "name", (str,))
-    path = api.get_field(body, "path", (str,))
+    if "path" in body:
+        raise RequestError("'path' is not accepted: clients name adapters, never paths; send 'adapter', the name "
+                           "of a directory in the server's --adapter-dir (or just 'name' when they are the same)",
+                           param="path", code="invalid_value")
+    source = api.get_field(body, "adapter", (str,), name)
     try:
         check_adapter_name(name)
     except ConfigError as err:
@@ -112,15 +127,39 @@ def _add_adapter(app: Server, h: "_Handler") -> None:
     if name in app.base_names:
         raise RequestError(f"{name!r} names the base model; pick another adapter name", param="name",
                            code="invalid_value")
-    if not Path(path, "adapter_config.json").is_file():
-        raise RequestError(f"no adapter at {path!r}: it must be a directory on the server's machine holding "
-                           "adapter_config.json (relative paths start where the server was started)",
-                           param="path", code="adapter_not_found")
-    _change(app, AdapterChange(name, path))
+    param = "adapter" if "adapter" in body else "name"
+    directory = find_adapter(app.adapter_dir, source, param)
+    _change(app, AdapterChange(name, str(directory)), shown={str(directory): source, str(app.adapter_dir): "."})
     h.send_json(200, app.card(name))
 
 
+def find_adapter(root: Path, source: str, param: str) -> Path:
+    """The adapter directory ``root``/``source`` (or its ``adapter/``, a training run's), resolved
+    and inside ``root``; ``source`` must be one plain directory name."""
+    if (not source or source in (".", "..") or "/" in source or "\\" in source or "\0" in source
+            or os.path.isabs(source) or len(source) > 255):
+        raise RequestError(f"'{param}' is not an adapter name: send the name of one directory in the server's "
+                           "--adapter-dir (not a path: no '/', '\\' or '..')", param=param, code="invalid_value")
+    for candidate in (root / source, root / source / "adapter"):
+        try:
+            resolved = candidate.resolve()
+            if resolved.is_relative_to(root) and resolved != root and (resolved / "adapter_config.json").is_file():
+                return resolved
+        except (OSError, RuntimeError):  # unreadable, or a symlink loop: as if absent
+            continue
+    raise RequestError(f"no adapter named {source!r} in the server's --adapter-dir (a directory holding "
+                       "adapter_config.json, or a training run's directory holding adapter/)", status=404,
+                       param=param, code="adapter_not_found")
+
+
+def _adapter_api_on(app: Server) -> None:
+    if app.adapter_dir is None:
+        raise RequestError("adding and removing adapters over HTTP is off; start the server with --adapter-dir DIR "
+                           "to let clients load the adapters in DIR by name", status=403, code="adapters_disabled")
+
+
 def _remove_adapter(app: Server, h: "_Handler", name: str) -> None:
+    _adapter_api_on(app)
     if name not in app.scheduler.adapters:
         raise RequestError(f"no adapter named {name!r} is served; adapters: "
                            f"{', '.join(app.scheduler.adapters) or 'none'}", status=404, param="name",
@@ -129,18 +168,23 @@ def _remove_adapter(app: Server, h: "_Handler", name: str) -> None:
     h.send_json(200, {"id": name, "object": "model", "deleted": True})
 
 
-def _change(app: Server, change: AdapterChange) -> None:
-    """Queue an adapter change (it runs between batches) and wait for it."""
+def _change(app: Server, change: AdapterChange, shown: dict[str, str] | None = None) -> None:
+    """Queue an adapter change (it runs between batches) and wait for it; in an error's message,
+    each server path in ``shown`` is replaced by what the client may see."""
     app.scheduler.submit(change)
     change.done.wait()
     err = change.error
     if isinstance(err, RequestError):
         raise err
+    if err is None:
+        return
+    message = str(err) if isinstance(err, LorakitError) else f"{type(err).__name__}: {err}"
+    for path, name in sorted((shown or {}).items(), key=lambda item: -len(item[0])):
+        message = message.replace(path, name)
     if isinstance(err, LorakitError):
-        raise RequestError(str(err), param="path", code="adapter_invalid")
-    if err is not None:
-        raise RequestError(f"changing adapter {change.name!r} failed: {type(err).__name__}: {err}", status=500,
-                           type="server_error", code="internal_error")
+        raise RequestError(message, param="adapter", code="adapter_invalid")
+    raise RequestError(f"changing adapter {change.name!r} failed: {message}", status=500, type="server_error",
+                       code="internal_error")
 
 
 ROUTES = [  # (method, path, endpoint(app, handler, *path parts))

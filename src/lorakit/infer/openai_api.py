@@ -7,6 +7,11 @@ stop strings. A request the server refuses raises
 (``{"error": {"message", "type", "param", "code"}}``). The response builders return OpenAI's
 JSON objects: ``text_completion``, ``chat.completion``, their stream chunks, and model lists.
 
+Every request is checked alone, before it joins a batch: a body nested deeper than
+`MAX_DEPTH`, a field of the wrong type, a number out of range (``seed`` must fit a generator's
+64-bit state: 0 <= seed < 2**63) or a prompt plus ``max_tokens`` beyond the model's context is
+a 400 naming the field, so one client's bad request never reaches its neighbours' batch.
+
 Differences from OpenAI: ``n``, ``best_of`` above 1, ``logprobs``, ``echo``, ``suffix`` and
 ``tools`` are refused with a 400 naming the field; ``top_k`` is accepted (as vLLM does);
 unknown fields are ignored.
@@ -27,6 +32,12 @@ __all__ = ["RequestError", "Limits", "Call", "get_field", "parse_json", "parse_c
            "chat_chunk", "usage_chunk", "model_card", "model_list"]
 
 _MISSING = object()
+
+MAX_DEPTH = 32
+"""The deepest a request body may nest (objects and arrays); OpenAI's requests need about 5."""
+
+SEED_LIMIT = 2 ** 63
+"""A ``seed`` is an integer in [0, SEED_LIMIT): what a 64-bit signed integer holds."""
 
 
 class RequestError(ConfigError):
@@ -73,16 +84,37 @@ class Call:
 
 
 def parse_json(raw: bytes) -> dict:
-    """The request body as a JSON object, or a RequestError saying what is wrong with it."""
+    """The request body as a JSON object, or a RequestError saying what is wrong with it (a body
+    nested deeper than `MAX_DEPTH` included: it would otherwise exhaust the parser's recursion)."""
     if not raw.strip():
         raise RequestError("the request body is empty; send a JSON object (Content-Type: application/json)")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise RequestError(f"the request body is not valid JSON ({err}); send a JSON object") from None
+    except RecursionError:
+        body = None  # deeper than the parser goes: refused below with the depth
+    if body is None or _depth(body) > MAX_DEPTH:
+        raise RequestError(f"the request body nests objects and arrays more than {MAX_DEPTH} deep; send a flat "
+                           "request as OpenAI's API describes", code="too_deep")
     if not isinstance(body, dict):
         raise RequestError(f"the request body is a JSON {type(body).__name__}, not an object; send a JSON object")
     return body
+
+
+def _depth(value) -> int:
+    """How deep ``value`` nests lists and dicts (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children if isinstance(child, (list, dict)))
+    return deepest
 
 
 # -- fields
@@ -102,7 +134,8 @@ def get_field(body: dict, name: str, kinds: tuple, default=_MISSING, what: str =
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = float(get_field(body, name, (int, float), default))
+    given = get_field(body, name, (int, float), default)
+    value = float(given) if not isinstance(given, int) or abs(given) < 2 ** 64 else math.inf  # no OverflowError
     if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise RequestError(f"'{name}' must be in {bracket}{low:g}, {high:g}], got {value:g}", param=name,
@@ -152,7 +185,7 @@ def _common(body: dict, kind: str, prompts: list[list[int]], tokenizer, limits: 
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if not 1 <= max_tokens <= limits.max_tokens:
         raise RequestError(f"'max_tokens' must be between 1 and {limits.max_tokens} (the server's --max-tokens), "
-                           f"got {max_tokens}", param="max_tokens", code="invalid_value")
+                           f"got {str(max_tokens)[:40]}", param="max_tokens", code="invalid_value")
     longest = max(len(p) for p in prompts)
     if limits.context is not None and longest + max_tokens > limits.context:
         raise RequestError(f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) is more than the model's "
@@ -160,12 +193,21 @@ def _common(body: dict, kind: str, prompts: list[list[int]], tokenizer, limits: 
                            param="max_tokens", code="context_length_exceeded")
     stops, stop_ids = _stop(body, tokenizer)
     seed = get_field(body, "seed", (int,), None)
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise RequestError(f"'seed' must be an integer from 0 to 2**63 - 1, got {str(seed)[:40]}", param="seed",
+                           code="invalid_value")
     top_k = get_field(body, "top_k", (int,), 0)
     if top_k < 0:
-        raise RequestError(f"'top_k' must be 0 (off) or more, got {top_k}", param="top_k", code="invalid_value")
-    sampling = Sampling(temperature=_number(body, "temperature", limits.temperature, 0.0, 2.0),
-                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), top_k=top_k, seed=seed,
-                        max_new_tokens=max_tokens, stop_token_ids=stop_ids)
+        raise RequestError(f"'top_k' must be 0 (off) or more, got {str(top_k)[:40]}", param="top_k",
+                           code="invalid_value")
+    top_k = min(top_k, len(tokenizer))  # more than the vocabulary keeps every token, as the vocabulary does
+    temperature = _number(body, "temperature", limits.temperature, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    try:
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_tokens,
+                            stop_token_ids=stop_ids)
+    except ConfigError as err:  # what the engine itself refuses, this request's fault alone
+        raise RequestError(str(err), code="invalid_value") from None
     stream = get_field(body, "stream", (bool,), False)
     options = get_field(body, "stream_options", (dict,), {})
     if options and not stream:

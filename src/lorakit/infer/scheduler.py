@@ -8,8 +8,14 @@ is routed back to its job as it is produced (a job's ``events`` queue), so strea
 see text while the batch is still running, and a job is answered as soon as its own rows end
 (at EOS, a stop token or string, or ``max_new_tokens``), not when the batch ends. Adapter
 changes are applied by the same thread between batches, so a batch never sees the model change
-under it; a change queued behind jobs runs after them. An exception inside generation fails
-that batch's unanswered jobs only (their handlers answer 500) and the worker takes the next batch.
+under it; a change queued behind jobs runs after them. One row's exception does not fail its
+neighbours: when a batch fails, its unanswered jobs run again one by one, each going on from the
+text it already has, so only the job whose row fails gets the error (a 500) and every other job
+gets its whole answer (a greedy one the same text; a sampled one draws its rest afresh).
+
+``drain(timeout)`` is a graceful stop: no new job is taken (503), the queued and running jobs run
+on until the deadline, and whatever is left then is cancelled with a 503 (a running row ends at its
+next token), so the worker has stopped when it returns.
 
 ``batches`` records each batch (how many requests and rows, for which models), so a test or an
 operator can see that concurrent requests were served together. ``pause`` / ``resume`` hold the
@@ -18,6 +24,7 @@ worker before it gathers a batch (for tests that must queue several requests fir
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -61,8 +68,8 @@ class Job:
     rows: list[Row]
     stream: bool
     events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: bool = False  # the client went away: stop sending it text
-    answered: bool = False  # "done" was sent (every row ended), maybe before the batch ended
+    cancelled: bool = False  # the client went away, or the server stopped: stop sending it text
+    answered: bool = False  # "done" was sent (every row ended), or the error
 
     @classmethod
     def from_call(cls, call: Call, adapter: str | None, tokenizer) -> "Job":
@@ -70,7 +77,9 @@ class Job:
         return cls(call, adapter, rows, call.stream)
 
     def fail(self, error: RequestError) -> None:
-        self.events.put(("error", error, None))
+        if not self.answered:
+            self.answered = True
+            self.events.put(("error", error, None))
 
 
 @dataclass
@@ -114,7 +123,9 @@ class Scheduler:
         self._gate = threading.Event()
         self._gate.set()
         self._submitted = 0
-        self._closing = False
+        self._closing = False  # no new job is queued (503)
+        self._draining = False  # queued jobs still run (drain); else close refuses them
+        self._cancel = False  # drain's deadline passed: running rows end at their next token
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="lorakit-serve-worker", daemon=True)
 
@@ -159,11 +170,34 @@ class Scheduler:
             for item in self._held + _drain(self._queue):
                 _refuse(item)
 
+    def cancel(self) -> None:
+        """End the running rows at their next token and refuse what is queued (503), during a drain."""
+        self._cancel = True
+
+    def drain(self, timeout: float, grace: float = 30.0) -> bool:
+        """Stop gracefully: refuse new jobs (503), let the queued and running ones finish until
+        ``timeout`` seconds pass, then cancel the rest (503; a running row ends at its next
+        token) and wait up to ``grace`` seconds more for the forward pass under way. True when
+        the worker has stopped."""
+        self._closing, self._draining = True, True
+        self._queue.put(_STOP)
+        self._gate.set()
+        if self._thread.is_alive():
+            self._thread.join(max(timeout, 0.0))
+        if self._thread.is_alive():
+            self._cancel = True
+            self._thread.join(grace)
+        if self._thread.is_alive():
+            return False
+        for item in self._held + _drain(self._queue):
+            _refuse(item)
+        return True
+
     # -- adapters (called on the worker thread, or before it starts)
     def add_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Load the adapter directory ``path`` under ``name`` onto the base model."""
         if name in self.adapters:
-            raise RequestError(f"an adapter named {name!r} is already served (from {self.adapters[name]}); "
+            raise RequestError(f"an adapter named {name!r} is already served; "
                                f"remove it first (DELETE /v1/adapters/{name}) or pick another name",
                                status=409, param="name", code="adapter_exists")
         if not self.adapters:
@@ -198,8 +232,11 @@ class Scheduler:
             item = self._held.pop(0) if self._held else self._queue.get()
             self._gate.wait()
             if item is _STOP:
+                if self._draining and not self._cancel and (self._held or not self._queue.empty()):
+                    self._queue.put(_STOP)  # drain: what was queued before the stop runs first
+                    continue
                 return
-            if self._closing:
+            if self._closing and (not self._draining or self._cancel):
                 _refuse(item)
                 continue
             if isinstance(item, AdapterChange):
@@ -211,17 +248,28 @@ class Scheduler:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(nxt, Job) and rows + len(nxt.rows) <= self.max_batch:
+                if isinstance(nxt, Job) and rows + len(nxt.rows) <= self.max_batch and not self._cancel:
                     jobs.append(nxt)
                     rows += len(nxt.rows)
                 else:
                     self._held.append(nxt)
+            self._run_isolated(jobs)
+
+    def _run_isolated(self, jobs: list[Job]) -> None:
+        """Run the jobs as one batch; when it fails, run each unanswered job alone (going on from
+        its text so far), so a failure reaches only the job whose row caused it."""
+        try:
+            self._run_batch(jobs)
+            return
+        except Exception as err:
+            failure = err
+        if len(jobs) == 1:
+            return jobs[0].fail(_generation_error(failure))
+        for job in [job for job in jobs if not job.answered]:
             try:
-                self._run_batch(jobs)
-            except Exception as err:  # a bug outside generation: fail these requests, keep serving
-                for job in (j for j in jobs if not j.answered):
-                    job.fail(RequestError(f"the server failed on this batch: {type(err).__name__}: {err}",
-                                          status=500, type="server_error", code="internal_error"))
+                self._run_batch([job])
+            except Exception as err:  # this job's own failure
+                job.fail(_generation_error(err))
 
     def _change(self, change: AdapterChange) -> None:
         try:
@@ -235,51 +283,49 @@ class Scheduler:
             change.done.set()
 
     def _run_batch(self, jobs: list[Job]) -> None:
+        """One call of the engine for the jobs' unfinished rows; a row that already has tokens (a
+        batch that failed under it) goes on from them. Raises what the engine raised."""
         live = []
         for job in jobs:  # an adapter removed while the job waited
             if job.adapter is not None and job.adapter not in self.adapters:
                 job.fail(RequestError(f"the model {job.adapter!r} was removed before this request ran; models: "
                                       f"{', '.join(self.adapters) or '(the base model only)'}", status=404,
                                       param="model", code="model_not_found"))
-            else:
+            elif not job.answered:
                 live.append(job)
         if not live:
             return
-        rows = [(job, row) for job in live for row in job.rows]
-        requests = [Request(prompt_ids=row.prompt_ids, adapter=job.adapter, sampling=job.call.sampling)
-                    for job, row in rows]
+        rows = [(job, row) for job in live for row in job.rows if not row.done]
+        requests = [_resumed(job, row) for job, row in rows]
+        asked = [Request(row.prompt_ids, job.adapter, job.call.sampling) for job, row in rows]  # as the client asked
         batch = Batch(len(live), len(rows), tuple(job.adapter for job in live))
         self.batches.append(batch)
         if self.on_batch is not None:
             self.on_batch(batch)
 
         eos = eos_token_ids(self.model, self.tokenizer)
+        seen = [0] * len(rows)
 
         def on_token(index: int, token_id: int) -> bool:
             """Route a token to its request; False tells the engine to drop the row (its answer
-            is complete: a stop string, or the client went away)."""
+            is complete: a stop string, or the client went away, or the server is stopping)."""
             job, row = rows[index]
+            if self._cancel and not job.answered:
+                job.cancelled = True
+                _refuse(job, "the server stopped before this request finished; send it again to a running server")
             if row.done or job.cancelled:
                 return False
+            seen[index] += 1
             row.ids.append(token_id)
             self._send(job, row, row.stream.push(token_id))
-            if row.stream.stopped or row_ended(row.ids, requests[index], eos):  # a stop string, or the engine's end
+            if row.stream.stopped or row_ended(row.ids, asked[index], eos):  # a stop string, or the engine's end
                 self._finish_row(job, row, eos)
             return not row.done
 
-        try:
-            outputs = generate_batch(self.model, self.tokenizer, requests, on_token=on_token,
-                                     autocast=self.autocast)
-        except Exception as err:  # the requests not yet answered fail; the worker goes on
-            detail = f"{type(err).__name__}: {err}" if not isinstance(err, LorakitError) else str(err)
-            for job in live:
-                if not job.answered:
-                    job.fail(RequestError(f"generation failed: {detail}", status=500, type="server_error",
-                                          code="generation_failed"))
-            return
-        for (job, row), ids in zip(rows, outputs):  # what on_token did not see or end
-            if not row.done:
-                for token_id in list(ids)[len(row.ids):]:
+        outputs = generate_batch(self.model, self.tokenizer, requests, on_token=on_token, autocast=self.autocast)
+        for index, ((job, row), ids) in enumerate(zip(rows, outputs)):  # what on_token did not see or end
+            if not row.done and not job.cancelled:
+                for token_id in list(ids)[seen[index]:]:
                     row.ids.append(token_id)
                     self._send(job, row, row.stream.push(token_id))
                 self._finish_row(job, row, eos)
@@ -303,6 +349,21 @@ class Scheduler:
             job.events.put(("done", None, None))
 
 
+def _resumed(job: Job, row: Row) -> Request:
+    """The engine's request for a row: its prompt, or (a row that has tokens from a failed batch)
+    its prompt and those tokens, with the new tokens it has left."""
+    sampling = job.call.sampling
+    if not row.ids:
+        return Request(row.prompt_ids, job.adapter, sampling)
+    left = dataclasses.replace(sampling, max_new_tokens=sampling.max_new_tokens - len(row.ids))
+    return Request(row.prompt_ids + row.ids, job.adapter, left)
+
+
+def _generation_error(err: Exception) -> RequestError:
+    detail = str(err) if isinstance(err, LorakitError) else f"{type(err).__name__}: {err}"
+    return RequestError(f"generation failed: {detail}", status=500, type="server_error", code="generation_failed")
+
+
 def _drain(q: queue.Queue) -> list:
     items = []
     while True:
@@ -322,10 +383,9 @@ def _strip_adapters(model) -> None:
             replace_module(model, name, module.original_module)
 
 
-def _refuse(item) -> None:
+def _refuse(item, message: str = "the server is shutting down; send the request to a running server") -> None:
     """Answer a queued job or adapter change with a 503: the server is shutting down."""
-    error = RequestError("the server is shutting down; send the request to a running server", status=503,
-                         type="server_error", code="shutting_down")
+    error = RequestError(message, status=503, type="server_error", code="shutting_down")
     if isinstance(item, Job):
         item.fail(error)
     elif isinstance(item, AdapterChange):

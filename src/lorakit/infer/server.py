@@ -6,28 +6,38 @@ Endpoints (`lorakit.infer.endpoints`; JSON in, JSON out in OpenAI's shapes, `lor
     POST   /v1/chat/completions   messages, rendered with the chat template -> chat.completion
     GET    /v1/models             the base model and each adapter
     GET    /v1/models/NAME        one of them
-    POST   /v1/adapters           {"name": ..., "path": ...}: load an adapter directory
-    DELETE /v1/adapters/NAME      remove it
-    GET    /health                {"status": "ok"}
+    POST   /v1/adapters           {"name": ...}: load an adapter from --adapter-dir (off without it)
+    DELETE /v1/adapters/NAME      remove it (off without --adapter-dir)
+    GET    /health                {"status": "ok"}, the one endpoint open without the API key
 
 A request's ``model`` picks the base model (its name, or "base") or an adapter by name. With
 ``"stream": true`` the answer comes as Server-Sent Events (``data: {chunk}`` lines, ending
 ``data: [DONE]``). Every request thread hands its work to one `Scheduler`, whose worker thread
 runs all requests waiting together in one batch, each row with its own adapter. Standard library
-HTTP only (``http.server.ThreadingHTTPServer``); bad requests get OpenAI's error object with a
-4xx status, and the server keeps serving.
+HTTP only (``http.server.ThreadingHTTPServer``, `lorakit.infer.connections`); bad requests get
+OpenAI's error object with a 4xx status, and the server keeps serving.
+
+Hardening: with an ``api_key`` every endpoint but /health wants ``Authorization: Bearer KEY``
+(401 otherwise, compared in constant time), and binding beyond loopback without one is refused
+unless ``insecure_no_auth``; clients name adapters, never paths, and loading one over HTTP needs
+an ``adapter_dir`` (answers never show server paths); idle connections close after
+``idle_timeout`` and at most ``max_connections`` are open; SIGTERM or Ctrl-C drains (`drain`):
+stop accepting, finish what is in flight for up to ``drain_timeout`` seconds, cancel the rest.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
+import ipaddress
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import unquote, urlsplit
@@ -37,12 +47,13 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.infer import openai_api as api
 from lorakit.infer.openai_api import Limits, RequestError
+from lorakit.infer.connections import HTTPServer
 from lorakit.infer.endpoints import ROUTES
 from lorakit.infer.scheduler import Scheduler
 from lorakit.models.adapters import load_adapted
 from lorakit.models.load import DEFAULT_MODEL
 
-__all__ = ["Server", "load_server", "BASE_ALIAS"]
+__all__ = ["Server", "load_server", "BASE_ALIAS", "check_exposure"]
 
 BASE_ALIAS = "base"
 """A request's ``model`` may always name the base model this way."""
@@ -60,7 +71,10 @@ class Server:
 
     def __init__(self, scheduler: Scheduler, *, base_id: str, base_aliases: Sequence[str] = (BASE_ALIAS,),
                  host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
-                 max_body_bytes: int = 1 << 20, log_requests: bool = False):
+                 max_body_bytes: int = 1 << 20, log_requests: bool = False, api_key: str | None = None,
+                 insecure_no_auth: bool = False, adapter_dir: str | os.PathLike | None = None,
+                 idle_timeout: float = 30.0, max_connections: int = 64, drain_timeout: float = 30.0):
+        check_exposure(host, api_key, insecure_no_auth)
         self.scheduler = scheduler
         self.tokenizer = scheduler.tokenizer
         self.base_id = base_id
@@ -70,11 +84,15 @@ class Server:
         self.log_requests = log_requests
         if log_requests:
             scheduler.on_batch = self._log_batch
+        self.api_key = api_key.encode() if api_key else None
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
+        self.drain_timeout = drain_timeout
+        self.draining = False
         self.created = int(time.time())
-        self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = HTTPServer((host, port), _Handler, max_connections=max_connections, idle_timeout=idle_timeout)
         self.httpd.app = self
         self._thread: threading.Thread | None = None
+        self._signals = 0
 
     @property
     def port(self) -> int:
@@ -91,29 +109,53 @@ class Server:
         self._thread.start()
         return self
 
-    def serve_forever(self) -> None:
-        """Serve until Ctrl-C or SIGTERM (from the main thread), then close as `close` does."""
+    def serve_forever(self) -> bool:
+        """Serve until SIGTERM or Ctrl-C (from the main thread), then `drain`; True when it
+        stopped cleanly. A second signal during the drain cancels what is left at once."""
         self.scheduler.start()
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
         try:
             self.httpd.serve_forever()
-        except KeyboardInterrupt:
-            pass
+            return self.drain(self.drain_timeout)
         finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
-            self.httpd.server_close()
-            self.scheduler.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signals += 1
+        if self._signals == 1:  # stop accepting; serve_forever returns and drains
+            threading.Thread(target=self.httpd.shutdown, name="lorakit-serve-stop", daemon=True).start()
+        else:
+            self.scheduler.cancel()
+
+    def drain(self, timeout: float) -> bool:
+        """Stop gracefully: stop accepting connections, close the idle ones, let the queued and
+        running requests finish for up to ``timeout`` seconds, cancel the rest (503), and wait
+        for their answers to be sent. True when the worker stopped (it does unless one forward
+        pass outlasts the grace of 30 s)."""
+        self.draining = True
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.httpd.server_close()
+        self.httpd.close_idle()
+        stopped = self.scheduler.drain(timeout)
+        self.httpd.wait_quiet(10.0)  # the handlers write the last answers
+        self.httpd.close_idle()
+        return stopped
 
     def close(self) -> None:
         """Stop accepting requests, finish the running batch, fail what is still queued (503)."""
+        self.draining = True
         if self._thread is not None:
             self.httpd.shutdown()
             self._thread.join()
             self._thread = None
         self.httpd.server_close()
         self.scheduler.close()
+        self.httpd.close_idle()
 
     def __enter__(self) -> "Server":
         return self
@@ -140,14 +182,34 @@ class Server:
         sys.stderr.write(f"batch: {batch.requests} requests, {batch.rows} rows ({names})\n")
 
     def card(self, model: str) -> dict:
-        adapters = dict(self.scheduler.adapters)
-        if model in adapters:
-            return api.model_card(model, self.created, parent=self.base_id, root=adapters[model])
+        """OpenAI's model object; an adapter's ``root`` is its own name (never a server path)."""
+        if model in self.scheduler.adapters:
+            return api.model_card(model, self.created, parent=self.base_id, root=model)
         return api.model_card(self.base_id, self.created)
 
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header carries the API key (always, without one)."""
+        if self.api_key is None:
+            return True
+        scheme, _, token = (header or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does
+
+def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to listen beyond this machine without an API key, unless told to."""
+    if api_key or insecure_no_auth or _loopback(host):
+        return
+    raise ConfigError(f"--host {host} listens beyond this machine, and without --api-key anyone who reaches the "
+                      "port can use the models; set --api-key KEY (or $LORAKIT_API_KEY), listen on 127.0.0.1, "
+                      "or pass --insecure-no-auth to serve openly on purpose")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host or "0.0.0.0", None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def base_model_id(model: str) -> str:
@@ -160,8 +222,18 @@ def base_model_id(model: str) -> str:
 def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | os.PathLike]] = (), *,
                 host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_tokens: int = 512,
                 temperature: float = 1.0, precision: str = "fp32", max_body_bytes: int = 1 << 20,
-                log_requests: bool = False) -> Server:
-    """Load ``model`` and the named adapter directories on it, and bind (not start) a `Server`."""
+                log_requests: bool = False, api_key: str | None = None, insecure_no_auth: bool = False,
+                adapter_dir: str | os.PathLike | None = None, idle_timeout: float = 30.0, max_connections: int = 64,
+                drain_timeout: float = 30.0) -> Server:
+    """Load ``model`` and the named adapter directories on it, and bind (not start) a `Server`
+    (the hardening options are `Server`'s, see the module docstring)."""
+    check_exposure(host, api_key, insecure_no_auth)
+    if adapter_dir is not None and not Path(adapter_dir).is_dir():
+        raise ConfigError(f"--adapter-dir {adapter_dir}: no such directory; give the directory whose adapters "
+                          "clients may load by name (e.g. runs)")
+    if idle_timeout <= 0 or max_connections < 1 or drain_timeout < 0:
+        raise ConfigError(f"--idle-timeout ({idle_timeout}) must be above 0, --max-connections ({max_connections}) "
+                          f"at least 1 and --drain-timeout ({drain_timeout}) at least 0")
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: use fp32 or bf16")
     if max_batch < 1 or max_tokens < 1:
@@ -186,7 +258,9 @@ def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | 
     context = getattr(loaded.config, "max_position_embeddings", None)
     limits = Limits(max_tokens=max_tokens, context=context, max_prompts=max_batch, temperature=temperature)
     return Server(scheduler, base_id=base_id, base_aliases=(BASE_ALIAS, str(model)), host=host, port=port,
-                  limits=limits, max_body_bytes=max_body_bytes, log_requests=log_requests)
+                  limits=limits, max_body_bytes=max_body_bytes, log_requests=log_requests, api_key=api_key,
+                  insecure_no_auth=insecure_no_auth, adapter_dir=adapter_dir, idle_timeout=idle_timeout,
+                  max_connections=max_connections, drain_timeout=drain_timeout)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -209,11 +283,27 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._route("PATCH")
 
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # the socket's: a silent connection is closed
+        super().setup()
+
     def _route(self, method: str) -> None:
         app: Server = self.server.app
+        self.server.mark(self.request, busy=True)
+        try:
+            self._answer(app, method)
+        finally:
+            if app.draining:
+                self.close_connection = True
+            self.server.mark(self.request, busy=False)
+
+    def _answer(self, app: "Server", method: str) -> None:
         self.body_read = False
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
+            if path != "/health" and not app.authorized(self.headers.get("Authorization")):
+                raise RequestError("missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
+                                   "server's --api-key", status=401, code="invalid_api_key")
             matches = [(m, f, r.fullmatch(path)) for m, r, f in ROUTES if r.fullmatch(path)]
             found = [(f, match) for m, f, match in matches if m == method]
             if not found:
@@ -228,9 +318,10 @@ class _Handler(BaseHTTPRequestHandler):
             func(app, self, *(unquote(g) for g in match.groups()))
         except RequestError as err:
             self.send_json(err.status, err.body())
-        except Exception as err:  # a bug: this request gets a 500, the server goes on
-            self.send_json(500, api.error_body(f"internal error: {type(err).__name__}: {err}", "server_error",
-                                               code="internal_error"))
+        except Exception as err:  # a bug: this request gets a 500 (details in the log only), the server goes on
+            sys.stderr.write(f"internal error on {method} {path}: {type(err).__name__}: {err}\n")
+            self.send_json(500, api.error_body(f"internal error ({type(err).__name__}); the server's log has the "
+                                               "details", "server_error", code="internal_error"))
 
     def _length(self) -> int:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -276,7 +367,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            if self.close_connection:
+            if status == 401:
+                self.send_header("WWW-Authenticate", "Bearer")
+            if self.close_connection or self.server.app.draining:
                 self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)

@@ -88,9 +88,11 @@ def _train(args) -> int:
 def _check_started(run_dir: Path, overrides: dict) -> None:
     """`--resume RUN_DIR` needs the config.yaml a started run writes first: without it (a kill
     while the run directory was being made) the run never started, and is started again."""
+    flags = " ".join(_flag(k, v) for k, v in overrides.items() if v is not None and k != "run_dir")
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory to resume; runs are under --output-dir "
-                              f"(default: runs/), or start one with: lorakit train --run-dir {run_dir}")
+        raise CheckpointError(f"{run_dir}: no such run directory, so nothing to resume (runs are under --output-dir, "
+                              f"default runs/; a run killed before it made its directory never started: start it "
+                              f"again with: {restart_command(run_dir, flags, use_config=False)})")
     config = run_dir / "config.yaml"
     if config.is_file():
         try:
@@ -99,7 +101,6 @@ def _check_started(run_dir: Path, overrides: dict) -> None:
         except ConfigError:
             if (run_dir / "checkpoints").is_dir():
                 raise  # a config.yaml spoiled later: its own error says what is wrong
-    flags = " ".join(_flag(k, v) for k, v in overrides.items() if v is not None and k != "run_dir")
     raise CheckpointError(
         f"{run_dir}: the run never started (its config.yaml is {'incomplete' if config.is_file() else 'missing'}: "
         f"it was stopped while its run directory was being made), so there is nothing to resume; start it "

@@ -11,8 +11,9 @@ tokenizer) on task-api, through the command line (`python -m lorakit.cli train`)
 1. an uninterrupted run of ``--steps`` steps saving a checkpoint every step (keeping 2), so
    that much of a run's time is spent writing checkpoints; when its files appear, and its adapter;
 2. ``--kills`` runs, each SIGKILLed at a seeded random moment: one in five during the start
-   (imports, config.yaml, the model, the data), the others in the rest of the run, timed from
-   the first checkpoint's appearance (checkpoint writes, between them, the final adapter), then
+   (imports, config.yaml, the model, the data), two in five while a random checkpoint is being
+   written (0-3 ms after its ``.tmp-step-*`` directory appears), the others anywhere in the rest
+   of the run, timed from the first checkpoint's appearance (steps, writes, the final adapter), then
    resumed with ``lorakit train --resume RUN`` until done; where the run reports that it never
    started or has no checkpoint yet, the command its error gives is run instead;
 3. ``--signals`` runs stopped by SIGINT / SIGTERM (alternately) at a random moment of the
@@ -93,18 +94,19 @@ class Campaign:
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def stop_at(self, argv: list[str], run_dir: Path, after: float, signum: int, *,
-                anchored: bool) -> tuple[int, str, str]:
+                anchor: str | None = None) -> tuple[int, str, str]:
         """Start lorakit and send it ``signum`` ``after`` seconds later: counted from the start,
-        or (``anchored``) from the moment its first checkpoint appears (so that a slow start on a
-        busy machine does not shift the moment out of the training loop)."""
+        or from the moment a path matching ``anchor`` (a glob in the run directory) appears: the
+        first checkpoint, so that a slow start on a busy machine does not shift the moment out of
+        the training loop, or the temporary directory of one checkpoint's write."""
         proc = self.lorakit(argv)
         started = time.perf_counter()
-        if anchored:
-            while not (run_dir / "checkpoints" / "step-000001").exists() and proc.poll() is None:
-                time.sleep(0.005)
+        if anchor:
+            while not next(iter(run_dir.glob(anchor)), None) and proc.poll() is None:
+                time.sleep(0.001)
             started = time.perf_counter()
         while proc.poll() is None and time.perf_counter() - started < after:
-            time.sleep(0.002)
+            time.sleep(0.001)
         if proc.poll() is None:
             proc.send_signal(signum)
         out, err = proc.communicate(timeout=600)
@@ -193,18 +195,21 @@ class Campaign:
 
     def kills(self, rng: random.Random) -> None:
         n, b = self.args.kills, self.baseline
-        # one in five during the start (imports, the run directory, the model, the data), the rest
-        # anywhere from the first checkpoint to the exit: mostly checkpoint writes (one a step)
-        starts = max(1, n // 5)
-        moments = [(rng.uniform(0.0, b["first"]), False) for _ in range(starts)] + \
-                  [(rng.uniform(0.0, b["wall"] - b["first"]), True) for _ in range(n - starts)]
+        # one in five during the start (imports, the run directory, the model, the data), two in
+        # five during the write of a random checkpoint (0-3 ms after its temporary directory
+        # appears), the rest anywhere from the first checkpoint to the exit
+        starts, writes = max(1, n // 5), (2 * n) // 5
+        first = "checkpoints/step-000001"
+        moments = [(rng.uniform(0.0, b["first"]), None) for _ in range(starts)] + \
+                  [(rng.uniform(0.0, 0.003), f"checkpoints/.tmp-step-{rng.randint(2, self.args.steps - 1):06d}-*")
+                   for _ in range(writes)] + \
+                  [(rng.uniform(0.0, b["wall"] - b["first"]), first) for _ in range(n - starts - writes)]
         equal = clean = 0
         phases: dict[str, int] = {}
         resumes = restarts = 0
-        for i, (at, anchored) in enumerate(moments):
+        for i, (at, anchor) in enumerate(moments):
             run_dir = self.work / f"kill-{i}"
-            code, _, err = self.stop_at(["train", *self.flags(run_dir)], run_dir, at, signal.SIGKILL,
-                                        anchored=anchored)
+            code, _, err = self.stop_at(["train", *self.flags(run_dir)], run_dir, at, signal.SIGKILL, anchor=anchor)
             where = self.phase(run_dir) if code == -signal.SIGKILL else "after the run finished"
             phases[where] = phases.get(where, 0) + 1
             half = len(Leftover.scan(run_dir))
@@ -215,7 +220,7 @@ class Campaign:
             left = self.leftovers(run_dir)
             equal += ok
             clean += not left
-            print(f"  kill {i}: SIGKILL {at:5.2f} s after {'step-000001' if anchored else 'the start'} ({where}; {half} unfinished write(s) left), "
+            print(f"  kill {i}: SIGKILL {at:5.2f} s after {Path(anchor).name if anchor else 'the start'} ({where}; {half} unfinished write(s) left), "
                   f"resumed {len(record['resumed_from'])}x, restarted {record['restarts']}x: "
                   f"{'bitwise equal' if ok else 'DIFFERENT'}, {len(left)} .tmp left", flush=True)
             if not ok:
@@ -234,7 +239,8 @@ class Campaign:
             signum = (signal.SIGINT, signal.SIGTERM)[i % 2]
             at = rng.uniform(0.0, b["adapter"] - b["first"])  # in the training loop
             run_dir = self.work / f"signal-{i}"
-            code, _, err = self.stop_at(["train", *self.flags(run_dir)], run_dir, at, signum, anchored=True)
+            code, _, err = self.stop_at(["train", *self.flags(run_dir)], run_dir, at, signum,
+                                        anchor="checkpoints/step-000001")
             saved += "checkpoint saved to" in err
             record = self.finish(run_dir, f"{signum.name} {i}")
             ok = self.equal_to_baseline(run_dir)

@@ -220,7 +220,7 @@ class Campaign:
             left = self.leftovers(run_dir)
             equal += ok
             clean += not left
-            print(f"  kill {i}: SIGKILL {at:5.2f} s after {Path(anchor).name if anchor else 'the start'} ({where}; {half} unfinished write(s) left), "
+            print(f"  kill {i}: SIGKILL {f'{at * 1000:.1f} ms' if at < 0.1 else f'{at:.2f} s'} after {Path(anchor).name if anchor else 'the start'} ({where}; {half} unfinished write(s) left), "
                   f"resumed {len(record['resumed_from'])}x, restarted {record['restarts']}x: "
                   f"{'bitwise equal' if ok else 'DIFFERENT'}, {len(left)} .tmp left", flush=True)
             if not ok:

@@ -230,7 +230,7 @@ class Campaign:
         self.rows.append(("kill -9 at random moments", f"{equal} of {n} bitwise equal"))
         self.rows.append(("  where the kills landed", ", ".join(f"{k}: {v}" for k, v in sorted(phases.items()))))
         self.rows.append(("  resumes / restarts (as the error advised)", f"{resumes} / {restarts}"))
-        self.rows.append(("  runs with .tmp dirs left after resume", f"{n - clean} of {n}"))
+        self.rows.append(("  kill -9 runs with .tmp dirs left after resume", f"{n - clean} of {n}"))
 
     def signals(self, rng: random.Random) -> None:
         n, b = self.args.signals, self.baseline
@@ -256,7 +256,7 @@ class Campaign:
                 self.failures.append(f"signal {i}: leftovers {left}")
         self.rows.append(("SIGINT / SIGTERM at random moments", f"{equal} of {n} bitwise equal "
                                                                 f"({saved} saved a checkpoint on the signal)"))
-        self.rows.append(("  runs with .tmp dirs left after resume", f"{n - clean} of {n}"))
+        self.rows.append(("  signalled runs with .tmp dirs left after resume", f"{n - clean} of {n}"))
 
     def corruptions(self) -> None:
         base = self.baseline["dir"]
@@ -315,13 +315,15 @@ class Campaign:
         n = len(cases)
         self.rows.append(("spoiled checkpoints loaded", f"{loaded_spoiled} of {n}"))
         self.rows.append(("  spoiled, then resumed: bitwise equal", f"{equal} of {n}"))
-        self.rows.append(("  runs with .tmp dirs left after resume", f"{n - clean} of {n}"))
+        self.rows.append(("  spoiled runs with .tmp dirs left after resume", f"{n - clean} of {n}"))
 
 
 class Leftover:
     @staticmethod
     def scan(run_dir: Path) -> list[Path]:
-        return [p for p in run_dir.rglob(".tmp-*") if p.is_dir()] if run_dir.exists() else []
+        """The unfinished writes a kill left: temporary directories in the run directory (the
+        final adapter's) and in checkpoints/ (a checkpoint's), not those nested inside them."""
+        return [p for d in (run_dir, run_dir / "checkpoints") if d.is_dir() for p in d.glob(".tmp-*") if p.is_dir()]
 
 
 def main(argv=None) -> int:

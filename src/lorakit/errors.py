@@ -16,6 +16,7 @@ __all__ = [
     "ModelLoadError",
     "TrainingError",
     "TrainingInterrupted",
+    "DiskFullError",
 ]
 
 
@@ -53,3 +54,8 @@ class TrainingError(LorakitError):
 
 class TrainingInterrupted(LorakitError):
     """Training was stopped by a signal after saving a checkpoint; `--resume` continues it."""
+
+
+class DiskFullError(TrainingError):
+    """A run's file could not be written: no space left on its device. The message names the
+    path, the space the write needed and where else to write; earlier checkpoints are kept."""

@@ -92,6 +92,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_c
 
     resumed = train(tiny_config(run_dir=str(tmp_path / "killed"), **common), resume=True, progress=False)
     assert_bitwise_equal(adapter_tensors(resumed.run_dir), adapter_tensors(straight.run_dir))
+    assert not list((tmp_path / "killed").rglob(".tmp-*"))  # the half-written one is removed on resume
 
 
 def test_a_corrupted_checkpoint_is_passed_over_with_a_warning(tiny_config, tmp_path):

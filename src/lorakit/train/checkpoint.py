@@ -8,30 +8,95 @@
         manifest.json             sha256 of every file above; written last
 
 A checkpoint is written into a temporary directory beside the final one, its manifest last, and
-renamed into place, so a crash at any moment leaves either the whole checkpoint or none.
-`latest_checkpoint` takes the newest directory whose manifest verifies. Nothing is pickled.
+renamed into place, so a crash at any moment leaves either the whole checkpoint or none (and a
+``.tmp-step-*`` directory, removed by `remove_stale_tmp` when the run starts, resumes or saves).
+`latest_checkpoint` takes the newest directory whose manifest verifies: a JSON object that lists
+exactly the files above, each with its sha256. Nothing is pickled.
+
+A write that finds the disk full raises `DiskFullError` naming the path, the space it needed
+and where else to write (`writing`); the adapter of a run is written beside its place and renamed
+into it (`save_adapter_atomically`), so no empty or partial ``adapter/`` is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorakit.errors import CheckpointError
+from lorakit.errors import CheckpointError, DiskFullError
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "verify_checkpoint"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "verify_checkpoint", "remove_stale_tmp",
+           "save_adapter_atomically", "writing", "is_disk_full", "CHECKPOINT_FILES"]
 
 MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.safetensors",
+                    "state.json", "torch_rng.safetensors")
+"""The files a checkpoint needs, each listed in its manifest with its sha256 (and nothing else)."""
+
+TMP_PREFIX = ".tmp-"
+_STALE_TMP = re.compile(r"\.tmp-(replaced-)?(step-\d+|adapter|initial_adapter)-[A-Za-z0-9_]{6,}")
+"""The temporary directories lorakit makes beside checkpoints and adapters (`tempfile.mkdtemp`
+names): only these are removed as stale."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError for a full device (or quota), or safetensors' error wrapping one."""
+    if isinstance(err, OSError):
+        return err.errno in _FULL
+    if isinstance(err, SafetensorError):
+        text = str(err)
+        return "No space left on device" in text or any(f"os error {code})" in text for code in _FULL)
+    return False
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{max(n, 1) / 1e3:,.1f} kB"
+
+
+def _free_bytes(path: Path) -> int | None:
+    for parent in (path, *path.parents):
+        if parent.exists():
+            try:
+                return shutil.disk_usage(parent).free
+            except OSError:
+                return None
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: Path, needed: Callable[[], int], *, what: str,
+            advice: str | Callable[[], str] = "") -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into `DiskFullError`: the path, about how much
+    space ``needed()`` bytes is, what is free there, and what to do (``advice``, appended; both
+    callables are called only then)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        if not is_disk_full(err):
+            raise
+        free = _free_bytes(Path(path))
+        shown = "" if free is None else f", {_megabytes(free)} free there"
+        raise DiskFullError(
+            f"no space left on the device to write {what} {path} (it needs about {_megabytes(needed())}{shown}): "
+            f"free some space, or write runs to another disk (--output-dir DIR, or --run-dir DIR)"
+            f"{advice() if callable(advice) else advice}"
+        ) from err
 
 
 def _sha256(path: Path) -> str:
@@ -51,33 +116,87 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, state["param_groups"]
 
 
+def _trainable_bytes(peft_model) -> int:
+    return sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+
+
 def save_checkpoint(directory: Path, *, peft_model, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 0) -> Path:
-    """Write a checkpoint to ``directory`` atomically; then keep only the newest ``keep``."""
+                    state: dict[str, Any], keep: int = 0, advice: str | Callable[[], str] = "") -> Path:
+    """Write a checkpoint to ``directory`` atomically; then keep only the newest ``keep``.
+    A full disk raises `DiskFullError` (``advice`` ends its message) and leaves nothing behind."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-    try:
-        peft_model.save_pretrained(tmp / "adapter")
-        tensors, param_groups = _optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "torch_rng.safetensors"))
-        full_state = {**state, "param_groups": param_groups, "python_rng": _python_rng_state()}
-        (tmp / "state.json").write_text(json.dumps(full_state, indent=2))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tensors, param_groups = _optimizer_tensors(optimizer)
+    needed = lambda: _trainable_bytes(peft_model) + sum(t.nbytes for t in tensors.values()) + 64_000  # noqa: E731
+    with writing(directory, needed, what="the checkpoint",
+                 advice=lambda: ", or keep fewer checkpoints (--keep-checkpoints)" + (
+                     advice() if callable(advice) else advice)):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(directory.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{directory.name}-", dir=directory.parent))
+        try:
+            peft_model.save_pretrained(tmp / "adapter")
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            save_file(rng, str(tmp / "torch_rng.safetensors"))
+            full_state = {**state, "param_groups": param_groups, "python_rng": _python_rng_state()}
+            (tmp / "state.json").write_text(json.dumps(full_state, indent=2))
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _prune(directory.parent, keep)
     return directory
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Rename ``tmp`` to ``directory``; one already there is first renamed aside (a ``.tmp-``
+    name, cleaned up later if a kill comes between the renames), then removed."""
+    old = None
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}replaced-{directory.name}-", dir=directory.parent))
+        os.rename(directory, old / directory.name)
+    os.rename(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter_atomically(peft_model, directory: Path, *, advice: str | Callable[[], str] = "",
+                            **kwargs: Any) -> Path:
+    """``peft_model.save_pretrained(directory, **kwargs)``, written into a temporary directory
+    beside it and renamed into place: a kill or a full disk leaves the old directory or none,
+    never an empty or partial one. A full disk raises `DiskFullError`."""
+    directory = Path(directory)
+    name = "initial_adapter" if directory.name == "initial_adapter" else "adapter"
+    with writing(directory, lambda: _trainable_bytes(peft_model) + 8_000, what="the adapter", advice=advice):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=directory.parent))
+        try:
+            peft_model.save_pretrained(tmp, **kwargs)
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return directory
+
+
+def remove_stale_tmp(directory: Path) -> list[Path]:
+    """Remove the temporary directories a killed write left in ``directory`` (a run's
+    ``checkpoints/`` or the run directory): only lorakit's own (``.tmp-step-000200-x1y2z3ab``,
+    ``.tmp-adapter-...``), only directories, never through a symbolic link. Returns them."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        if _STALE_TMP.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def _python_rng_state() -> list:
@@ -94,19 +213,35 @@ def _prune(parent: Path, keep: int) -> None:
 
 
 def verify_checkpoint(directory: Path) -> str | None:
-    """None if every file listed in the manifest is present with its hash; else what is wrong."""
+    """None if the manifest is a JSON object listing exactly `CHECKPOINT_FILES`, each with a
+    sha256 that its file inside ``directory`` matches; else what is wrong."""
+    directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return "no manifest.json (the write did not finish)"
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError):
         return "manifest.json is not valid JSON"
+    if not isinstance(manifest, dict):
+        return f"manifest.json is a JSON {type(manifest).__name__}, not an object of file: sha256"
     for name, digest in manifest.items():
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or "\\" in name or ".." in parts or name not in CHECKPOINT_FILES:
+            return f"manifest.json lists {name!r}, not a file of a checkpoint (expected {list(CHECKPOINT_FILES)})"
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"manifest.json gives {name} the hash {digest!r}, not a sha256 hex digest"
+    missing = [name for name in CHECKPOINT_FILES if name not in manifest]
+    if missing:
+        return f"manifest.json does not list {missing} (a checkpoint needs all of {list(CHECKPOINT_FILES)})"
+    root = directory.resolve()
+    for name in CHECKPOINT_FILES:
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if not path.resolve().is_relative_to(root):
+            return f"{name} points outside the checkpoint directory"
+        if _sha256(path) != manifest[name]:
             return f"{name} does not match its hash"
     return None
 
@@ -115,7 +250,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of a run that verifies; broken ones are reported and passed over."""
     parent = Path(run_dir) / "checkpoints"
     for candidate in sorted((p for p in parent.glob("step-*") if p.is_dir()), reverse=True):
-        problem = verify_checkpoint(candidate)
+        try:
+            problem = verify_checkpoint(candidate)
+        except OSError as err:  # unreadable: permissions, a directory where a file should be
+            problem = f"cannot be read ({err})"
         if problem is None:
             return candidate
         warnings.warn(f"checkpoint {candidate} is not usable ({problem}); trying an older one", stacklevel=2)
@@ -129,6 +267,9 @@ def load_checkpoint(directory: Path, *, optimizer: torch.optim.Optimizer) -> dic
     if problem is not None:
         raise CheckpointError(f"{directory}: {problem}; delete it to resume from an older checkpoint")
     state = json.loads((directory / "state.json").read_text())
+    if not isinstance(state, dict) or not {"param_groups", "python_rng"} <= state.keys():
+        raise CheckpointError(f"{directory}: state.json is not a checkpoint's state; delete the checkpoint "
+                              "to resume from an older one")
     tensors = load_file(str(directory / "optimizer.safetensors"))
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

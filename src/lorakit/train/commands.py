@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
+from lorakit.errors import CheckpointError, ConfigError
 from lorakit.evaluation import evaluate_adapter
 from lorakit.train.config import AdapterSettings, TrainConfig, field_docs, load_train_config, setting_names
 from lorakit.train.loop import train
+from lorakit.train.setup import restart_command
 
 __all__ = ["register"]
 
@@ -63,6 +66,8 @@ def _train(args) -> int:
     overrides = {name: getattr(args, name, None) for name in setting_names()}
     config_file = args.config
     if args.resume:
+        if not config_file:
+            _check_started(Path(args.resume), overrides)
         config_file = config_file or str(Path(args.resume) / "config.yaml")
         overrides["run_dir"] = args.resume
     targets = overrides.get("target_modules")
@@ -78,6 +83,38 @@ def _train(args) -> int:
         shown = "not measured" if before is None else f"{before:.1%}"
         print(f"held-out exact match: {shown} untuned -> {result.score_after['exact']:.1%} with the adapter")
     return 0
+
+
+def _check_started(run_dir: Path, overrides: dict) -> None:
+    """`--resume RUN_DIR` needs the config.yaml a started run writes first: without it (a kill
+    while the run directory was being made) the run never started, and is started again."""
+    flags = " ".join(_flag(k, v) for k, v in overrides.items() if v is not None and k != "run_dir")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory, so nothing to resume (runs are under --output-dir, "
+                              f"default runs/; a run killed before it made its directory never started: start it "
+                              f"again with: {restart_command(run_dir, flags, use_config=False)})")
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        try:
+            load_train_config(config)
+            return
+        except ConfigError:
+            if (run_dir / "checkpoints").is_dir():
+                raise  # a config.yaml spoiled later: its own error says what is wrong
+    raise CheckpointError(
+        f"{run_dir}: the run never started (its config.yaml is {'incomplete' if config.is_file() else 'missing'}: "
+        f"it was stopped while its run directory was being made), so there is nothing to resume; start it "
+        f"again with: {restart_command(run_dir, flags, use_config=False)}")
+
+
+def _flag(name: str, value) -> str:
+    """The command-line flag that gives ``name`` the ``value``."""
+    flag = ALIASES.get(name, "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {' '.join(shlex.quote(str(v)) for v in value)}"
+    return f"{flag} {shlex.quote(str(value))}"
 
 
 def _eval(args) -> int:

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -275,7 +276,15 @@ class TrainConfig:
         return out
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the YAML file atomically (a temporary file beside it, then a rename): a kill
+        leaves the old file or the new one, never part of one."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _adapter(lora: LoraConfig | dict | None, flat: dict[str, Any]) -> LoraConfig:

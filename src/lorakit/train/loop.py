@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lorakit import io
 from lorakit.data import IGNORE_INDEX, PackingCollator, length_grouped_batches, real_token_count
-from lorakit.errors import CheckpointError, TrainingError, TrainingInterrupted
+from lorakit.errors import CheckpointError, DiskFullError, TrainingError, TrainingInterrupted
 from lorakit.evaluation import heldout_loss, loss_sum, score_examples
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TRAIN_METHODS, TrainConfig, variant_summary
 from lorakit.train.report import plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at
-from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, prepare
+from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, prepare, restart_command
 from lorakit.variants import inits
 
 __all__ = ["train", "RunResult"]
@@ -99,7 +100,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     With ``resume=True`` (and ``config.run_dir`` set), continue from the newest checkpoint whose
     manifest verifies, with the optimizer, schedule, random state and data position it saved.
+    A full disk raises `DiskFullError` naming the file and the space it needed.
     """
+    try:
+        return _train(config, resume, progress)
+    except (OSError, SafetensorError) as err:
+        if not ckpt.is_disk_full(err):
+            raise
+        where = getattr(err, "filename", None) or config.run_dir or config.output_dir
+        raise DiskFullError(f"no space left on the device to write {where}: free some space, or write runs to "
+                            f"another disk (--output-dir DIR, or --run-dir DIR)") from err
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
     run = prepare(config, resume)
     model, optimizer, params, metrics = run.model, run.optimizer, run.params, run.metrics
     data, total_steps = run.data, run.schedule.total_steps
@@ -181,13 +194,21 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 def _save(run: Run, state: TrainState) -> Path:
     return ckpt.save_checkpoint(run.run_dir / "checkpoints" / f"step-{state.step:06d}",
                                 peft_model=run.model, optimizer=run.optimizer, state=dataclasses.asdict(state),
-                                keep=run.config.keep_checkpoints)
+                                keep=run.config.keep_checkpoints, advice=lambda: _resume_advice(run))
+
+
+def _resume_advice(run: Run) -> str:
+    """How to go on after a full disk: from the last checkpoint, if the run has one."""
+    latest = ckpt.latest_checkpoint(run.run_dir)
+    return "" if latest is None else (f"; then continue from {latest.name} with: "
+                                      f"lorakit train --resume {run.run_dir}")
 
 
 def _resume(run: Run) -> TrainState:
     latest = ckpt.latest_checkpoint(run.run_dir)
     if latest is None:
-        raise CheckpointError(f"{run.run_dir}: no checkpoint verifies against its manifest; start a new run")
+        raise CheckpointError(f"{run.run_dir}: no checkpoint verifies against its manifest, so there is nothing "
+                              f"to resume; start the run again with: {restart_command(run.run_dir)}")
     _, tensors = io.read_adapter(latest / "adapter")
     io.load_adapter_tensors(run.model.get_base_model(), "default", run.model.peft_config["default"],
                             tensors, latest / "adapter")
@@ -204,14 +225,16 @@ def _save_final(run: Run, adapter_dir: Path) -> str | None:
     adapter kept at initialisation (``path_initial_model_for_weight_conversion``). DoRA over them
     has no such form: saved as is, it loads onto the original base by re-running the init."""
     lora, peft_model = run.model.peft_config["default"], run.model
+    advice = lambda: _resume_advice(run)  # noqa: E731  (hashes checkpoints: only on a full disk)
     if not inits.uses_base_weight(lora.init_lora_weights):
-        peft_model.save_pretrained(adapter_dir)
+        ckpt.save_adapter_atomically(peft_model, adapter_dir, advice=advice)
         return None
     if lora.use_dora:
-        peft_model.save_pretrained(adapter_dir)
+        ckpt.save_adapter_atomically(peft_model, adapter_dir, advice=advice)
         return (f"init {lora.init_lora_weights} with DoRA: saved as trained; it loads onto the original base "
                 f"model (loading re-runs the init, in lorakit and PEFT)")
-    peft_model.save_pretrained(adapter_dir, path_initial_model_for_weight_conversion=run.run_dir / INITIAL_ADAPTER)
+    ckpt.save_adapter_atomically(peft_model, adapter_dir, advice=advice,
+                                 path_initial_model_for_weight_conversion=run.run_dir / INITIAL_ADAPTER)
     return (f"init {lora.init_lora_weights}: saved as a plain LoRA adapter of rank {2 * lora.r} for the original "
             f"base model (converted from {INITIAL_ADAPTER}/, the adapter at initialisation)")
 

@@ -23,6 +23,7 @@ from lorakit.evaluation import line_breaks_for, scorer_for
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_model
 from lorakit.plugins import method_for
+from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.fast import make_optimizer, speed_up
 from lorakit.train.report import MetricsLog
@@ -30,7 +31,7 @@ from lorakit.train.schedule import warmup_steps
 from lorakit.variants import inits
 
 __all__ = ["TrainState", "Compute", "RunData", "Schedule", "Run", "prepare", "resolve_precision", "autocast_for",
-           "INITIAL_ADAPTER"]
+           "INITIAL_ADAPTER", "restart_command"]
 
 INITIAL_ADAPTER = "initial_adapter"
 """PiSSA / OLoRA runs: the adapter as initialised, kept to convert the final one."""
@@ -137,6 +138,22 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return Path(config.output_dir) / f"{stamp}-{config.name}"
 
 
+def restart_command(run_dir: Path, flags: str = "", *, use_config: bool = True) -> str:
+    """The command that starts a run again from its first step, in the same directory: from its
+    config.yaml where it has a usable one, else from ``flags`` (those the run was first given)."""
+    if use_config and (Path(run_dir) / "config.yaml").is_file():
+        return f"lorakit train --config {Path(run_dir) / 'config.yaml'}"
+    return f"lorakit train --run-dir {run_dir}{' ' + flags if flags else ' <the options you first gave>'}"
+
+
+def _remove_stale_writes(run_dir: Path) -> None:
+    """Temporary directories of checkpoint / adapter writes a kill interrupted: removed, and said."""
+    removed = ckpt.remove_stale_tmp(run_dir / "checkpoints") + ckpt.remove_stale_tmp(run_dir)
+    if removed:
+        print(f"removed {len(removed)} unfinished write(s) a stopped run left behind: "
+              f"{', '.join(p.name for p in removed)}", flush=True)
+
+
 def prepare(config: TrainConfig, resume: bool) -> Run:
     """The run directory (config.yaml written), the model with its fresh adapter, the data, the
     optimizer. ``resume``: the run directory must hold checkpoints and the method must resume."""
@@ -146,10 +163,14 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
         raise CheckpointError(f"resuming is not supported for {method_for(config.peft_type).name} runs: "
                               f"{problem}; start a new run")
     if resume and not (run_dir / "checkpoints").is_dir():
-        raise CheckpointError(f"{run_dir}: no checkpoints to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        saves = f"every {config.save_every} steps" if config.save_every else "only when stopped by SIGINT/SIGTERM"
+        raise CheckpointError(f"{run_dir}: the run was stopped before its first checkpoint (it saves one {saves}), "
+                              f"so there is nothing to resume; start it again with: {restart_command(run_dir)}")
     config.run_dir = str(run_dir)
-    config.save(run_dir / "config.yaml")
+    with ckpt.writing(run_dir / "config.yaml", lambda: 8_000, what="the run's config"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+    _remove_stale_writes(run_dir)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
@@ -175,7 +196,7 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     if inits.uses_base_weight(config.lora.init_lora_weights) and not (run_dir / INITIAL_ADAPTER).is_dir():
         # PiSSA / OLoRA made the base weights a residual: keep the adapter as initialised, to save
         # the trained one as a plain LoRA adapter for the original base model (see loop._save_final)
-        peft_model.save_pretrained(run_dir / INITIAL_ADAPTER)
+        ckpt.save_adapter_atomically(peft_model, run_dir / INITIAL_ADAPTER)
     for note in speed_up(peft_model, attention=config.attention, fused_norms=config.fused_norms,
                          gradient_checkpointing=config.gradient_checkpointing, compile=config.compile):
         print(note, flush=True)

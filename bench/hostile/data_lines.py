@@ -37,6 +37,9 @@ from lorakit.data import REASONS, load_data
 from lorakit.data import records as records_module
 from lorakit.errors import DataError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when the tests load this file
+from tiny import tiny_model  # noqa: E402
+
 # The good lines around the bad one: one of each record shape.
 GOOD = [
     b'{"text": "good text"}',
@@ -231,25 +234,6 @@ TRAIN_KINDS = ("truncated JSON", "invalid UTF-8 (latin-1)", "lone surrogate", "n
                "UTF-8 BOM at the start", "bare CR between tokens, CRLF endings")
 
 
-def tiny_model(tokenizer_dir: Path, out: Path) -> Path:
-    """A random 2-layer Llama with the tokenizer of ``tokenizer_dir``: trains a step in milliseconds."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out.mkdir(parents=True, exist_ok=True)
-    for item in tokenizer_dir.iterdir():
-        if item.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
-            shutil.copy(item, out / item.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
-
-
 def _lorakit_train(model: Path, data: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
     code = "import sys; from lorakit.cli import main; sys.exit(main(sys.argv[1:]))"
     args = ["train", "--model", str(model), "--data", str(data), "--max-steps", "1", "--batch-size", "2",
@@ -295,7 +279,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(tokenizer, Path(tmp))
         if args.train:
-            tiny = tiny_model(model_dir, Path(tmp) / "tiny-model")
+            tiny = tiny_model(Path(tmp) / "tiny-model", tokenizer_dir=model_dir)
             trained = [(kind, *classify_train(kind, tiny, Path(tmp))) for kind in KINDS if kind.name in TRAIN_KINDS]
     width = max(len(kind.name) for kind, _, _ in rows)
     print(f"{'#':>2}  {'kind':<{width}}  {'expected':<17}  result")

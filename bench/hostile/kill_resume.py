@@ -42,28 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tiny import tiny_model
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_tiny_model(out: Path, seed: int) -> Path:
-    """The default model's tokenizer and a tiny random Llama with seeded weights."""
-    sys.path.insert(0, str(ROOT / "src"))
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lorakit.models import resolve_model_dir
-
-    source = resolve_model_dir("smollm2-135m")
-    out.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
-            shutil.copy(path, out / path.name)
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 class Campaign:
@@ -339,7 +320,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        campaign = Campaign(args, work, make_tiny_model(work / "tiny-model", args.seed))
+        campaign = Campaign(args, work, tiny_model(work / "tiny-model", seed=args.seed))
         rng = random.Random(args.seed)
         print("uninterrupted run ...", flush=True)
         campaign.uninterrupted()

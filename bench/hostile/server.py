@@ -42,28 +42,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.models import load_model, resolve_model_dir
+from lorakit.models import load_model
+from tiny import tiny_model
 
 KEY = "campaign-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def tiny_model(out: Path) -> Path:
-    """The tests' tiny random Llama (hidden 32, 2 layers) with SmolLM2's tokenizer."""
-    source = resolve_model_dir("smollm2-135m")
-    out.mkdir(parents=True)
-    for name in os.listdir(source):
-        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
-            shutil.copy(source / name, out / name)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 def make_adapter(model_dir, out: Path, seed: int) -> Path:

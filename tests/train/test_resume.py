@@ -102,3 +102,25 @@ def test_a_corrupted_checkpoint_is_passed_over_with_a_warning(tiny_config, tmp_p
     (newest / "optimizer.safetensors").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="does not match its hash"):
         assert latest_checkpoint(result.run_dir).name == "step-000002"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_final_evaluation_stops_at_once_and_keeps_the_adapter(tiny_config, tmp_path,
+                                                                                 monkeypatch, signum):
+    """After the last step the adapter is written first; a signal then stops the evaluation at
+    once (a typed interruption saying so, exit 130 on the command line), not the default action."""
+    real, calls = loop.heldout_loss, []
+
+    def heldout_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first is the measure before training
+            os.kill(os.getpid(), signum)  # the handler raises here, inside the final evaluation
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "heldout_loss", heldout_loss)
+    config = tiny_config(run_dir=str(tmp_path / "run"), max_steps=4, save_every=2, score_examples=0, eval_every=0)
+    with pytest.raises(TrainingInterrupted, match=r"after the last step \(4\).*adapter is saved.*step-000002"):
+        train(config, progress=False)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "run" / "report.md").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back

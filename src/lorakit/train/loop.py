@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -63,6 +63,17 @@ class _StopOnSignal:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def stop_now(self, message: Callable[[], str]) -> None:
+        """From here on a signal stops at once: raises TrainingInterrupted(``SIGNAME message()``),
+        now when one came already, else from the handler (inside ``installed()``)."""
+        def interrupt(signum, frame=None):
+            raise TrainingInterrupted(f"{signal.Signals(signum).name} {message()}")
+
+        if self.signum is not None:
+            interrupt(self.signum)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, interrupt)
 
 
 def _epoch_batches(lengths: list[int], config: TrainConfig, epoch: int) -> list[list[int]]:
@@ -187,8 +198,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
                     _save(run, state)
             if state.batch_pos >= len(batches):
                 state.epoch, state.batch_pos = state.epoch + 1, 0
-    bar.close()
-    return _finish(run, state, progress)
+        bar.close()
+        return _finish(run, state, progress, stopper)
 
 
 def _save(run: Run, state: TrainState) -> Path:
@@ -197,10 +208,10 @@ def _save(run: Run, state: TrainState) -> Path:
                                 keep=run.config.keep_checkpoints, advice=lambda: _resume_advice(run))
 
 
-def _resume_advice(run: Run) -> str:
-    """How to go on after a full disk: from the last checkpoint, if the run has one."""
+def _resume_advice(run: Run, lead: str = "then continue") -> str:
+    """How to go on (after a full disk, a late signal): from the last checkpoint, if the run has one."""
     latest = ckpt.latest_checkpoint(run.run_dir)
-    return "" if latest is None else (f"; then continue from {latest.name} with: "
+    return "" if latest is None else (f"; {lead} from {latest.name} with: "
                                       f"lorakit train --resume {run.run_dir}")
 
 
@@ -239,10 +250,15 @@ def _save_final(run: Run, adapter_dir: Path) -> str | None:
             f"base model (converted from {INITIAL_ADAPTER}/, the adapter at initialisation)")
 
 
-def _finish(run: Run, state: TrainState, progress: bool) -> RunResult:
+def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal) -> RunResult:
+    """Save the adapter, then evaluate, plot and report. A signal while the adapter is written
+    waits for it to be whole; one after it stops at once (the adapter is kept)."""
     config, run_dir, peft_model, metrics, data = run.config, run.run_dir, run.model, run.metrics, run.data
     adapter_dir = run_dir / "adapter"
     adapter_note = _save_final(run, adapter_dir)
+    stopper.stop_now(lambda: (
+        f"after the last step ({state.step}): the adapter is saved in {adapter_dir}; the final evaluation and "
+        f"report were not written{_resume_advice(run, 'to write them, train the last steps again')}"))
     heldout_after = None
     if data.eval_set:
         heldout_after = heldout_loss(peft_model, data.eval_set, data.collate, config.batch_size, run.compute.autocast)

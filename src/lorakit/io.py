@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
-from lorakit.inject import ModulesToSave, bias_parameters, logical_modules, pattern_value
+from lorakit.inject import ModulesToSave, bias_parameters, logical_modules, match_targets, pattern_value, resolve_targets
 from lorakit.layer import LoraLayer, is_conv1d
 from lorakit.plugins import method_for
 
@@ -257,6 +257,7 @@ def check_shapes_before_injection(model: nn.Module, config: LoraConfig, shapes: 
     `load_adapter_tensors`, which reports them with every other missing or unexpected key."""
     rank_problems, model_problems = [], []
     modules = dict(logical_modules(model))
+    in_file = set()  # the modules the file has tensors for
     for key, shape in sorted(shapes.items()):
         if not key.startswith(PREFIX):
             continue
@@ -265,6 +266,7 @@ def check_shapes_before_injection(model: nn.Module, config: LoraConfig, shapes: 
         if suffix is None:
             continue
         module_name = rest[:-len(suffix) - 1]
+        in_file.add(module_name)
         dims = _layer_dims(modules[module_name]) if module_name in modules else None
         if dims is None:
             continue
@@ -281,6 +283,13 @@ def check_shapes_before_injection(model: nn.Module, config: LoraConfig, shapes: 
             rank_problems.append(f"{line} (rank {rank} in the config)")
         else:
             model_problems.append(line)
+    targeted = [name for name, _ in match_targets(model, resolve_targets(model, config))]
+    lacking = [name for name in targeted if name not in in_file]
+    if lacking:  # injecting would allocate them at the config's rank only to refuse the file after
+        raise AdapterFormatError(
+            f"{source}: {CONFIG_NAME} targets {len(lacking)} module(s) that {WEIGHTS_NAME} has no tensors for, "
+            f"e.g. {', '.join(lacking[:5])}; nothing was loaded. The two files are from different adapters, or "
+            "the tensors file is incomplete: save the adapter again")
     if rank_problems:
         raise AdapterFormatError(
             f"{source}: the tensors do not have the rank the adapter config gives (r / rank_pattern in "

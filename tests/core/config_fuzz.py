@@ -120,7 +120,7 @@ DELIBERATE: dict[str, str] = {
     r"init_lora_weights=": "values PEFT treats as 'random init' (any other string) are refused",
     r"task_type=": "PEFT checks task_type as lorakit does; reached only with an unhashable value",
     r"ensure_weight_tying": "lorakit does not implement weight tying",
-    r"unexpected tensors|missing tensors": "PEFT loads a file whose tensors are not the config's with a "
+    r"unexpected tensors|missing tensors|has no tensors for": "PEFT loads a file whose tensors are not the config's with a "
         "warning (unexpected ones dropped, missing ones left at their init); lorakit's loading is strict",
 }
 

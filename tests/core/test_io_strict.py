@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit import AdapterFormatError, CompatibilityError, ConfigError, LoraConfig, PeftModel, get_peft_model
+from lorakit.layer import Adapter
 
 from .tiny import tiny_llama
 
@@ -174,3 +175,18 @@ def test_a_file_tensor_whose_rank_disagrees_with_the_config_is_named(adapter_dir
     with pytest.raises(AdapterFormatError, match="found \\(3, 32\\)"):
         model.load_adapter(adapter_dir, "loaded")
     assert "loaded" not in model.peft_config
+
+
+def test_a_config_targeting_modules_the_file_has_no_tensors_for_is_refused_before_anything_is_allocated(
+        adapter_dir, monkeypatch):
+    """A huge r with the tensors of the targeted modules missing: nothing to compare shapes with,
+    so the targets themselves are checked against the file before any layer is built."""
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": 2**20,
+                                "target_modules": ["q_proj", "v_proj", "k_proj"]}))
+    rewrite(adapter_dir, lambda t: [t.pop(k) for k in list(t) if ".q_proj." in k])
+    monkeypatch.setattr(Adapter, "__init__", lambda *a, **k: pytest.fail("an adapter was allocated"))
+    base = tiny_llama()
+    with pytest.raises(AdapterFormatError, match=r"targets 4 module\(s\) that adapter_model.safetensors has no "
+                                                 r"tensors for, e.g. model.layers.0.self_attn.q_proj"):
+        PeftModel.from_pretrained(base, adapter_dir)

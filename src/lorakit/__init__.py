@@ -7,7 +7,7 @@ runs code written for ``peft`` unchanged, and the adapter directories it writes 
 
 from lorakit.config import PRESETS, LoraConfig, TaskType, preset
 from lorakit.errors import (
-    AdapterFormatError, CheckpointError, CompatibilityError, ConfigError, DataError,
+    AdapterFormatError, CheckpointError, CompatibilityError, ConfigError, DataError, DiskFullError,
     LorakitError, ModelLoadError, TrainingError, TrainingInterrupted,
 )
 from lorakit.model import LoraModel, PeftModel, get_peft_model
@@ -25,6 +25,6 @@ __all__ = [
     "LoraConfig", "AdaLoraConfig", "TaskType", "PRESETS", "preset", "create_loraplus_optimizer",
     "get_peft_model", "PeftModel", "LoraModel",
     "LorakitError", "ConfigError", "AdapterFormatError", "CompatibilityError", "CheckpointError",
-    "DataError", "ModelLoadError", "TrainingError", "TrainingInterrupted",
+    "DataError", "DiskFullError", "ModelLoadError", "TrainingError", "TrainingInterrupted",
     "__version__",
 ]

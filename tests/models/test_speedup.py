@@ -239,3 +239,32 @@ def test_an_unsupported_architecture_falls_back_with_one_line_and_still_trains(t
 def test_speedup_refuses_what_is_not_a_transformers_model():
     with pytest.raises(lorakit.ConfigError, match="expected a transformers model"):
         lorakit.speedup(torch.nn.Linear(2, 2))
+
+
+def test_trl_sft_trainer_trains_as_without_the_call(tiny_model_dir, tmp_path):
+    """TRL's SFTTrainer (its own fused LM head calls the decoder: the decoder keeps the precision and
+    the packed layout) on padding-free batches, given the transformers model that holds the adapter."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from lorakit.models import load_model
+
+    runs = []
+    for use in (False, True):
+        base, tokenizer = load_model(tiny_model_dir)
+        torch.manual_seed(0)  # the same adapter initialisation
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False))
+        if use:
+            lorakit.speedup(model, bf16=False, verbose=False)
+        args = trl.SFTConfig(str(tmp_path / str(use)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             learning_rate=1e-2, max_steps=2, logging_steps=1, report_to=[], save_strategy="no",
+                             padding_free=True, max_length=None, bf16=False, use_cpu=True, seed=0)
+        data = Dataset.from_list(_examples(8))
+        trainer = trl.SFTTrainer(model=model.get_base_model(), args=args, train_dataset=data,
+                                 processing_class=tokenizer)
+        trainer.train()
+        runs.append((_logged_losses(trainer), {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}))
+    assert len(runs[0][0]) == 2
+    torch.testing.assert_close(torch.tensor(runs[1][0]), torch.tensor(runs[0][0]), rtol=1e-4, atol=1e-5)
+    for name, p in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], p, rtol=1e-3, atol=1e-4, msg=name)  # 1% of an AdamW step

@@ -153,13 +153,14 @@ def boundaries(position_ids: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass
 class _Settings:
-    """What `speedup` switched on, read by the patched forward (an attribute of the model, so that
-    a deep copy of the model carries its own)."""
+    """What `speedup` switched on, read by a patched forward (an attribute of its module, so that a
+    deep copy of the model carries its own)."""
 
-    autocast: Callable[[], Any]
+    bf16: bool
+    """Forwards under bf16 autocast, on the device the module is on at the call."""
     loss_head: bool
     varlen: bool
-    wrapped: Callable | None
+    wrapped: Callable | None = None
     """The instance-level forward that was there before (another library's patch), else None."""
 
 
@@ -167,22 +168,29 @@ def _plain_head(lm: nn.Module) -> bool:
     """Whether the logits are exactly ``lm_head(hidden)`` and the loss transformers' causal-LM loss
     (no logit scaling or softcapping, no loss function of the user's own)."""
     config = lm.config
-    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0) or getattr(config, "final_logit_softcapping",
-                                                                                   None):
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0) or \
+            getattr(config, "final_logit_softcapping", None):
         return False
     if "_loss_function" in vars(lm) or getattr(lm, "loss_type", None) not in (None, "ForCausalLM"):
         return False
     return hasattr(lm, "get_decoder") and hasattr(lm, "get_output_embeddings")
 
 
-def _call_plain(lm: nn.Module, settings: _Settings, args, kwargs):
-    forward = settings.wrapped if settings.wrapped is not None else functools.partial(type(lm).forward, lm)
+def _call_plain(module: nn.Module, settings: _Settings, args, kwargs):
+    forward = settings.wrapped if settings.wrapped is not None else functools.partial(type(module).forward, module)
     return forward(*args, **kwargs)
+
+
+def _autocast(settings: _Settings, module: nn.Module):
+    device = next(module.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=settings.bf16)
 
 
 def _with_layout(kwargs: dict) -> dict:
     """A packed one-row batch's keywords with the layout lorakit's attention reads, built once here
-    (not in every layer): from ``cu_seq_lens_q`` when the collator gave it, else from ``position_ids``."""
+    (not in every layer): from ``cu_seq_lens_q`` when the collator gave it (transformers'
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, TRL's padding-free batches),
+    else from ``position_ids`` that restart at 0 (``DataCollatorWithFlattening``)."""
     if LAYOUT_KEY in kwargs:
         return kwargs
     cu = kwargs.get("cu_seq_lens_q")
@@ -190,7 +198,8 @@ def _with_layout(kwargs: dict) -> dict:
         cu = boundaries(kwargs["position_ids"])
     if cu is None:
         return kwargs
-    return kwargs | varlen_inputs(cu.to(kwargs["position_ids"].device if "position_ids" in kwargs else cu.device))
+    tokens = next(kwargs[k] for k in ("input_ids", "inputs_embeds", "position_ids") if kwargs.get(k) is not None)
+    return kwargs | varlen_inputs(cu.to(tokens.device))
 
 
 @torch.compiler.disable
@@ -204,17 +213,16 @@ def _loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, shift_label
     return total / num_items_in_batch
 
 
-def _fast_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=None, **kwargs):
-    """The model's forward with the fast paths that `speedup` switched on (see the module's doc)."""
+def _lm_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=None, **kwargs):
+    """The causal LM's forward with the fast paths that `speedup` switched on (see the module's doc)."""
     settings: _Settings = self._lorakit_speedup
-    if args and "input_ids" not in kwargs and len(args) == 1:
+    if len(args) == 1 and "input_ids" not in kwargs:
         kwargs["input_ids"], args = args[0], ()
-    with settings.autocast():
+    with _autocast(settings, self):
         if settings.varlen and not args:
             kwargs = _with_layout(kwargs)
-        use_head = (settings.loss_head and self.training and not args and (labels is not None or shift_labels
-                                                                            is not None))
-        if not use_head:
+        targets = labels if shift_labels is None else shift_labels
+        if not (settings.loss_head and self.training and not args and targets is not None):
             extra = {k: v for k, v in (("labels", labels), ("num_items_in_batch", num_items_in_batch),
                                        ("shift_labels", shift_labels)) if v is not None}
             return _call_plain(self, settings, args, kwargs | extra)
@@ -228,18 +236,28 @@ def _fast_forward(self, *args, labels=None, num_items_in_batch=None, shift_label
                                       attentions=out.attentions)
 
 
-def _patch_forward(lm: nn.Module, settings: _Settings) -> None:
-    current = vars(lm).get("forward")
-    ours = getattr(getattr(current, "__func__", None), "lorakit_speedup", False)
-    settings.wrapped = lm._lorakit_speedup.wrapped if ours else current  # applied again: keep what it wrapped
-    lm._lorakit_speedup = settings
+def _decoder_forward(self, *args, **kwargs):
+    """The decoder's forward under the same precision and packed layout: what runs when a caller
+    calls the decoder itself (TRL's fused LM head does)."""
+    settings: _Settings = self._lorakit_speedup
+    with _autocast(settings, self):
+        if settings.varlen and not args:
+            kwargs = _with_layout(kwargs)
+        return _call_plain(self, settings, args, kwargs)
 
-    @functools.wraps(type(lm).forward)  # the class's signature (generate and the Trainer read the arguments)
+
+def _patch_forward(module: nn.Module, fast: Callable, settings: _Settings) -> None:
+    current = vars(module).get("forward")
+    ours = getattr(getattr(current, "__func__", None), "lorakit_speedup", False)
+    settings.wrapped = module._lorakit_speedup.wrapped if ours else current  # applied again: keep what it wrapped
+    module._lorakit_speedup = settings
+
+    @functools.wraps(type(module).forward)  # the class's signature (generate and the Trainer read the arguments)
     def forward(self, *args, **kwargs):
-        return _fast_forward(self, *args, **kwargs)
+        return fast(self, *args, **kwargs)
 
     forward.lorakit_speedup = True
-    lm.forward = types.MethodType(forward, lm)  # bound, no closure: a deep copy binds it to the copy
+    module.forward = types.MethodType(forward, module)  # bound, no closure: a deep copy binds it to the copy
 
 
 def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
@@ -265,7 +283,8 @@ def speedup(model: nn.Module, *, bf16: bool | None = None, attention: str = "aut
     records the same lines in ``model.lorakit_speedup``, and returns ``model`` itself.
     """
     if not isinstance(model, nn.Module) or not hasattr(unwrap(model), "config"):
-        raise ConfigError(f"speedup: expected a transformers model (wrapped by get_peft_model), got {type(model).__name__}")
+        raise ConfigError(f"speedup: expected a transformers model (wrapped by get_peft_model), "
+                          f"got {type(model).__name__}")
     lm = unwrap(model)
     params = list(model.parameters())
     if not params:
@@ -295,8 +314,11 @@ def speedup(model: nn.Module, *, bf16: bool | None = None, attention: str = "aut
     elif packed:
         notes.append("packed batches: the model's own attention mask")
     if head or varlen or precision == "bf16":
-        _patch_forward(lm, _Settings(autocast=autocast_for(precision, device), loss_head=head, varlen=varlen,
-                                     wrapped=None))
+        _patch_forward(lm, _lm_forward, _Settings(bf16=precision == "bf16", loss_head=head, varlen=varlen))
+        decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+        if isinstance(decoder, nn.Module) and decoder is not lm:
+            _patch_forward(decoder, _decoder_forward, _Settings(bf16=precision == "bf16", loss_head=False,
+                                                                varlen=varlen))
     model.lorakit_speedup = notes
     if verbose:
         kind = "Llama family" if llama else f"{lm.config.model_type}: not Llama-family, plain path elsewhere"

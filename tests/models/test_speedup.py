@@ -268,3 +268,18 @@ def test_trl_sft_trainer_trains_as_without_the_call(tiny_model_dir, tmp_path):
     torch.testing.assert_close(torch.tensor(runs[1][0]), torch.tensor(runs[0][0]), rtol=1e-4, atol=1e-5)
     for name, p in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][name], p, rtol=1e-3, atol=1e-4, msg=name)  # 1% of an AdamW step
+
+
+def test_a_second_call_changes_nothing_and_a_deep_copy_runs_on_its_own_weights():
+    plain = _model()
+    fast = lorakit.speedup(lorakit.speedup(copy.deepcopy(plain), bf16=False, verbose=False), bf16=False,
+                           verbose=False)
+    assert fast.get_base_model()._lorakit_speedup.wrapped is None  # not wrapped around itself
+    batch = DataCollatorWithFlattening()(_examples())
+    _assert_same(_loss_and_grads(fast, batch), _loss_and_grads(plain, batch))
+    twin = copy.deepcopy(fast)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.requires_grad:
+                p.mul_(2)
+    assert not torch.equal(_loss_and_grads(twin, batch)[0], _loss_and_grads(fast, batch)[0])

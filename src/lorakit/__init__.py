@@ -3,7 +3,10 @@
     from lorakit import LoraConfig, get_peft_model, PeftModel
 
 runs code written for ``peft`` unchanged, and the adapter directories it writes load in PEFT.
+``lorakit.speedup(model)`` (`lorakit.models.speedup`) makes such a model train fast in any training loop.
 """
+
+import importlib
 
 from lorakit.config import PRESETS, LoraConfig, TaskType, preset
 from lorakit.errors import (
@@ -23,8 +26,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "AdaLoraConfig", "TaskType", "PRESETS", "preset", "create_loraplus_optimizer",
-    "get_peft_model", "PeftModel", "LoraModel",
+    "get_peft_model", "PeftModel", "LoraModel", "speedup",
     "LorakitError", "ConfigError", "AdapterFormatError", "CompatibilityError", "CheckpointError",
     "DataError", "DiskFullError", "ModelLoadError", "TrainingError", "TrainingInterrupted",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``lorakit.speedup``, imported on first use: it belongs to the models layer (`lorakit.models.speedup`),
+    which ``import lorakit`` (the core) does not load."""
+    if name == "speedup":
+        return importlib.import_module("lorakit.models.speedup").speedup
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from lorakit.data.collate import Collator
 from lorakit.data.encode import IGNORE_INDEX, Example
-from lorakit.kernels.loss import head_cross_entropy
 from lorakit.models.attention import varlen_inputs
 from lorakit.models.family import LLAMA_FAMILY, unwrap
+from lorakit.models.speedup import label_loss_sum
 
 __all__ = ["HEAD_ON_LABELS_ONLY", "MODEL_INPUTS", "model_inputs", "loss_sum", "heldout_loss"]
 
@@ -53,8 +53,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
     if model_type in HEAD_ON_LABELS_ONLY and hasattr(lm, "get_decoder"):
         hidden = lm.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, H)
-        picked = hidden[:, :-1][mask]  # (N, H)
-        return head_cross_entropy(picked, lm.get_output_embeddings(), labels[mask]), count
+        return label_loss_sum(lm, hidden, batch["labels"])[0], count  # the head on label positions only
     logits = model(**model_inputs(batch), use_cache=False).logits
     logits = logits[:, :-1].float()  # (B, T-1, V)
     return F.cross_entropy(logits[mask], labels[mask], reduction="sum"), count

@@ -22,6 +22,7 @@ from lorakit.errors import CheckpointError
 from lorakit.evaluation import line_breaks_for, scorer_for
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_model
+from lorakit.models.speedup import autocast_for, resolve_precision
 from lorakit.plugins import method_for
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
@@ -113,22 +114,6 @@ class Run:
     data: RunData
     schedule: Schedule
     metrics: MetricsLog
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 where the hardware multiplies bf16 natively, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if native else "fp32"
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A context-manager factory: bf16 autocast (so the fp32 adapter runs in bf16 too), or nothing."""
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _new_run_dir(config: TrainConfig) -> Path:

@@ -4,7 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import GraniteConfig, GraniteForCausalLM
 
+from lorakit import LoraConfig, get_peft_model
+from lorakit.evaluation import loss_sum
 from lorakit.layer import LoraLinear
 from lorakit.kernels.loss import head_cross_entropy
 
@@ -87,3 +90,23 @@ def test_no_grad_and_empty_input():
                                    _reference(hidden, head, labels), rtol=1e-5, atol=1e-5)
     empty = head_cross_entropy(hidden[:0], head, labels[:0])
     assert float(empty) == 0.0
+
+
+@pytest.mark.parametrize("scaling", [1.0, 4.0])
+def test_loss_sum_equals_the_models_own_logits_for_a_granite_that_scales_them(scaling):
+    """Granite divides its logits by ``logits_scaling``: the head on label positions alone would
+    miss that, so loss_sum takes the model's own logits there (and the fast head where it is 1)."""
+    torch.manual_seed(0)
+    config = GraniteConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=97, logits_scaling=scaling)
+    model = get_peft_model(GraniteForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 97, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    got, count = loss_sum(model, batch)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = labels[:, 1:] != -100
+    expected = F.cross_entropy(logits[mask].float(), labels[:, 1:][mask], reduction="sum")
+    assert count == int(mask.sum())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -18,12 +18,13 @@ from lorakit.data.collate import Collator
 from lorakit.data.encode import IGNORE_INDEX, Example
 from lorakit.models.attention import varlen_inputs
 from lorakit.models.family import LLAMA_FAMILY, unwrap
-from lorakit.models.speedup import label_loss_sum
+from lorakit.models.speedup import label_loss_sum, plain_head
 
 __all__ = ["HEAD_ON_LABELS_ONLY", "MODEL_INPUTS", "model_inputs", "loss_sum", "heldout_loss"]
 
-# Architectures whose logits are exactly lm_head(final hidden state): for these the output head
-# runs on the label positions only (prompt and padding tokens never reach the vocabulary).
+# Architectures whose logits are lm_head(final hidden state): for these the output head runs on
+# the label positions only (prompt and padding tokens never reach the vocabulary), unless the
+# config scales or softcaps the logits (granite's logits_scaling): `plain_head` says.
 HEAD_ON_LABELS_ONLY = LLAMA_FAMILY
 
 
@@ -51,7 +52,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     mask = labels != IGNORE_INDEX  # (B, T-1)
     count = int(mask.sum())
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
-    if model_type in HEAD_ON_LABELS_ONLY and hasattr(lm, "get_decoder"):
+    if model_type in HEAD_ON_LABELS_ONLY and plain_head(lm):
         hidden = lm.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, H)
         return label_loss_sum(lm, hidden, batch["labels"])[0], count  # the head on label positions only
     logits = model(**model_inputs(batch), use_cache=False).logits

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorakit.errors import ConfigError
 from lorakit.kernels.fused import FusedLayer
@@ -42,7 +43,7 @@ from lorakit.models.family import in_llama_family, unwrap
 from lorakit.models.norms import use_fused_norms
 
 __all__ = ["ATTENTION_CHOICES", "IGNORE_INDEX", "speedup", "speed_up", "resolve_precision", "autocast_for",
-           "label_loss_sum", "boundaries"]
+           "label_loss_sum", "boundaries", "plain_head"]
 
 ATTENTION_CHOICES = ("auto", "lorakit", "sdpa", "eager")
 IGNORE_INDEX = -100  # the label transformers' ForCausalLMLoss (and PyTorch's cross-entropy) skips
@@ -164,7 +165,7 @@ class _Settings:
     """The instance-level forward that was there before (another library's patch), else None."""
 
 
-def _plain_head(lm: nn.Module) -> bool:
+def plain_head(lm: nn.Module) -> bool:
     """Whether the logits are exactly ``lm_head(hidden)`` and the loss transformers' causal-LM loss
     (no logit scaling or softcapping, no loss function of the user's own)."""
     config = lm.config
@@ -226,8 +227,6 @@ def _lm_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=
             extra = {k: v for k, v in (("labels", labels), ("num_items_in_batch", num_items_in_batch),
                                        ("shift_labels", shift_labels)) if v is not None}
             return _call_plain(self, settings, args, kwargs | extra)
-        from transformers.modeling_outputs import CausalLMOutputWithPast  # transformers on first use
-
         kwargs.pop("logits_to_keep", None)
         kwargs.setdefault("use_cache", False)
         out = self.get_decoder()(**kwargs)
@@ -303,7 +302,7 @@ def speedup(model: nn.Module, *, bf16: bool | None = None, attention: str = "aut
     notes += speed_up(model, attention=attention, fused_norms=fused_norms,
                       gradient_checkpointing=gradient_checkpointing, compile=compile)
     llama = in_llama_family(model)
-    head = loss_head and llama and _plain_head(lm)
+    head = loss_head and llama and plain_head(lm)
     varlen = packed and lm.config._attn_implementation == ATTENTION
     if head:
         notes.append("loss head: label positions only, no logits (training forwards with labels)")

@@ -241,9 +241,12 @@ def test_speedup_refuses_what_is_not_a_transformers_model():
         lorakit.speedup(torch.nn.Linear(2, 2))
 
 
-def test_trl_sft_trainer_trains_as_without_the_call(tiny_model_dir, tmp_path):
-    """TRL's SFTTrainer (its own fused LM head calls the decoder: the decoder keeps the precision and
-    the packed layout) on padding-free batches, given the transformers model that holds the adapter."""
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_trl_sft_trainer_trains_as_without_the_call(order, tiny_model_dir, tmp_path, monkeypatch):
+    """TRL's SFTTrainer on padding-free batches, given the transformers model that holds the adapter.
+    speedup applied after the trainer is built serves TRL's fused LM head on the label positions
+    (TRL's own head never runs); applied before, TRL's head calls the decoder, which keeps the
+    precision and the packed layout. The losses and weights are those without speedup either way."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -254,7 +257,7 @@ def test_trl_sft_trainer_trains_as_without_the_call(tiny_model_dir, tmp_path):
         base, tokenizer = load_model(tiny_model_dir)
         torch.manual_seed(0)  # the same adapter initialisation
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False))
-        if use:
+        if use and order == "before":
             lorakit.speedup(model, bf16=False, verbose=False)
         args = trl.SFTConfig(str(tmp_path / str(use)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                              learning_rate=1e-2, max_steps=2, logging_steps=1, report_to=[], save_strategy="no",
@@ -262,12 +265,25 @@ def test_trl_sft_trainer_trains_as_without_the_call(tiny_model_dir, tmp_path):
         data = Dataset.from_list(_examples(8))
         trainer = trl.SFTTrainer(model=model.get_base_model(), args=args, train_dataset=data,
                                  processing_class=tokenizer)
+        heads = []
+        if use and order == "after":
+            lorakit.speedup(model, bf16=False, verbose=False)
+            apply = trl.trainer.utils._ChunkedLogProbFunction.apply
+            monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply",
+                                lambda *a: heads.append(1) or apply(*a))
         trainer.train()
-        runs.append((_logged_losses(trainer), {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}))
+        assert not heads
+        monkeypatch.undo()
+        runs.append((_logged_losses(trainer), {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                     trainer.state.log_history))
     assert len(runs[0][0]) == 2
     torch.testing.assert_close(torch.tensor(runs[1][0]), torch.tensor(runs[0][0]), rtol=1e-4, atol=1e-5)
     for name, p in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][name], p, rtol=1e-3, atol=1e-4, msg=name)  # 1% of an AdamW step
+    for key in ("entropy", "mean_token_accuracy"):  # TRL's metrics, from the fused head's entropy and is_top1
+        logged = [[log[key] for log in run[2] if key in log] for run in runs]
+        assert len(logged[0]) == 2
+        torch.testing.assert_close(torch.tensor(logged[1]), torch.tensor(logged[0]), rtol=1e-4, atol=1e-5)
 
 
 def test_a_second_call_changes_nothing_and_a_deep_copy_runs_on_its_own_weights():

@@ -22,6 +22,12 @@ with ``labels`` in training mode the loss comes from the final hidden states of 
 label tokens), so the loss is the plain forward's. Without labels, or in eval mode, the forward
 returns the logits as before. Tests compare both with the plain model through the Trainer, padded
 and packed (tests/models/test_speedup.py).
+
+TRL's SFTTrainer installs its fused LM head (``add_fused_lm_head``) around the model's forward and
+calls ``model(..., fused_lm_head=True)``. speedup applied (again) after that sits around TRL's
+forward and serves the call from the label positions only (`_fused_head`), with TRL's
+``FusedCausalLMOutput``, wherever its head computes what TRL's would (`_trl_fused_head`); tests
+compare the outputs and adapter gradients with TRL's own head, padded and packed.
 """
 
 from __future__ import annotations

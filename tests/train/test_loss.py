@@ -161,3 +161,19 @@ def test_head_log_probs_refuses_an_unknown_statistic():
     hidden, labels = _data()
     with pytest.raises(ConfigError, match="unknown statistics"):
         head_log_probs(hidden, _frozen_head(), labels, stats=("perplexity",))
+
+
+def test_head_log_probs_backward_through_the_log_probs_alone_recomputes_nothing():
+    """An output no loss uses (the entropy TRL only logs) gets no gradient work: the backward of a
+    frozen linear head scales the Jacobian saved in the forward and never calls the head again."""
+    head = _frozen_head()
+    calls = []
+    head.register_forward_hook(lambda *a: calls.append(1))
+    hidden, labels = _data()
+    h = hidden.clone().requires_grad_(True)
+    out = head_log_probs(h, head, labels, stats=STATS)
+    out["log_probs"].sum().backward()
+    assert not calls and h.grad is not None
+    out = head_log_probs(h, head, labels)
+    out["entropy"].sum().backward()  # a gradient through the entropy: recomputed chunk by chunk
+    assert calls

@@ -139,6 +139,7 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, labels, head, chunk, temperature, stats, extra, *params):
+        ctx.set_materialize_grads(False)  # an output no loss uses (the logged entropy) gets None, not zeros
         device = hidden.device.type
         autocast = torch.is_autocast_enabled(device)
         ctx.autocast = (device, autocast, torch.get_autocast_dtype(device) if autocast else None)

@@ -253,9 +253,11 @@ def _trl_fused_head(lm: nn.Module, wrapped: Callable | None) -> dict | None:
     if not {"temperature", "outputs", "cast_lm_head_to_fp32", "logit_scale", "final_logit_softcapping"} <= cells.keys():
         return None
     temperature, outputs = cells["temperature"], tuple(cells["outputs"])
-    if cells["logit_scale"] != 1.0 or cells["final_logit_softcapping"] is not None or \
-            not isinstance(temperature, (int, float)) or not temperature > 0 or set(outputs) - {"log_probs", *STATS} or \
-            getattr(lm.config.get_text_config(), "output_router_logits", False):
+    if cells["logit_scale"] != 1.0 or cells["final_logit_softcapping"] is not None:
+        return None
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or set(outputs) - {"log_probs", *STATS}:
+        return None
+    if getattr(lm.config.get_text_config(), "output_router_logits", False):  # TRL adds the MoE loss
         return None
     return {"temperature": float(temperature), "outputs": outputs, "fp32": bool(cells["cast_lm_head_to_fp32"]),
             "output_class": func.__globals__.get("FusedCausalLMOutput", FusedLMHeadOutput)}

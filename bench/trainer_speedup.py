@@ -164,6 +164,10 @@ def _worker(args) -> dict:
         given = model.get_base_model() if args.side == "lorakit" else model
         trainer = _counting(SFTTrainer)(model=given, args=sft, train_dataset=Dataset.from_list(data),
                                         processing_class=tokenizer)
+        if args.side == "lorakit":  # after the trainer's fused LM head: speedup serves it on the label positions
+            import lorakit
+
+            lorakit.speedup(model, verbose=False)
     output = trainer.train()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

@@ -9,7 +9,7 @@ from transformers import GraniteConfig, GraniteForCausalLM
 from lorakit import LoraConfig, get_peft_model
 from lorakit.evaluation import loss_sum
 from lorakit.layer import LoraLinear
-from lorakit.kernels.loss import head_cross_entropy
+from lorakit.kernels.loss import STATS, head_cross_entropy, head_log_probs
 
 
 def _reference(hidden, head, labels):
@@ -110,3 +110,70 @@ def test_loss_sum_equals_the_models_own_logits_for_a_granite_that_scales_them(sc
     expected = F.cross_entropy(logits[mask].float(), labels[:, 1:][mask], reduction="sum")
     assert count == int(mask.sum())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _token_reference(hidden, head, labels, temperature):
+    z = head(hidden).float() / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    return {"log_probs": log_p.gather(1, labels[:, None]).squeeze(1),
+            "entropy": -(log_p.exp() * log_p).sum(-1),
+            "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=-1),
+            "mean_logits": z.mean(-1), "is_top1": z.argmax(-1) == labels}
+
+
+@pytest.mark.parametrize("head_kind", ["frozen", "frozen-bias", "adapter"])
+@pytest.mark.parametrize("chunk, temperature, through_entropy", [(8, 1.0, False), (1000, 0.6, True)])
+def test_head_log_probs_per_token_values_and_gradients_equal_the_full_logits(head_kind, chunk, temperature,
+                                                                             through_entropy):
+    if head_kind == "adapter":
+        torch.manual_seed(0)
+        head = LoraLinear(nn.Linear(16, 50, bias=False))
+        head.base_layer.requires_grad_(False)
+        head.add_adapter("default", r=4, lora_alpha=8, init=False)
+        head.active_adapters = ["default"]
+    else:
+        head = _frozen_head(bias=head_kind == "frozen-bias")
+    hidden, labels = _data()
+    weights = torch.linspace(-1, 1, len(labels))  # a different incoming gradient per token
+
+    def run(fn):
+        head.zero_grad(set_to_none=True)
+        h = hidden.clone().requires_grad_(True)
+        out = fn(h)
+        total = (out["log_probs"] * weights).sum() + (out["entropy"] * weights.flip(0)).sum() * through_entropy
+        total.backward()
+        grads = [h.grad] + [p.grad for p in head.parameters() if p.requires_grad]
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    got, got_grads = run(lambda h: head_log_probs(h, head, labels, temperature=temperature, chunk=chunk,
+                                                  stats=STATS))
+    want, want_grads = run(lambda h: _token_reference(h, head, labels, temperature))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert len(got_grads) == len(want_grads) == (1 if head_kind != "adapter" else 3)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_head_log_probs_refuses_an_unknown_statistic():
+    from lorakit.errors import ConfigError
+
+    hidden, labels = _data()
+    with pytest.raises(ConfigError, match="unknown statistics"):
+        head_log_probs(hidden, _frozen_head(), labels, stats=("perplexity",))
+
+
+def test_head_log_probs_backward_through_the_log_probs_alone_recomputes_nothing():
+    """An output no loss uses (the entropy TRL only logs) gets no gradient work: the backward of a
+    frozen linear head scales the Jacobian saved in the forward and never calls the head again."""
+    head = _frozen_head()
+    calls = []
+    head.register_forward_hook(lambda *a: calls.append(1))
+    hidden, labels = _data()
+    h = hidden.clone().requires_grad_(True)
+    out = head_log_probs(h, head, labels, stats=STATS)
+    out["log_probs"].sum().backward()
+    assert not calls and h.grad is not None
+    out = head_log_probs(h, head, labels)
+    out["entropy"].sum().backward()  # a gradient through the entropy: recomputed chunk by chunk
+    assert calls

@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["head_cross_entropy", "DEFAULT_CHUNK"]
+from lorakit.errors import ConfigError
+
+__all__ = ["head_cross_entropy", "head_log_probs", "STATS", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 1024  # label positions per chunk: 1024 x 49,152 fp32 logits = 192 MiB at most
 
@@ -109,3 +111,113 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     return _HeadCrossEntropy.apply(hidden, labels, head, chunk, *params)
+
+
+STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+"""The per-token statistics `head_log_probs` computes besides the log-probabilities."""
+
+
+def _chunk_logits(h: torch.Tensor, head: nn.Module, w: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """One chunk's logits in fp32, divided by the temperature."""
+    logits = (h.to(w.dtype) @ w.t()).float() if w is not None else head(h).float()
+    if w is not None and head.bias is not None:
+        logits = logits + head.bias.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _token_terms(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probability of each label, entropy, log-softmax) of fp32 logits ``z`` (n, V)."""
+    log_p = torch.log_softmax(z, dim=-1)
+    return log_p.gather(1, labels[:, None]).squeeze(1), -(log_p.exp() * log_p).sum(-1), log_p
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """(log-probabilities, entropies) of the labels, chunk by chunk; the other statistics go into
+    ``extra`` without gradient. A frozen linear head saves each token's d(log p)/dh in the forward
+    (the backward only scales it); any other head, or a gradient through the entropy, recomputes
+    its chunks in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, head, chunk, temperature, stats, extra, *params):
+        ctx.set_materialize_grads(False)  # an output no loss uses (the logged entropy) gets None, not zeros
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device)
+        ctx.autocast = (device, autocast, torch.get_autocast_dtype(device) if autocast else None)
+        fast = _frozen_linear(head)
+        w = head.weight.to(torch.get_autocast_dtype(device) if autocast else hidden.dtype) if fast else None
+        keep_jacobian = fast and ctx.needs_input_grad[0]
+        n = hidden.shape[0]
+        log_probs = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_empty(n, dtype=torch.float32)
+        wanted = {name: hidden.new_empty(n, dtype=torch.bool if name == "is_top1" else torch.float32)
+                  for name in stats}
+        jacobian = torch.empty_like(hidden) if keep_jacobian else None
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                h, y = hidden[start:start + chunk], labels[start:start + chunk]
+                z = _chunk_logits(h, head, w, temperature)
+                lp, ent, log_p = _token_terms(z, y)
+                log_probs[start:start + chunk], entropy[start:start + chunk] = lp, ent
+                if "log_sum_sq_probs" in stats:
+                    wanted["log_sum_sq_probs"][start:start + chunk] = torch.logsumexp(2 * log_p, dim=-1)
+                if "mean_logits" in stats:
+                    wanted["mean_logits"][start:start + chunk] = z.mean(-1)
+                if "is_top1" in stats:
+                    wanted["is_top1"][start:start + chunk] = z.argmax(-1) == y  # the first maximum, as argmax
+                if keep_jacobian:  # d(log p_y)/dz = onehot(y) - softmax(z); dz/dh = W / temperature
+                    grad = log_p.exp_().neg_()
+                    grad[torch.arange(len(y), device=y.device), y] += 1.0
+                    jacobian[start:start + chunk] = ((grad / temperature).to(w.dtype) @ w).to(hidden.dtype)
+        extra.update(wanted)
+        ctx.save_for_backward(hidden, labels, *([jacobian] if keep_jacobian else []))
+        ctx.head, ctx.chunk, ctx.temperature, ctx.keep_jacobian = head, chunk, temperature, keep_jacobian
+        ctx.n_params = len(params)
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy):
+        hidden, labels, *jacobian = ctx.saved_tensors
+        params = [p for p in ctx.head.parameters() if p.requires_grad][:ctx.n_params] if ctx.n_params else []
+        if ctx.keep_jacobian and grad_entropy is None and not params:
+            return (jacobian[0] * grad_log_probs[:, None].to(hidden.dtype), *[None] * 6)
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_params = [torch.zeros_like(p) for p in params]
+        device, enabled, dtype = ctx.autocast
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                h = hidden[start:start + ctx.chunk].detach().requires_grad_(grad_hidden is not None)
+                lp, ent, _ = _token_terms(_chunk_logits(h, ctx.head, None, ctx.temperature),
+                                          labels[start:start + ctx.chunk])
+                total = 0.0
+                if grad_log_probs is not None:
+                    total = total + (lp * grad_log_probs[start:start + ctx.chunk]).sum()
+                if grad_entropy is not None:
+                    total = total + (ent * grad_entropy[start:start + ctx.chunk]).sum()
+                if not torch.is_tensor(total):
+                    continue
+                inputs = ([h] if grad_hidden is not None else []) + params
+                grads = list(torch.autograd.grad(total, inputs, allow_unused=True))
+            if grad_hidden is not None:
+                grad_hidden[start:start + ctx.chunk] = grads.pop(0)
+            for acc, g in zip(grad_params, grads):
+                if g is not None:
+                    acc += g
+        return (grad_hidden, *[None] * 6, *grad_params)
+
+
+def head_log_probs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *, temperature: float = 1.0,
+                   stats: tuple[str, ...] = (), chunk: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+    """Per-token statistics of the next-token distribution ``softmax(head(hidden) / temperature)``
+    over (N, H) hidden states and their (N,) labels, chunk by chunk (no (N, V) logits kept):
+    ``log_probs`` (log p of each label) and ``entropy`` with gradients with respect to ``hidden``
+    and the head's trainable parameters; of ``stats`` (`STATS`), ``log_sum_sq_probs``
+    (log sum_v p_v^2), ``mean_logits`` (mean temperature-scaled logit) and ``is_top1`` (the label
+    is the first most likely token) without gradient. fp32 values, as from the full logits."""
+    unknown = set(stats) - set(STATS)
+    if unknown:
+        raise ConfigError(f"head_log_probs: unknown statistics {sorted(unknown)}; choose among {STATS}")
+    params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    extra: dict[str, torch.Tensor] = {}
+    log_probs, entropy = _HeadLogProbs.apply(hidden, labels, head, chunk, float(temperature),
+                                             tuple(s for s in stats if s != "entropy"), extra, *params)
+    return {"log_probs": log_probs, "entropy": entropy, **extra}

@@ -22,10 +22,17 @@ with ``labels`` in training mode the loss comes from the final hidden states of 
 label tokens), so the loss is the plain forward's. Without labels, or in eval mode, the forward
 returns the logits as before. Tests compare both with the plain model through the Trainer, padded
 and packed (tests/models/test_speedup.py).
+
+TRL's SFTTrainer installs its fused LM head (``add_fused_lm_head``) around the model's forward and
+calls ``model(..., fused_lm_head=True)``. speedup applied (again) after that sits around TRL's
+forward and serves the call from the label positions only (`_fused_head`), with TRL's
+``FusedCausalLMOutput``, wherever its head computes what TRL's would (`_trl_fused_head`); tests
+compare the outputs and adapter gradients with TRL's own head, padded and packed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from dataclasses import dataclass
@@ -34,16 +41,17 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from lorakit.errors import ConfigError
 from lorakit.kernels.fused import FusedLayer
-from lorakit.kernels.loss import head_cross_entropy
+from lorakit.kernels.loss import STATS, head_cross_entropy, head_log_probs
 from lorakit.models.attention import ATTENTION, LAYOUT_KEY, use_lorakit_attention, varlen_inputs
 from lorakit.models.family import in_llama_family, unwrap
 from lorakit.models.norms import use_fused_norms
 
 __all__ = ["ATTENTION_CHOICES", "IGNORE_INDEX", "speedup", "speed_up", "resolve_precision", "autocast_for",
-           "label_loss_sum", "boundaries", "plain_head"]
+           "label_loss_sum", "boundaries", "plain_head", "FusedLMHeadOutput"]
 
 ATTENTION_CHOICES = ("auto", "lorakit", "sdpa", "eager")
 IGNORE_INDEX = -100  # the label transformers' ForCausalLMLoss (and PyTorch's cross-entropy) skips
@@ -214,8 +222,80 @@ def _loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, shift_label
     return total / num_items_in_batch
 
 
-def _lm_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=None, **kwargs):
-    """The causal LM's forward with the fast paths that `speedup` switched on (see the module's doc)."""
+@dataclass
+class FusedLMHeadOutput(ModelOutput):
+    """The fields of TRL's ``FusedCausalLMOutput`` (`_fused_head` returns TRL's own class when its
+    module is loaded): per-token fields are zero where the label is ignored, None when not asked for."""
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def _trl_fused_head(lm: nn.Module, wrapped: Callable | None) -> dict | None:
+    """What TRL's ``add_fused_lm_head`` was given (temperature, outputs, cast_lm_head_to_fp32 and
+    its output class) when ``wrapped`` is the forward it installed on ``lm``, and speedup's head
+    computes what it would: logits exactly ``lm_head(hidden)`` (no scale, no softcapping) and no
+    MoE load-balancing loss. None otherwise: the call then goes to TRL's own head."""
+    func = getattr(wrapped, "__func__", None)
+    code = getattr(func, "__code__", None)
+    if code is None or code.co_name != "_fused_forward" or getattr(wrapped, "__self__", None) is not lm:
+        return None
+    try:
+        cells = {name: cell.cell_contents for name, cell in zip(code.co_freevars, func.__closure__ or ())}
+    except ValueError:  # an empty cell: not the function this reads
+        return None
+    if not {"temperature", "outputs", "cast_lm_head_to_fp32", "logit_scale", "final_logit_softcapping"} <= cells.keys():
+        return None
+    temperature, outputs = cells["temperature"], tuple(cells["outputs"])
+    if cells["logit_scale"] != 1.0 or cells["final_logit_softcapping"] is not None:
+        return None
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or set(outputs) - {"log_probs", *STATS}:
+        return None
+    if getattr(lm.config.get_text_config(), "output_router_logits", False):  # TRL adds the MoE loss
+        return None
+    return {"temperature": float(temperature), "outputs": outputs, "fp32": bool(cells["cast_lm_head_to_fp32"]),
+            "output_class": func.__globals__.get("FusedCausalLMOutput", FusedLMHeadOutput)}
+
+
+@torch.compiler.disable
+def _fused_head(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, shift_labels, num_items_in_batch,
+                trl: dict):
+    """TRL's fused LM head output (``FusedCausalLMOutput``) from the label positions only."""
+    if shift_labels is None:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    head = lm.get_output_embeddings()
+    hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
+    mask = labels != IGNORE_INDEX
+    picked = hidden[mask]
+    with torch.autocast(hidden.device.type, enabled=False) if trl["fp32"] else contextlib.nullcontext():
+        stats = head_log_probs(picked.float() if trl["fp32"] else picked, head, labels[mask],
+                               temperature=trl["temperature"],
+                               stats=tuple(s for s in trl["outputs"] if s != "log_probs"))
+    # masked_scatter keeps the output connected to the model when no label counts (a differentiable zero, as TRL's)
+    per_token = {name: (stats[name].new_zeros(mask.shape).masked_scatter(mask, stats[name])
+                        if name == "log_probs" or name in trl["outputs"] else None)
+                 for name in ("log_probs", *STATS)}
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(count):
+        count = count.to(per_token["log_probs"].device)
+    loss = -per_token["log_probs"].sum() / count
+    return trl["output_class"](loss=loss, label_mask=mask, aux_loss=None, **per_token)
+
+
+def _lm_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=None, fused_lm_head=False,
+                **kwargs):
+    """The causal LM's forward with the fast paths that `speedup` switched on (see the module's doc).
+    ``fused_lm_head=True`` is TRL's call for its fused LM head (``add_fused_lm_head``, installed
+    before this forward): served here on the label positions only when `_trl_fused_head` says it
+    computes the same, else passed on to TRL's."""
     settings: _Settings = self._lorakit_speedup
     if len(args) == 1 and "input_ids" not in kwargs:
         kwargs["input_ids"], args = args[0], ()
@@ -223,13 +303,20 @@ def _lm_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=
         if settings.varlen and not args:
             kwargs = _with_layout(kwargs)
         targets = labels if shift_labels is None else shift_labels
-        if not (settings.loss_head and self.training and not args and targets is not None):
+        fast = settings.loss_head and not args and targets is not None
+        trl = _trl_fused_head(self, settings.wrapped) if fused_lm_head and fast else None
+        if not (trl is not None or (fast and self.training and not fused_lm_head)):
             extra = {k: v for k, v in (("labels", labels), ("num_items_in_batch", num_items_in_batch),
-                                       ("shift_labels", shift_labels)) if v is not None}
+                                       ("shift_labels", shift_labels), ("fused_lm_head", fused_lm_head or None))
+                     if v is not None}
             return _call_plain(self, settings, args, kwargs | extra)
         kwargs.pop("logits_to_keep", None)
         kwargs.setdefault("use_cache", False)
+        if trl is not None:
+            kwargs["use_cache"] = False  # as TRL's head
         out = self.get_decoder()(**kwargs)
+        if trl is not None:
+            return _fused_head(self, out.last_hidden_state, labels, shift_labels, num_items_in_batch, trl)
         loss = _loss(self, out.last_hidden_state, labels, shift_labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
                                       attentions=out.attentions)

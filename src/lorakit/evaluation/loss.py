@@ -18,7 +18,7 @@ from lorakit.data.collate import Collator
 from lorakit.data.encode import IGNORE_INDEX, Example
 from lorakit.models.attention import varlen_inputs
 from lorakit.models.family import LLAMA_FAMILY, unwrap
-from lorakit.models.speedup import label_loss_sum, plain_head
+from lorakit.models.heads import label_loss_sum, plain_head
 
 __all__ = ["HEAD_ON_LABELS_ONLY", "MODEL_INPUTS", "model_inputs", "loss_sum", "heldout_loss"]
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-import reprlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from lorakit.checks import (  # noqa: F401  (MAX_RANK, read_json_object: part of this module's interface)
+    MAX_ALPHA, MAX_RANK, alpha_problems, compiles, mapping_problems, modules_to_save_problems, pattern_problems,
+    is_int, is_number, read_json_object, shown,
+)
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.plugins import method_for, peft_types
 
@@ -70,40 +72,10 @@ UNSUPPORTED_AT_DEFAULT = {
     "kasa_config": None,
 }
 
-MAX_RANK = 2 ** 20
-"""The largest rank a config may ask for. A rank above min(in_features, out_features) adds no
-capacity, and no model has a layer 2**20 features wide; a larger value is a typo that would try
-to allocate terabytes, so it is refused before anything is allocated (PEFT accepts it)."""
-MAX_ALPHA = 2.0 ** 24
-"""The largest |lora_alpha|: the update is multiplied by lora_alpha / r, and a scale beyond this
-turns activations into inf in float32 / bfloat16 (typical values are 8 to 512)."""
-
 # Fields and the Python types a value of theirs may have, beyond the ones checked one by one in
 # `LoraConfig._problems`. bool fields take only True / False (PEFT would read "false" as true).
 _OPTIONAL_STR = ("peft_version", "base_model_name_or_path", "revision", "megatron_core")
 _BOOLS = ("inference_mode", "fan_in_fan_out", "use_rslora", "use_dora", "ensure_weight_tying")
-
-_shown_repr = reprlib.Repr()
-_shown_repr.maxlevel, _shown_repr.maxstring, _shown_repr.maxother = 3, 60, 60
-_shown_repr.maxlist = _shown_repr.maxtuple = _shown_repr.maxset = _shown_repr.maxdict = 8
-
-
-def shown(value: Any) -> str:
-    """``repr(value)`` cut short (nesting, long strings, long lists), safe on any input: error
-    messages quote the bad value without echoing megabytes or recursing 100,000 levels deep."""
-    try:
-        return _shown_repr.repr(value)
-    except Exception:  # a value whose own __repr__ fails
-        return f"<{type(value).__name__}>"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 @dataclass
 class LoraConfig:
@@ -205,13 +177,13 @@ class LoraConfig:
         if self.peft_type not in (self.PEFT_TYPE, None):
             yield (f"peft_type={shown(self.peft_type)}: a {type(self).__name__} has peft_type "
                    f"{self.PEFT_TYPE!r}; lorakit reads {', '.join(peft_types())} adapters")
-        if not _is_int(self.r) or self.r <= 0:
+        if not is_int(self.r) or self.r <= 0:
             yield f"r={shown(self.r)}: the rank must be a positive integer, e.g. r=16"
         elif self.r > MAX_RANK:
             yield (f"r={self.r}: ranks above {MAX_RANK:,} exceed min(in_features, out_features) of any "
                    "layer and would allocate absurd amounts of memory; typical ranks are 4 to 256")
-        yield from _alpha_problems("lora_alpha", self.lora_alpha)
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+        yield from alpha_problems("lora_alpha", self.lora_alpha)
+        if not is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             yield f"lora_dropout={shown(self.lora_dropout)}: must be a probability in [0, 1), e.g. 0.05"
         if self.bias not in ("none", "all", "lora_only"):
             yield f"bias={shown(self.bias)}: must be one of 'none', 'all', 'lora_only'"
@@ -228,14 +200,14 @@ class LoraConfig:
                 yield f"{name}={shown(value)}: must be {what}"
         if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
             yield f"auto_mapping={shown(self.auto_mapping)}: must be a mapping or null"
-        if not _is_int(self.qalora_group_size):
+        if not is_int(self.qalora_group_size):
             yield f"qalora_group_size={shown(self.qalora_group_size)}: must be an integer (it is unused unless use_qalora)"
-        yield from _pattern_problems("target_modules", self.target_modules)
-        yield from _pattern_problems("exclude_modules", self.exclude_modules)
-        yield from _modules_to_save_problems(self.modules_to_save)
+        yield from pattern_problems("target_modules", self.target_modules)
+        yield from pattern_problems("exclude_modules", self.exclude_modules)
+        yield from modules_to_save_problems(self.modules_to_save)
         yield from self._layer_problems()
         yield from self._rank_pattern_problems()
-        yield from _mapping_problems("alpha_pattern", self.alpha_pattern, positive_int=False)
+        yield from mapping_problems("alpha_pattern", self.alpha_pattern, positive_int=False)
         yield from _init_problems(self.init_lora_weights)
         for name, default in UNSUPPORTED_AT_DEFAULT.items():
             value = getattr(self, name)
@@ -246,8 +218,8 @@ class LoraConfig:
     def _layer_problems(self):
         layers, pattern = self.layers_to_transform, self.layers_pattern
         if layers is not None:
-            items = [layers] if _is_int(layers) else layers
-            if not isinstance(items, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in items):
+            items = [layers] if is_int(layers) else layers
+            if not isinstance(items, (list, tuple)) or not all(is_int(i) and i >= 0 for i in items):
                 yield (f"layers_to_transform={shown(layers)}: must be a layer index or a list of "
                        "non-negative layer indices")
             if isinstance(self.target_modules, str):
@@ -256,7 +228,7 @@ class LoraConfig:
         if pattern is not None:
             items = [pattern] if isinstance(pattern, str) else pattern
             if not isinstance(items, (list, tuple)) or not all(
-                    isinstance(p, str) and _compiles(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in items):
+                    isinstance(p, str) and compiles(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in items):
                 yield (f"layers_pattern={shown(pattern)}: must be the name of the layer list (e.g. "
                        "'layers'), a list of such names, or null; each is a regular expression")
             elif isinstance(self.target_modules, str):
@@ -270,7 +242,7 @@ class LoraConfig:
     """The peft_type this class reads and writes (a class attribute, not a field)."""
 
     def _rank_pattern_problems(self):
-        yield from _mapping_problems("rank_pattern", self.rank_pattern, positive_int=True)
+        yield from mapping_problems("rank_pattern", self.rank_pattern, positive_int=True)
 
     # --- the file
     def to_dict(self) -> dict[str, Any]:
@@ -332,24 +304,6 @@ class LoraConfig:
             raise ConfigError(f"{path}: {err}") from None
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in file ``path``; AdapterFormatError naming the file when it is not
-    readable text, not JSON, nested too deeply, or not an object (``[]``, ``null``, ``42``)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise AdapterFormatError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except RecursionError:
-        raise AdapterFormatError(f"{path}: nested too deeply to be an adapter config; "
-                                 f"{CONFIG_NAME} is a flat object of field: value") from None
-    except ValueError as err:  # JSONDecodeError, and numbers too long to convert
-        raise AdapterFormatError(f"{path}: not valid JSON ({shown(str(err))})") from None
-    if not isinstance(data, dict):
-        raise AdapterFormatError(f"{path}: holds a JSON {type(data).__name__}, not an object; "
-                                 f"{CONFIG_NAME} is an object of field: value (what save_pretrained writes)")
-    return data
-
-
 def _init_problems(init: Any):
     if isinstance(init, bool) or (isinstance(init, str) and (
             init == "pissa" or PISSA_NITER.fullmatch(init)
@@ -366,17 +320,6 @@ def _init_problems(init: Any):
         yield f"init_lora_weights={shown(init)}: lorakit supports {supported}"
 
 
-def _compiles(pattern: str) -> bool:
-    try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return False
-    return True
-
-
-# PEFT-only options PEFT tests by truthiness, so that an empty list or dict leaves them off too;
-# the others (trainable_token_indices, alora_invocation_tokens, arrow_config, ...) PEFT turns on
-# for any value but None.
 _EMPTY_IS_UNSET = ("megatron_config", "loftq_config", "layer_replication", "target_parameters")
 
 
@@ -385,58 +328,6 @@ def _unset(name: str, value: Any, default: Any) -> bool:
     if value is default or (type(value) is type(default) and value == default):
         return True
     return name in _EMPTY_IS_UNSET and (value is None or (type(value) in (dict, list) and not value))
-
-
-def _alpha_problems(name: str, value: Any):
-    if not _is_number(value) or not math.isfinite(value):
-        yield f"{name}={shown(value)}: must be a finite number, e.g. 16"
-    elif abs(value) > MAX_ALPHA:
-        yield (f"{name}={value!r}: |alpha| above {MAX_ALPHA:,.0f} scales the update by more than "
-               "float32 / bfloat16 activations can hold; typical values are 8 to 512")
-
-
-def _pattern_problems(name: str, value: Any):
-    """target_modules / exclude_modules: None, a regular expression (or 'all-linear'), or a
-    non-empty list (tuple, set) of non-empty module names."""
-    if value is None:
-        return
-    if isinstance(value, str):
-        if value.lower() != "all-linear" and not _compiles(value):
-            yield f"{name}={shown(value)}: not a valid regular expression"
-        return
-    if not isinstance(value, (list, tuple, set, frozenset)) or not value \
-            or not all(isinstance(v, str) and v for v in value):
-        yield (f"{name}={shown(value)}: must be a non-empty list of module names (strings), "
-               "a regular expression, 'all-linear', or null")
-
-
-def _modules_to_save_problems(value: Any):
-    """modules_to_save: None or a list of non-empty names. PEFT matches each entry against module
-    names as a suffix and, to keep those modules out of target_modules, as a regular expression
-    in ``(^|.*\\.)<entry>($|\\..*)``: an entry must be a valid expression there."""
-    if value is None:
-        return
-    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
-            isinstance(m, str) and m and _compiles(rf"(^|.*\.){m}($|\..*)") for m in value):
-        yield (f"modules_to_save={shown(value)}: must be a list of module names (non-empty strings, "
-               "each a valid regular expression as PEFT matches them), or null")
-
-
-def _mapping_problems(name: str, mapping: Any, *, positive_int: bool):
-    if not isinstance(mapping, dict):
-        yield f"{name}={shown(mapping)}: must be a dict of {{module pattern: value}}"
-        return
-    for key, value in mapping.items():
-        if not isinstance(key, str) or not key or not _compiles(rf"(.*\.)?({key})$"):
-            yield f"{name}[{shown(key)}]: not a valid module pattern (a non-empty regular expression)"
-        if positive_int:
-            if not _is_int(value) or value <= 0:
-                yield f"{name}[{shown(key)}]={shown(value)}: a rank must be a positive integer"
-            elif value > MAX_RANK:
-                yield (f"{name}[{shown(key)}]={value}: ranks above {MAX_RANK:,} exceed every layer's "
-                       "min(in_features, out_features)")
-        else:
-            yield from _alpha_problems(f"{name}[{shown(key)}]", value)
 
 
 # The three configuration patterns of the LoRA lesson our users start from.

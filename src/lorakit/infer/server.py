@@ -134,12 +134,7 @@ class Server:
         running requests finish for up to ``timeout`` seconds, cancel the rest (503), and wait
         for their answers to be sent. True when the worker stopped (it does unless one forward
         pass outlasts the grace of 30 s)."""
-        self.draining = True
-        if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join()
-            self._thread = None
-        self.httpd.server_close()
+        self._stop_accepting()
         self.httpd.close_idle()
         stopped = self.scheduler.drain(timeout)
         self.httpd.wait_quiet(10.0)  # the handlers write the last answers
@@ -148,14 +143,19 @@ class Server:
 
     def close(self) -> None:
         """Stop accepting requests, finish the running batch, fail what is still queued (503)."""
+        self._stop_accepting()
+        self.scheduler.close()
+        self.httpd.close_idle()
+
+    def _stop_accepting(self) -> None:
+        """Stop the accept loop (the background thread's, if any) and close the listening socket;
+        answers from here on ask clients to close their connections."""
         self.draining = True
         if self._thread is not None:
             self.httpd.shutdown()
             self._thread.join()
             self._thread = None
         self.httpd.server_close()
-        self.scheduler.close()
-        self.httpd.close_idle()
 
     def __enter__(self) -> "Server":
         return self

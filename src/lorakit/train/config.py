@@ -16,15 +16,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
-from lorakit.config import PRESETS, LoraConfig, preset, shown
+from lorakit.checks import is_int, is_number, shown
+from lorakit.config import PRESETS, LoraConfig, preset
 from lorakit.errors import ConfigError
-from lorakit.methods.adalora import AdaLoraConfig
 from lorakit.models.load import DEFAULT_MODEL
 from lorakit.train.fast import ATTENTION_CHOICES
+from lorakit.train.methods import TRAIN_METHODS, TrainMethod
 
 __all__ = ["TrainConfig", "AdapterSettings", "TrainMethod", "TRAIN_METHODS", "load_train_config",
            "setting_names", "field_docs", "variant_summary"]
@@ -198,45 +199,45 @@ class TrainConfig:
         positive = ("batch_size", "grad_accum", "max_length", "log_every", "max_new_tokens")
         for name in positive:
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 yield f"{name}={shown(value)}: must be a positive integer"
         for name in ("eval_every", "save_every", "score_examples", "keep_checkpoints"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 yield f"{name}={shown(value)}: must be 0 or a positive integer"
         for name in ("max_steps", "train_examples", "eval_examples"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 yield f"{name}={shown(value)}: must be a positive integer or unset"
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             yield f"seed={shown(self.seed)}: must be an integer from 0 to 2**32 - 1"
         for name in ("skip_bad_records", "packing", "group_by_length", "score_before", "fused_norms",
                      "gradient_checkpointing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name}={shown(getattr(self, name))}: must be true or false"
-        if not (_is_number(self.epochs) and self.epochs > 0 and math.isfinite(self.epochs)):
+        if not (is_number(self.epochs) and self.epochs > 0 and math.isfinite(self.epochs)):
             yield f"epochs={shown(self.epochs)}: must be a positive number"
-        if not (_is_number(self.learning_rate) and 0 < self.learning_rate < 1):
+        if not (is_number(self.learning_rate) and 0 < self.learning_rate < 1):
             yield f"learning_rate={shown(self.learning_rate)}: must be between 0 and 1, e.g. 2e-4"
         for name in ("warmup_ratio", "min_lr_ratio"):
             value = getattr(self, name)
-            if not (_is_number(value) and 0 <= value <= 1):
+            if not (is_number(value) and 0 <= value <= 1):
                 yield f"{name}={shown(value)}: must be a number between 0 and 1"
-        if not (_is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
+        if not (is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
             yield f"val_fraction={shown(self.val_fraction)}: must be a number in [0, 1), e.g. 0.1"
         for name in ("weight_decay", "max_grad_norm"):
             value = getattr(self, name)
-            if not (_is_number(value) and 0 <= value and math.isfinite(value)):
+            if not (is_number(value) and 0 <= value and math.isfinite(value)):
                 yield f"{name}={shown(value)}: must be a finite number >= 0"
         for name, choices in (("precision", ("auto", "fp32", "bf16")), ("attention", ATTENTION_CHOICES),
                               ("overlong", ("truncate", "drop"))):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 yield f"{name}={shown(value)}: must be one of {', '.join(choices)}"
-        if self.val_file and _is_number(self.val_fraction) and self.val_fraction:
+        if self.val_file and is_number(self.val_fraction) and self.val_fraction:
             yield "val_file and val_fraction: give one way to get held-out data, not both"
         ratio = self.loraplus_ratio
-        if ratio is not None and (not _is_number(ratio) or not math.isfinite(ratio) or ratio <= 0):
+        if ratio is not None and (not is_number(ratio) or not math.isfinite(ratio) or ratio <= 0):
             yield f"loraplus_ratio={shown(ratio)}: must be a positive number (LoRA+ suggests 16), or unset for plain LoRA"
         yield from self._method_problems()
 
@@ -249,7 +250,7 @@ class TrainConfig:
             yield f"method={self.method}: LoRA+ does not apply to it; leave loraplus_ratio unset"
         if isinstance(self.lora, LoraConfig):
             try:  # the method's own config checks the adapter settings (a nominal step count)
-                steps = self.max_steps if _is_int(self.max_steps) and self.max_steps > 0 else 100
+                steps = self.max_steps if is_int(self.max_steps) and self.max_steps > 0 else 100
                 method.adapter(self.lora, steps)
             except ConfigError as err:
                 yield f"method={self.method}: the adapter settings do not fit it: {err}"
@@ -303,50 +304,6 @@ def _adapter(lora: LoraConfig | dict | None, flat: dict[str, Any]) -> LoraConfig
     if "r" in overrides and "lora_alpha" not in overrides:
         overrides["lora_alpha"] = overrides["r"]  # alpha = rank unless said otherwise
     return dataclasses.replace(lora, **overrides) if overrides else lora
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _adalora(lora: LoraConfig, total_steps: int) -> LoraConfig:
-    """AdaLoRA over the LoRA settings: target_r = r, init_r = ceil(1.5 r), total_step = the run's
-    optimizer steps, tinit = 10% of them, tfinal = 20%, deltaT = max(1, steps // 100)."""
-    return AdaLoraConfig(
-        task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path,
-        target_modules=lora.target_modules, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-        use_dora=lora.use_dora, use_rslora=lora.use_rslora, init_lora_weights=lora.init_lora_weights,
-        target_r=lora.r, init_r=math.ceil(1.5 * lora.r), total_step=total_steps,
-        tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=max(1, total_steps // 100),
-    )
-
-
-@dataclass(frozen=True)
-class TrainMethod:
-    """How the trainer builds one method's adapter from the LoRA settings."""
-
-    peft_type: str
-    """Its `lorakit.methods` entry (which also says whether a run can resume)."""
-    adapter: Callable[[LoraConfig, int], LoraConfig]
-    """``adapter(lora, total_steps)``: the run's adapter config."""
-    label: Optional[str]
-    """Its name in the run's variant summary; None for plain LoRA."""
-    loraplus: bool
-    """Whether LoRA+ (lora_B at a higher learning rate) applies."""
-    final_rank: Callable[[LoraConfig], int] = lambda lora: lora.r
-    """The rank the trained adapter ends at, for the run's summary (AdaLoRA: its target_r)."""
-
-
-TRAIN_METHODS: dict[str, TrainMethod] = {
-    "lora": TrainMethod("LORA", lambda lora, total_steps: lora, label=None, loraplus=True),
-    "adalora": TrainMethod("ADALORA", _adalora, label="AdaLoRA", loraplus=False,
-                           final_rank=lambda lora: lora.target_r),
-}
-"""``TrainConfig.method`` -> how the trainer builds its adapter."""
 
 
 def _init_value(value: Any) -> Any:

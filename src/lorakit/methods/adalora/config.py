@@ -21,7 +21,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from lorakit.config import MAX_RANK, LoraConfig, shown
+from lorakit.checks import MAX_RANK, shown
+from lorakit.config import LoraConfig
 
 __all__ = ["AdaLoraConfig"]
 

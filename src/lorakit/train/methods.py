@@ -1,0 +1,49 @@
+"""The training methods `lorakit train` offers (``TrainConfig.method``): how each builds its
+adapter config from the run's LoRA settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from lorakit.config import LoraConfig
+from lorakit.methods.adalora import AdaLoraConfig
+
+__all__ = ["TrainMethod", "TRAIN_METHODS"]
+
+
+def _adalora(lora: LoraConfig, total_steps: int) -> LoraConfig:
+    """AdaLoRA over the LoRA settings: target_r = r, init_r = ceil(1.5 r), total_step = the run's
+    optimizer steps, tinit = 10% of them, tfinal = 20%, deltaT = max(1, steps // 100)."""
+    return AdaLoraConfig(
+        task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path,
+        target_modules=lora.target_modules, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        use_dora=lora.use_dora, use_rslora=lora.use_rslora, init_lora_weights=lora.init_lora_weights,
+        target_r=lora.r, init_r=math.ceil(1.5 * lora.r), total_step=total_steps,
+        tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=max(1, total_steps // 100),
+    )
+
+
+@dataclass(frozen=True)
+class TrainMethod:
+    """How the trainer builds one method's adapter from the LoRA settings."""
+
+    peft_type: str
+    """Its `lorakit.methods` entry (which also says whether a run can resume)."""
+    adapter: Callable[[LoraConfig, int], LoraConfig]
+    """``adapter(lora, total_steps)``: the run's adapter config."""
+    label: Optional[str]
+    """Its name in the run's variant summary; None for plain LoRA."""
+    loraplus: bool
+    """Whether LoRA+ (lora_B at a higher learning rate) applies."""
+    final_rank: Callable[[LoraConfig], int] = lambda lora: lora.r
+    """The rank the trained adapter ends at, for the run's summary (AdaLoRA: its target_r)."""
+
+
+TRAIN_METHODS: dict[str, TrainMethod] = {
+    "lora": TrainMethod("LORA", lambda lora, total_steps: lora, label=None, loraplus=True),
+    "adalora": TrainMethod("ADALORA", _adalora, label="AdaLoRA", loraplus=False,
+                           final_rank=lambda lora: lora.target_r),
+}
+"""``TrainConfig.method`` -> how the trainer builds its adapter."""

@@ -146,7 +146,7 @@ def _worker(args) -> dict:
                   gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, max_steps=args.steps,
                   lr_scheduler_type="linear", warmup_steps=0, seed=args.seed, bf16=args.side == "peft-bf16",
                   use_cpu=device.type == "cpu", save_strategy="no", report_to=[], logging_steps=1,
-                  disable_tqdm=True, gradient_checkpointing=False, remove_unused_columns=False)
+                  disable_tqdm=True, gradient_checkpointing=False)
     data = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

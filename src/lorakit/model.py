@@ -26,6 +26,7 @@ from lorakit.inject import (
 )
 from lorakit.layer import LoraLayer
 from lorakit.plugins import method_for
+from lorakit.signatures import ForwardingMethod
 
 __all__ = ["LoraModel", "PeftModel", "get_peft_model"]
 
@@ -91,7 +92,7 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- passing through
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+    def _forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward. ``adapter_names`` (PEFT's argument): one adapter name per row of the
         batch, "__base__" for a row without an adapter; each row runs through its own adapter in
         this one pass (eval mode only; `lorakit.batching`)."""
@@ -99,6 +100,10 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
         with batching.mixed_batch(self, adapter_names, rows=batching.batch_size(args, kwargs)):
             return self.base_model(*args, **kwargs)
+
+    forward = ForwardingMethod(_forward, lambda self: self.get_base_model().forward)
+    """Seen by ``inspect.signature`` with the user's model's arguments (the Trainer keeps only the
+    data columns a forward names), and ``adapter_names``."""
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's generate; ``adapter_names`` as in `forward` (one name per prompt; repeated

@@ -144,6 +144,37 @@ def test_passes_through_to_the_base_model():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+def test_forward_shows_the_user_models_arguments_and_adapter_names():
+    import copy
+    import inspect
+    import pickle
+
+    base = tiny_llama()
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    theirs = inspect.signature(base.forward).parameters
+    ours = inspect.signature(model.forward).parameters
+    # what the Trainer reads: the data columns a forward names (input_ids, labels, ...) and **kwargs
+    assert [n for n in ours if n != "adapter_names"] == list(theirs)
+    assert ours["adapter_names"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(ours)[-1] == "kwargs" and ours["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+    assert list(inspect.signature(copy.deepcopy(model).forward).parameters) == list(ours)
+    assert "forward" not in vars(model)  # no state on the instance: pickles and copies as before
+    torch.testing.assert_close(pickle.loads(pickle.dumps(model))(input_ids=input_ids()).logits, logits(model))
+
+    class Plain(torch.nn.Module):  # a model that takes its input positionally
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x, scale=1.0):
+            return self.proj(x) * scale
+
+    wrapped = get_peft_model(Plain(), LoraConfig(target_modules=["proj"]))
+    assert str(inspect.signature(wrapped.forward)).startswith("(x, scale=1.0, *, adapter_names")
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(wrapped(x, 2.0), wrapped.get_base_model()(x) * 2.0)
+
+
 def test_modules_to_save_trains_a_copy():
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
     wrapper = model.get_base_model().lm_head

@@ -26,6 +26,8 @@ and packed (tests/models/test_speedup.py).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import types
 from dataclasses import dataclass
@@ -146,13 +148,40 @@ class _Settings:
     """Forwards under bf16 autocast, on the device the module is on at the call."""
     loss_head: bool
     varlen: bool
-    wrapped: Callable | None = None
-    """The instance-level forward that was there before (another library's patch), else None."""
+    chain: tuple = (None,)
+    """What each of speedup's forwards on this module wraps, outermost first: ``chain[0]`` is the
+    instance-level forward that was there when speedup last ran (another library's patch), else
+    None (the class's). Another library can wrap speedup's forward and speedup wrap that again
+    (TRL's fused LM head, installed when SFTTrainer is built, between two calls): the inner one,
+    reached through the other library's, then calls ``chain[1]``, not the outer one's again."""
+    depth: int = 0
+    """How many of speedup's forwards on this module are running (nested calls, see ``chain``)."""
+
+    @property
+    def wrapped(self) -> Callable | None:
+        return self.chain[0]
+
+
+def _wrapped_here(settings: _Settings) -> Callable | None:
+    """What the running speedup forward wraps (``chain`` at its depth)."""
+    level = settings.depth - 1
+    return settings.chain[level] if 0 <= level < len(settings.chain) else None
 
 
 def _call_plain(module: nn.Module, settings: _Settings, args, kwargs):
-    forward = settings.wrapped if settings.wrapped is not None else functools.partial(type(module).forward, module)
+    forward = _wrapped_here(settings)
+    if forward is None:
+        forward = functools.partial(type(module).forward, module)
     return forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _entered(settings: _Settings):
+    settings.depth += 1
+    try:
+        yield
+    finally:
+        settings.depth -= 1
 
 
 def _autocast(settings: _Settings, module: nn.Module):
@@ -185,12 +214,12 @@ def _lm_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=
     settings: _Settings = self._lorakit_speedup
     if len(args) == 1 and "input_ids" not in kwargs:
         kwargs["input_ids"], args = args[0], ()
-    with _autocast(settings, self):
+    with _entered(settings), _autocast(settings, self):
         if settings.varlen and not args:
             kwargs = _with_layout(kwargs)
         targets = labels if shift_labels is None else shift_labels
         fast = settings.loss_head and not args and targets is not None
-        trl = trl_fused_head(self, settings.wrapped) if fused_lm_head and fast else None
+        trl = trl_fused_head(self, _wrapped_here(settings)) if fused_lm_head and fast else None
         if not (trl is not None or (fast and self.training and not fused_lm_head)):
             extra = {k: v for k, v in (("labels", labels), ("num_items_in_batch", num_items_in_batch),
                                        ("shift_labels", shift_labels), ("fused_lm_head", fused_lm_head or None))
@@ -212,16 +241,25 @@ def _decoder_forward(self, *args, **kwargs):
     """The decoder's forward under the same precision and packed layout: what runs when a caller
     calls the decoder itself (TRL's fused LM head does)."""
     settings: _Settings = self._lorakit_speedup
-    with _autocast(settings, self):
+    with _entered(settings), _autocast(settings, self):
         if settings.varlen and not args:
             kwargs = _with_layout(kwargs)
         return _call_plain(self, settings, args, kwargs)
 
 
+def _is_ours(forward) -> bool:
+    return getattr(getattr(forward, "__func__", None), "lorakit_speedup", False)
+
+
 def _patch_forward(module: nn.Module, fast: Callable, settings: _Settings) -> None:
     current = vars(module).get("forward")
-    ours = getattr(getattr(current, "__func__", None), "lorakit_speedup", False)
-    settings.wrapped = module._lorakit_speedup.wrapped if ours else current  # applied again: keep what it wrapped
+    previous: _Settings | None = vars(module).get("_lorakit_speedup")
+    if previous is None:
+        settings.chain = (current,)
+    elif _is_ours(current):  # applied again: keep what it wrapped
+        settings.chain = previous.chain
+    else:  # another library wrapped speedup's forward: wrap it, and the inner forward keeps its own
+        settings.chain = (current, *previous.chain)
     module._lorakit_speedup = settings
 
     @functools.wraps(type(module).forward)  # the class's signature (generate and the Trainer read the arguments)
@@ -230,6 +268,22 @@ def _patch_forward(module: nn.Module, fast: Callable, settings: _Settings) -> No
 
     forward.lorakit_speedup = True
     module.forward = types.MethodType(forward, module)  # bound, no closure: a deep copy binds it to the copy
+
+
+def _serve_later_heads(module: nn.Module, args, kwargs) -> None:
+    """A forward pre-hook on the causal LM: when a ``fused_lm_head=True`` call finds speedup's forward
+    wrapped by another (TRL's fused LM head, installed when SFTTrainer is built after speedup ran),
+    speedup wraps it again, so that from the next call on it serves the head on the label positions
+    (this call runs TRL's head, which computes the same on every position)."""
+    if not kwargs.get("fused_lm_head") or _is_ours(vars(module).get("forward")):
+        return None
+    settings: _Settings = module._lorakit_speedup
+    _patch_forward(module, _lm_forward, dataclasses.replace(settings, depth=0))
+    if trl_fused_head(module, module._lorakit_speedup.wrapped) is not None:
+        print("lorakit.speedup: TRL's fused LM head, installed after speedup, is served on the label positions "
+              "from the next step on (call speedup(model) after building the trainer to have it from the first)",
+              flush=True)
+    return None
 
 
 def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
@@ -287,6 +341,9 @@ def speedup(model: nn.Module, *, bf16: bool | None = None, attention: str = "aut
         notes.append("packed batches: the model's own attention mask")
     if head or varlen or precision == "bf16":
         _patch_forward(lm, _lm_forward, _Settings(bf16=precision == "bf16", loss_head=head, varlen=varlen))
+        if head and not getattr(lm, "_lorakit_serves_later_heads", False):
+            lm.register_forward_pre_hook(_serve_later_heads, with_kwargs=True)
+            lm._lorakit_serves_later_heads = True
         decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
         if isinstance(decoder, nn.Module) and decoder is not lm:
             _patch_forward(decoder, _decoder_forward, _Settings(bf16=precision == "bf16", loss_head=False,

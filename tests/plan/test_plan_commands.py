@@ -84,3 +84,33 @@ def test_help_text_comes_from_the_docstrings(capsys):
     with pytest.raises(SystemExit):
         run(["diagnose", "--help"])
     assert "not learning" in capsys.readouterr().out
+
+
+def test_plan_json_per_device_on_two_gpus_with_fsdp(capsys):
+    argv = ["plan", "--model", "Llama-3-8B", "--task", "format", "--examples", "300", "--device", "cuda",
+            "--memory-gb", "14", "--gpus", "2", "--strategy", "fsdp", "--json"]
+    assert run(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    memory = doc["recommendation"]["estimate"]["memory"]
+    assert (memory["gpus"], memory["strategy"]) == (2, "fsdp")
+    assert memory["weights"] == 8_030_261_248 * 2 // 2  # bf16 frozen weights, sharded in two
+    assert sum(memory[k] for k in ("weights", "adapter", "activations", "logits", "allocator",
+                                 "overhead", "distributed")) == memory["total"]
+    assert memory["fits"] is True and doc["presets"]["balanced"]["memory"]["gpus"] == 2
+    strategy = doc["strategy"]
+    assert strategy["suggested"] == "fsdp" and "frozen weights alone" in strategy["reason"]
+    assert strategy["per_device"]["ddp"]["weights"] == 8_030_261_248 * 2
+    assert strategy["per_device"]["ddp"]["fits"] is False
+    assert doc["recommendation"]["train_args"][-4:] == ["--nproc", "2", "--strategy", "fsdp"]
+
+
+def test_bad_gpus_or_strategy_exit_2_through_lorakit_main(monkeypatch, capsys):
+    monkeypatch.setattr(lorakit.cli, "COMMAND_MODULES", ("lorakit.plan.commands",))
+    assert lorakit.cli.main(["plan", "--task", "domain", "--examples", "10", "--gpus", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot estimate memory: gpus=0: must be a positive number") \
+        and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:
+        lorakit.cli.main(["plan", "--task", "domain", "--examples", "10", "--strategy", "xyz"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'xyz' (choose from 'ddp', 'fsdp')" in capsys.readouterr().err

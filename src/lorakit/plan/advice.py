@@ -80,7 +80,8 @@ class Recommendation:
                     lora_dropout=self.lora_dropout, use_rslora=self.use_rslora)
 
     def train_args(self) -> list[str]:
-        """The `lorakit train` flags that train this recommendation (rsLoRA included)."""
+        """The `lorakit train` flags that train this recommendation (rsLoRA included; with
+        several processes ``--nproc`` and ``--strategy``)."""
         args = ["--r", str(self.r), "--lora-alpha", f"{self.lora_alpha:g}", "--lora-dropout", f"{self.lora_dropout:g}",
                 "--target-modules", *self.target_modules, "--lr", f"{self.learning_rate:g}",
                 "--epochs", str(self.num_epochs), "--batch-size", str(self.batch_size),
@@ -89,6 +90,9 @@ class Recommendation:
             args.append("--use-rslora")
         if self.gradient_checkpointing:
             args.append("--gradient-checkpointing")
+        memory = self.estimate.memory
+        if memory.gpus > 1:
+            args += ["--nproc", str(memory.gpus), "--strategy", memory.strategy]
         return args
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,12 +105,13 @@ class Recommendation:
 
 def recommend(task: str, examples: int, shape: ModelShape, memory_gb: float | None = None, *,
               device: str = "cpu", dtype: str = "bfloat16", seq_len: int = 512,
-              batch_size: int = 4) -> Recommendation:
+              batch_size: int = 4, gpus: int = 1, strategy: str = "ddp") -> Recommendation:
     """The lesson's advice for ``task`` with ``examples`` training examples on ``shape``.
 
     ``task``: "format", "domain" or "behavior" (see `TASKS`). A pure function: the same inputs
     give the same advice; ``memory_gb`` (GiB) narrows the batch and targets until the estimate
-    fits, or says it cannot.
+    fits, or says it cannot. ``gpus`` processes with ``strategy`` ("ddp" or "fsdp"): the estimate
+    is per device and ``batch_size`` per process, as in ``lorakit train --nproc``.
     """
     task = _check(task, examples)
     tier = data_tier(examples)
@@ -152,7 +157,7 @@ def recommend(task: str, examples: int, shape: ModelShape, memory_gb: float | No
 
     fitted = _fit(shape, roles, dict(r=r, lora_alpha=alpha, use_rslora=use_rslora,
                                      lora_dropout=dropout), memory_gb, batch_size,
-                  dict(device=device, dtype=dtype, seq_len=seq_len))
+                  dict(device=device, dtype=dtype, seq_len=seq_len, gpus=gpus, strategy=strategy))
     est, batch, accumulation, checkpointing, roles, memory_why = fitted
     targets = tuple(shape.target_names(roles))
     reasons["target_modules"] = targets_why + memory_why.get("targets", "")
@@ -227,7 +232,7 @@ def _fit(shape, roles, lora, memory_gb, batch_size, training):
             est = run()
         m = est.memory
         why["batch"] = ("as asked" if batch == batch_size else why["batch"].split(" to fit")[0]) + (
-            f"; still needs {m.total / GiB:.1f} GiB of {budget} (frozen weights alone "
+            f"; still needs {m.machine_total / GiB:.1f} GiB of {budget} (frozen weights alone "
             f"{m.weights / GiB:.1f} GiB): use a smaller model, more memory or a shorter --seq-len")
     accumulation = max(1, math.ceil(batch_size / batch))
     return est, batch, accumulation, checkpointing, roles, why

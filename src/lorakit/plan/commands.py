@@ -17,6 +17,7 @@ from lorakit.plan.inspection import inspect_adapter
 from lorakit.plan.planner import make_plan
 from lorakit.plan.plot import plot_diagnosis
 from lorakit.plan.report import format_diagnosis, format_inspection, format_plan
+from lorakit.plan.sharding import STRATEGIES
 
 __all__ = ["register"]
 
@@ -34,14 +35,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--examples", required=True, type=int, metavar="N",
                    help="the number of training examples")
     p.add_argument("--memory-gb", type=float, default=None, metavar="X",
-                   help="memory available for training, in GiB (GPU memory, or RAM on cpu)")
+                   help="memory available for training, in GiB (each GPU's memory, or on cpu the "
+                        "machine's RAM, which the --gpus processes share)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the frozen weights and activations (default bfloat16)")
     p.add_argument("--seq-len", type=int, default=512, metavar="L",
                    help="tokens per training sequence (default 512)")
     p.add_argument("--batch-size", type=int, default=4, metavar="B",
-                   help="sequences per step (default 4)")
+                   help="sequences per step, per process (default 4)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="processes, one per GPU (or CPU processes), as lorakit train --nproc N; "
+                        "the memory is then per device (default 1)")
+    p.add_argument("--strategy", choices=list(STRATEGIES), default="ddp",
+                   help="how several processes share the model, as lorakit train --strategy: ddp "
+                        "(each device holds the whole frozen model) or fsdp (FSDP2 shards it); the "
+                        "plan says which suits (default ddp)")
     p.add_argument("--json", action="store_true", help="print the plan as a JSON document")
     p.set_defaults(func=run_plan)
 
@@ -69,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(args.model, args.task, args.examples, memory_gb=args.memory_gb,
                      device=args.device, dtype=args.dtype, seq_len=args.seq_len,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, gpus=args.gpus, strategy=args.strategy)
     print(_json(plan.to_dict()) if args.json else format_plan(plan))
     return 0
 

@@ -73,14 +73,15 @@ class Estimate:
 
 
 _TRAINING_KEYS = ("batch_size", "seq_len", "dtype", "device", "gradient_checkpointing", "autocast",
-                  "head_on_labels", "label_fraction", "fused_kernels", "memory_gb")
+                  "head_on_labels", "label_fraction", "fused_kernels", "memory_gb", "gpus", "strategy")
 
 
 def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = None, *,
              batch_size: int = 4, seq_len: int = 512, dtype: str = "bfloat16",
              device: str = "cpu", gradient_checkpointing: bool = False, autocast: bool = True,
              head_on_labels: bool | None = None, label_fraction: float = 1.0,
-             fused_kernels: bool | None = None, memory_gb: float | None = None, **lora: Any) -> Estimate:
+             fused_kernels: bool | None = None, memory_gb: float | None = None, gpus: int = 1,
+             strategy: str = "ddp", **lora: Any) -> Estimate:
     """Parameters, adapter size and training memory of a LoRA configuration, from shapes alone.
 
     ``model``: a model directory, config.json, .gguf file, built-in name (``"Llama-3-8B"``), a
@@ -94,7 +95,7 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
     ``adapter_model.safetensors`` (see `costs`). Training memory, in bytes (b: bytes per value of
     ``dtype``; every term in full in `lorakit.plan.memory`):
 
-        total       = weights + adapter + activations + logits + allocator + overhead
+        total       = weights + adapter + activations + logits + allocator + overhead + distributed
         weights     = base_params * b
         adapter     = trainable_params * (16 + a)  fp32 weights, gradients, AdamW's two moments;
                                                    a = b under autocast: the weights' b copies
@@ -109,6 +110,7 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
                       batch_size * seq_len * vocab * (b + 12)   (head on every position)
         allocator   = 0.35 * activations (cpu: what glibc's malloc keeps), 0 (cuda)
         overhead    = 0.5 GiB (cpu) or 1 GiB (cuda)
+        distributed = 0 on one process (`lorakit.plan.sharding` for several)
 
     The defaults describe ``lorakit train``. ``autocast``: the forward runs under
     ``torch.autocast`` in ``dtype`` over fp32 adapters, as lorakit's trainer does in bf16; False
@@ -122,7 +124,12 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
     plain text; for chat data with assistant-only labels, the answers' share of the tokens);
     it counts only when the head runs on label positions only.
 
-    ``memory.fits`` compares the total with ``memory_gb`` (GiB), when given.
+    ``gpus``: processes, one per GPU (or CPU processes), each with ``batch_size`` examples a
+    micro-step, as ``lorakit train --nproc``; ``strategy``: "ddp" (each device holds the whole
+    frozen model) or "fsdp" (FSDP2 shards it). With ``gpus`` > 1 the memory is per device.
+
+    ``memory.fits`` compares the total with ``memory_gb`` (GiB), when given (on a CPU the
+    ``gpus`` processes share it).
     """
     known = {f.name for f in fields(LoraSpec)}
     unknown = sorted(set(lora) - known)
@@ -140,7 +147,8 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
                              batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                              gradient_checkpointing=gradient_checkpointing, autocast=autocast,
                              head_on_labels=head_on_labels, label_fraction=label_fraction,
-                             fused_kernels=fused_kernels, memory_gb=memory_gb)
+                             fused_kernels=fused_kernels, memory_gb=memory_gb, gpus=gpus,
+                             strategy=strategy, use_dora=spec.use_dora)
     return Estimate(shape=shape, spec=spec, targets=tuple(targets), trainable_params=trainable,
                     base_params=shape.total_params,
                     adapter_bytes_fp32=safetensors_size(tensors, "F32"),

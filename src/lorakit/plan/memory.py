@@ -1,6 +1,6 @@
 """How much memory LoRA training takes: an explicit model whose parts add up to the total.
 
-    total = weights + adapter + activations + logits + allocator + overhead
+    total = weights + adapter + activations + logits + allocator + overhead + distributed
 
     weights     = base_params * b                   the frozen base model in the training dtype
                                                     (b = 4 for float32, 2 for bfloat16/float16)
@@ -54,6 +54,12 @@
                                                     the overhead there)
     overhead    = 0.5 GiB on CPU (Python, torch, transformers, tokenizer),
                   1.0 GiB on CUDA (context, kernels, allocator slack)
+    distributed = 0                                 one process
+                                                    on several (``gpus`` = N, ``strategy`` ddp or
+                                                    fsdp) every part is per device: DDP adds its
+                                                    gradient buckets, FSDP2 shards weights and
+                                                    adapter by N and adds the layers it gathers
+                                                    (the formula: lorakit.plan.sharding)
 
 The activation terms are the tensors PyTorch's autograd saves in transformers' blocks with LoRA
 layers, counted with saved_tensors_hooks (tests/plan/test_plan_memory.py checks Llama, Qwen 2/3,
@@ -99,6 +105,7 @@ from lorakit.kernels.attention import MIN_SPLIT as SPLIT_FROM
 from lorakit.kernels.loss import DEFAULT_CHUNK as HEAD_CHUNK
 from lorakit.models.family import LLAMA_FAMILY
 from lorakit.plan.shapes import ModelShape
+from lorakit.plan.sharding import check_devices, machine_total, shard
 from lorakit.plan.targets import TargetedModule
 
 __all__ = ["MemoryEstimate", "estimate_memory", "activation_bytes_per_token", "GiB", "DTYPES",
@@ -107,7 +114,6 @@ __all__ = ["MemoryEstimate", "estimate_memory", "activation_bytes_per_token", "G
 GiB = 1024 ** 3
 DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-ADAPTER_BYTES_PER_PARAM = 4 + 4 + 4 + 4  # fp32 weight, gradient, AdamW exp_avg, exp_avg_sq
 LOSS_FP32_COPIES = 3  # fp32 log-softmax kept by cross-entropy; in backward two fp32 gradients
 # lorakit's attention skips the masked quarter of causal attention from SPLIT_FROM tokens on and
 # runs up to MAX_SCORES (batch x heads x seq^2) scores per layer; the loss head works in chunks of
@@ -130,10 +136,13 @@ class MemoryEstimate:
     logits: int
     allocator: int
     overhead: int
-    total: int
-    budget: int | None  # the stated memory in bytes, if any
+    distributed: int  # several processes: DDP's gradient buckets or FSDP2's gathered parameters
+    total: int  # per device
+    budget: int | None  # the stated memory in bytes, if any (each GPU's; the machine's on cpu)
     device: str
     dtype: str
+    gpus: int  # processes, one per device (one per GPU, or CPU processes on one machine)
+    strategy: str  # how several processes share the model: "ddp" or "fsdp"
     batch_size: int
     seq_len: int
     gradient_checkpointing: bool
@@ -144,21 +153,28 @@ class MemoryEstimate:
 
     def __post_init__(self) -> None:
         parts = (self.weights + self.adapter + self.activations + self.logits + self.allocator
-                 + self.overhead)
+                 + self.overhead + self.distributed)
         assert parts == self.total, f"memory parts sum to {parts}, total says {self.total}"
 
     @property
+    def machine_total(self) -> int:
+        """What the stated memory must hold: ``total`` on CUDA (each device's); on a CPU the
+        ``gpus`` processes share the machine: ``gpus * total``."""
+        return machine_total(self.total, self.gpus, self.device)
+
+    @property
     def fits(self) -> bool | None:
-        """Whether the total is within the stated memory; None when none was stated."""
-        return None if self.budget is None else self.total <= self.budget
+        """Whether `machine_total` is within the stated memory; None when none was stated."""
+        return None if self.budget is None else self.machine_total <= self.budget
 
     def parts(self) -> dict[str, int]:
         return {"weights": self.weights, "adapter": self.adapter,
                 "activations": self.activations, "logits": self.logits,
-                "allocator": self.allocator, "overhead": self.overhead}
+                "allocator": self.allocator, "overhead": self.overhead,
+                "distributed": self.distributed}
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"fits": self.fits}
+        return asdict(self) | {"machine_total": self.machine_total, "fits": self.fits}
 
 
 def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable: int, *,
@@ -166,8 +182,10 @@ def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable:
                     dtype: str = "bfloat16", device: str = "cpu",
                     gradient_checkpointing: bool = False, autocast: bool = True,
                     head_on_labels: bool | None = None, label_fraction: float = 1.0,
-                    fused_kernels: bool | None = None, memory_gb: float | None = None) -> MemoryEstimate:
-    """The training memory of LoRA on ``shape``: see the module docstring for the formula."""
+                    fused_kernels: bool | None = None, memory_gb: float | None = None,
+                    gpus: int = 1, strategy: str = "ddp", use_dora: bool = False) -> MemoryEstimate:
+    """The training memory of LoRA on ``shape``, per device of ``gpus`` (see the module docstring
+    for the formula); ``use_dora`` places DoRA's magnitudes in the layers FSDP2 gathers."""
     problems = []
     if dtype not in DTYPES:
         problems.append(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
@@ -181,6 +199,7 @@ def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable:
                         "(the share of positions that are prediction targets)")
     if memory_gb is not None and not memory_gb > 0:
         problems.append(f"memory_gb={memory_gb!r}: must be a positive number of GiB")
+    problems += check_devices(gpus, strategy)
     if problems:
         raise ConfigError("cannot estimate memory: " + "; ".join(problems))
     b = DTYPES[dtype]
@@ -194,8 +213,9 @@ def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable:
                                            autocast=autocast, fused_kernels=fused_kernels,
                                            batch_size=batch_size)
 
-    weights = shape.total_params * b
-    adapter = trainable * (ADAPTER_BYTES_PER_PARAM + (b if autocast and b < 4 else 0))
+    sharded = shard(shape, targets, trainable, b, autocast_bytes=b if autocast and b < 4 else 0,
+                    gpus=gpus, strategy=strategy, use_dora=use_dora)
+    weights, adapter = sharded.weights, sharded.adapter
     activations = tokens * per_token
     if head_on_labels:
         labelled = math.ceil(tokens * label_fraction)
@@ -206,10 +226,11 @@ def estimate_memory(shape: ModelShape, targets: list[TargetedModule], trainable:
     overhead = OVERHEAD[device]
     return MemoryEstimate(
         weights=weights, adapter=adapter, activations=activations, logits=logits,
-        allocator=allocator, overhead=overhead,
-        total=weights + adapter + activations + logits + allocator + overhead,
+        allocator=allocator, overhead=overhead, distributed=sharded.distributed,
+        total=weights + adapter + activations + logits + allocator + overhead + sharded.distributed,
         budget=None if memory_gb is None else int(memory_gb * GiB), device=device,
-        dtype=CANONICAL_DTYPE.get(dtype, dtype), batch_size=batch_size, seq_len=seq_len,
+        dtype=CANONICAL_DTYPE.get(dtype, dtype), gpus=gpus, strategy=strategy,
+        batch_size=batch_size, seq_len=seq_len,
         gradient_checkpointing=gradient_checkpointing, autocast=autocast,
         head_on_labels=head_on_labels, label_fraction=label_fraction,
         activation_bytes_per_token=per_token)
@@ -247,7 +268,7 @@ def activation_bytes_per_token(shape: ModelShape, targets: list[TargetedModule],
     lora_by_block: dict[int | None, int] = {}
     shared: set[tuple] = set()
     for t in targets:
-        layer = _block_index(shape, t.name)
+        layer = shape.layer_of(t.name)
         group = (layer, _INPUT_GROUPS.get(t.module.roles[0], t.name) if t.module.roles else t.name)
         copy = c * t.module.in_features
         fused = autocast or b == 4  # lorakit's fused layer: no cast of the input, a bool dropout mask
@@ -267,9 +288,3 @@ def activation_bytes_per_token(shape: ModelShape, targets: list[TargetedModule],
         return active * h * b + (block if active else 0) + per_block + outside + final_norm
     return active * block + lora + final_norm
 
-
-def _block_index(shape: ModelShape, name: str) -> int | None:
-    prefix = shape.layers_prefix + "."
-    if not name.startswith(prefix):
-        return None
-    return int(name[len(prefix):].split(".", 1)[0])

@@ -11,6 +11,7 @@ from lorakit.plan.advice import Recommendation, recommend
 from lorakit.plan.estimation import Estimate, estimate
 from lorakit.plan.shapes import ModelShape
 from lorakit.plan.sources import load_shape
+from lorakit.plan.strategies import StrategyAdvice, advise_strategy
 
 __all__ = ["Plan", "make_plan", "preset_estimates"]
 
@@ -23,6 +24,7 @@ class Plan:
     recommendation: Recommendation
     presets: dict[str, Estimate]  # "conservative", "balanced", "max_capacity"
     memory_gb: float | None
+    strategy: StrategyAdvice  # the recommendation per device under DDP and FSDP2, and which to use
 
     @property
     def options(self) -> dict[str, Estimate]:
@@ -41,6 +43,7 @@ class Plan:
             "memory_gb": self.memory_gb,
             "recommendation": self.recommendation.to_dict(),
             "presets": {name: est.to_dict() for name, est in self.presets.items()},
+            "strategy": self.strategy.to_dict(),
         }
 
 
@@ -56,12 +59,20 @@ def preset_estimates(shape: ModelShape, **training: Any) -> dict[str, Estimate]:
 
 def make_plan(model: str | os.PathLike | ModelShape | None, task: str, examples: int, *,
               memory_gb: float | None = None, device: str = "cpu", dtype: str = "bfloat16",
-              seq_len: int = 512, batch_size: int = 4) -> Plan:
+              seq_len: int = 512, batch_size: int = 4, gpus: int = 1, strategy: str = "ddp") -> Plan:
     """Recommend settings for ``task`` with ``examples`` examples on ``model`` and cost the
-    recommendation and the three presets at the same sequence length, batch and dtype."""
+    recommendation and the three presets at the same sequence length, batch and dtype, per
+    device of ``gpus`` processes sharing the model by ``strategy`` ("ddp" or "fsdp"; the batch
+    is per process); then say which strategy suits the recommendation."""
     shape = load_shape(model)
-    rec = recommend(task, examples, shape, memory_gb, device=device, dtype=dtype,
-                    seq_len=seq_len, batch_size=batch_size)
-    presets = preset_estimates(shape, device=device, dtype=dtype, seq_len=seq_len,
-                               batch_size=batch_size, memory_gb=memory_gb)
-    return Plan(shape=shape, recommendation=rec, presets=presets, memory_gb=memory_gb)
+    training = dict(device=device, dtype=dtype, seq_len=seq_len)
+    rec = recommend(task, examples, shape, memory_gb, **training, batch_size=batch_size,
+                    gpus=gpus, strategy=strategy)
+    presets = preset_estimates(shape, **training, batch_size=batch_size, memory_gb=memory_gb,
+                               gpus=gpus, strategy=strategy)
+    settings = rec.lora_config() | dict(batch_size=rec.batch_size,
+                                        gradient_checkpointing=rec.gradient_checkpointing)
+    advice = advise_strategy(shape, settings, gpus=gpus, strategy=strategy, memory_gb=memory_gb,
+                             **training)
+    return Plan(shape=shape, recommendation=rec, presets=presets, memory_gb=memory_gb,
+                strategy=advice)

@@ -7,6 +7,7 @@ the same thing is its ``to_dict()``. Nothing here computes anything new.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import TYPE_CHECKING
 
 from lorakit.plan.advice import TASKS, data_tier
@@ -15,8 +16,10 @@ from lorakit.plan.memory import GiB
 if TYPE_CHECKING:
     from lorakit.plan.diagnosis import Diagnosis
     from lorakit.plan.estimation import Estimate
+    from lorakit.plan.memory import MemoryEstimate
     from lorakit.plan.inspection import Inspection
     from lorakit.plan.planner import Plan
+    from lorakit.plan.strategies import StrategyAdvice
 
 __all__ = ["format_plan", "format_inspection", "format_diagnosis", "human_bytes"]
 
@@ -60,6 +63,7 @@ def format_plan(plan: "Plan") -> str:
         f"Data      {rec.examples:,} examples ({data_tier(rec.examples)})",
         f"Training  {memory.device}, {memory.dtype}, sequences of {memory.seq_len} tokens, "
         f"memory {budget}",
+        *_processes_line(memory),
         "",
         "Recommendation",
     ]
@@ -72,6 +76,7 @@ def format_plan(plan: "Plan") -> str:
             lines.append(f"  {_FIELD_LABELS[key]:<19} {value:<8} {why}")
     lines += ["", *_cost_table(plan),
               "  (rs = rsLoRA, ckpt = gradient checkpointing; memory formula: lorakit.plan.memory)",
+              *_strategy_lines(plan.strategy),
               "", f"  recommended: {rec.estimate.peft_line()}",
               f"  train it:    lorakit train --data YOUR.jsonl {' '.join(rec.train_args())}"]
     return "\n".join(lines)
@@ -94,13 +99,21 @@ def _cost_table(plan: "Plan") -> list[str]:
     row("share of all params", lambda e: f"{e.trainable_percent:.4f}%")
     row("adapter file fp32", lambda e: human_bytes(e.adapter_bytes_fp32))
     row("adapter file bf16", lambda e: human_bytes(e.adapter_bytes_bf16))
-    row("memory: frozen weights", lambda e: human_bytes(e.memory.weights))
+    first = plan.recommendation.estimate.memory
+    several = first.gpus > 1
+    unit = "process" if first.device == "cpu" else "device"
+    row(f"per {unit}: frozen weights" if several else "memory: frozen weights",
+        lambda e: human_bytes(e.memory.weights))
     row("  adapter+grads+AdamW", lambda e: human_bytes(e.memory.adapter))
     row("  activations", lambda e: human_bytes(e.memory.activations))
     row("  logits", lambda e: human_bytes(e.memory.logits))
     row("  allocator slack", lambda e: human_bytes(e.memory.allocator))
     row("  runtime overhead", lambda e: human_bytes(e.memory.overhead))
+    if several:
+        row(f"  {_DISTRIBUTED_LABEL[first.strategy]}", lambda e: human_bytes(e.memory.distributed))
     row("  total", lambda e: human_bytes(e.memory.total))
+    if several and first.device == "cpu":
+        row(f"all {first.gpus} processes", lambda e: human_bytes(e.memory.machine_total))
     if plan.memory_gb is not None:
         row(f"fits in {plan.memory_gb:g} GiB", lambda e: "yes" if e.memory.fits else "NO")
     names = list(options)
@@ -111,6 +124,40 @@ def _cost_table(plan: "Plan") -> list[str]:
         out.append("  " + label.ljust(label_width) + "  "
                    + "  ".join(c.rjust(w) for c, w in zip(cells, widths)))
     return out
+
+
+_DISTRIBUTED_LABEL = {"ddp": "DDP grad buckets", "fsdp": "FSDP gathered params"}
+
+
+def _processes_line(memory: "MemoryEstimate") -> list[str]:
+    if memory.gpus == 1:
+        return []
+    if memory.device == "cpu":
+        return [f"          {memory.gpus} CPU processes sharing the machine's memory, --strategy "
+                f"{memory.strategy}; memory below per process, batch {memory.batch_size} each"]
+    return [f"          {memory.gpus} processes (one per GPU), --strategy {memory.strategy}; memory "
+            f"below per device, batch {memory.batch_size} each"]
+
+
+def _strategy_lines(advice: "StrategyAdvice") -> list[str]:
+    """Both strategies' memory for the recommendation, and which to use (several processes)."""
+    if advice.gpus == 1:
+        return []
+    moved = {"ddp": "all-reduces {} of adapter gradients a step",
+             "fsdp": "gathers {} of frozen weights a step"}
+    lines = ["", f"Strategy  {advice.gpus} processes, the recommended settings under each"]
+    for name, m in advice.per_device.items():
+        need = (f"{human_bytes(m.machine_total)} in all" if m.device == "cpu"
+                else f"{human_bytes(m.total)} per device")
+        fits = "" if m.fits is None else ("  fits        " if m.fits else "  does not fit")
+        traffic = moved[name].format(human_bytes(advice.exchanged[name]))
+        lines.append(f"  {name:<5} {need:>22}{fits}  {traffic}")
+    lines += textwrap.wrap(f"{'use ' if advice.suggested else ''}{advice.reason}", width=100,
+                           initial_indent="  ", subsequent_indent="      ")
+    if advice.suggested not in (None, advice.planned):
+        lines.append(f"  (the table above is costed with --strategy {advice.planned}; plan again "
+                     f"with --strategy {advice.suggested})")
+    return lines
 
 
 def format_inspection(ins: "Inspection", bar_width: int = 30) -> str:

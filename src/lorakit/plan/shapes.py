@@ -90,6 +90,14 @@ class ModelShape:
                 yield f"{self.layers_prefix}.{i}.{module.name}", module
         yield self.head.name, self.head
 
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer a module path is in (``model.layers.3.mlp.up_proj`` -> 3), or None
+        for a module outside the layers (the embedding, the head)."""
+        prefix = self.layers_prefix + "."
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix):].split(".", 1)[0])
+
     def target_names(self, roles: list[str] | tuple[str, ...]) -> list[str]:
         """target_modules entries for this model that cover the given Llama projection names.
 

@@ -49,7 +49,9 @@ from machine import machine  # bench/machine.py
 
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SIDES = ("lorakit", "peft-fp32", "peft-bf16")
+SIDES = ("lorakit", "lorakit-fp32", "peft-fp32", "peft-bf16")
+"""lorakit + speedup (bf16 where the machine runs it natively), lorakit + speedup(bf16=False), PEFT in
+fp32, PEFT under the Trainer's bf16 autocast."""
 SHARED = ("model", "train_examples", "eval_examples", "batch_size", "grad_accum", "steps", "lr", "rank",
           "max_length", "seed", "collator")
 
@@ -77,12 +79,12 @@ def _model(args, side: str, device):
     base, _ = load_model(args.model, device=device)
     base.config.use_cache = False  # a packed row's examples stay apart in transformers' attention only so
     torch.manual_seed(args.seed)
-    if side == "lorakit":
+    if side.startswith("lorakit"):
         import lorakit
 
         model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                                  lora_dropout=0.0, target_modules=TARGETS))
-        return lorakit.speedup(model)
+        return lorakit.speedup(model, bf16=False if side == "lorakit-fp32" else None)
     import peft
 
     return peft.get_peft_model(base, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
@@ -161,13 +163,13 @@ def _worker(args) -> dict:
 
         sft = SFTConfig(**common, padding_free=args.collator == "packed", max_length=None)
         # TRL recognises PEFT's PeftModel only: lorakit's goes in as the transformers model holding its layers
-        given = model.get_base_model() if args.side == "lorakit" else model
+        given = model.get_base_model() if args.side.startswith("lorakit") else model
         trainer = _counting(SFTTrainer)(model=given, args=sft, train_dataset=Dataset.from_list(data),
                                         processing_class=tokenizer)
-        if args.side == "lorakit":  # after the trainer's fused LM head: speedup serves it on the label positions
+        if args.side.startswith("lorakit"):  # after the trainer's fused LM head: served on the label positions
             import lorakit
 
-            lorakit.speedup(model, verbose=False)
+            lorakit.speedup(model, bf16=False if args.side == "lorakit-fp32" else None, verbose=False)
     output = trainer.train()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -231,7 +233,7 @@ def _parent(args) -> None:
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="lorakit-trainer-speedup-")
     results = {}
     for loop in loops:
-        order = [f"{loop}:{side}" for side in SIDES]
+        order = [f"{loop}:{side}" for side in args.sides.split(",") if side]
         runs: dict[str, list[dict]] = {name: [] for name in order}
         for r in range(args.rounds):  # the sides in turn: A B C, then C B A
             for name in order if r % 2 == 0 else order[::-1]:
@@ -243,7 +245,8 @@ def _parent(args) -> None:
         print(_table(loop, sides))
         if len(tokens) > 1:
             print(f"WARNING: the sides did not train on the same tokens: {sorted(tokens)}")
-        print(f"lorakit's speedup: {'; '.join(sides['lorakit']['notes'] or [])}")
+        for name in (n for n in sides if n.startswith("lorakit")):
+            print(f"{name}'s speedup: {'; '.join(sides[name]['notes'] or [])}")
         results[loop] = sides
     if not keep:
         import shutil
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--collator", choices=("packed", "padded"), default="packed",
                    help="packed: DataCollatorWithFlattening (SFTTrainer: padding_free); padded: DataCollatorForSeq2Seq")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"which of {', '.join(SIDES)} to train")
     p.add_argument("--rounds", type=int, default=2, help="train every side this many times, in turn")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "trainer_speedup.json"))
     p.add_argument("--workdir", default=None, help="keep the runs and adapters here (default: a temporary directory)")
@@ -282,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--side", choices=SIDES, default="lorakit", help=argparse.SUPPRESS)
     p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = set(args.sides.split(",")) - set(SIDES) - {""}
+    if unknown:
+        p.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
     if not args.worker:
         _parent(args)
         return

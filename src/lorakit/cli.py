@@ -115,6 +115,7 @@ def _default_from_environment(action: argparse.Action, environ: Mapping[str, str
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (a command that starts workers passes it on)
     if not getattr(args, "func", None):
         # A bare `lorakit`: the commands and the first two steps, not an error.
         parser.print_help()
@@ -122,17 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TrainingInterrupted as err:
-        print(f"interrupted: {err}", file=sys.stderr)
+        _say(f"interrupted{_rank()}: {err}")
         return EXIT_INTERRUPTED
     except TrainingError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        _say(f"error{_rank()}: {err}")
         return EXIT_FAILURE
     except LorakitError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        _say(f"error{_rank()}: {err}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -140,8 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a failure while running: one line unless --debug
         if args.debug:
             raise
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        _say(f"error{_rank()}: {type(err).__name__}: {err}")
         return EXIT_FAILURE
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write (the lines of several processes sharing it stay whole)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _rank() -> str:
+    """" (rank 1 of 2)" in a process that torchrun started as one of several, else "": which
+    process an error line comes from."""
+    size, rank = os.environ.get("WORLD_SIZE", ""), os.environ.get("RANK", "")
+    return f" (rank {rank} of {size})" if size.isdigit() and int(size) > 1 and rank.isdigit() else ""
 
 
 if __name__ == "__main__":

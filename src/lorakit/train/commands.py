@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.evaluation import evaluate_adapter
+from lorakit.train import distributed
 from lorakit.train.config import AdapterSettings, TrainConfig, field_docs, load_train_config, setting_names
 from lorakit.train.loop import train
 from lorakit.train.setup import restart_command
@@ -18,6 +19,9 @@ __all__ = ["register"]
 
 # Flags with a shorter name than their TrainConfig field.
 ALIASES = {"learning_rate": "--lr"}
+# Second names: torchrun's own parser reads "--r" as an abbreviation of its options (--rdzv-*,
+# --role, ...) even after "-m lorakit train", so under torchrun the rank is given as --rank.
+SECOND_NAMES = {"r": ("--rank",)}
 
 
 def register(subparsers) -> None:
@@ -27,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="a YAML file of training options (e.g. a run's config.yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train on N processes of this machine: starts torchrun for you (one per GPU; on a CPU "
+                        "each gets its share of the cores); --strategy says how they share the model")
     _add_config_flags(p)
     p.set_defaults(func=_train)
 
@@ -45,7 +52,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training options (TrainConfig fields and the adapter's settings)")
     types = {f.name: f for f in dataclasses.fields(TrainConfig) + dataclasses.fields(AdapterSettings)}
     for f in (types[name] for name in setting_names()):
-        flag = ALIASES.get(f.name, "--" + f.name.replace("_", "-"))
+        flags = (ALIASES.get(f.name, "--" + f.name.replace("_", "-")), *SECOND_NAMES.get(f.name, ()))
         # default=None so that only the flags given override --config; the help states the real
         # default. A "%" in a docstring is escaped: argparse formats help text with %-directives.
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -54,15 +61,22 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         text = (docs.get(f.name, "") + f" (default: {shown})").strip().replace("%", "%%")
         kwargs = {"dest": f.name, "default": None, "help": text}
         if f.type in ("bool",):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "target_modules":
-            group.add_argument(flag, nargs="+", metavar="NAME", **kwargs)
+            group.add_argument(*flags, nargs="+", metavar="NAME", **kwargs)
         else:
             kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
-            group.add_argument(flag, type=kind, **kwargs)
+            group.add_argument(*flags, type=kind, **kwargs)
 
 
 def _train(args) -> int:
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: must be a positive number of processes")
+    if args.nproc > 1 and distributed.started_by_torchrun():
+        raise ConfigError("--nproc: this process is already one of several that torchrun started; "
+                          "give --nproc-per-node to torchrun, or run lorakit train --nproc N without torchrun")
+    if args.nproc > 1:
+        return distributed.launch(args.nproc, ["-m", "lorakit", *_without_nproc(args.argv)])
     overrides = {name: getattr(args, name, None) for name in setting_names()}
     config_file = args.config
     if args.resume:
@@ -83,6 +97,19 @@ def _train(args) -> int:
         shown = "not measured" if before is None else f"{before:.1%}"
         print(f"held-out exact match: {shown} untuned -> {result.score_after['exact']:.1%} with the adapter")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line given, without --nproc and its value (each worker is one process)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _check_started(run_dir: Path, overrides: dict) -> None:

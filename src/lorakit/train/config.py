@@ -131,6 +131,10 @@ class TrainConfig:
     """Recompute each decoder layer in the backward: much less activation memory, ~1/3 more compute."""
     compile: bool = False
     """torch.compile the decoder layers: for GPUs; on a CPU it compiles for 20-40 s and runs no faster."""
+    strategy: str = "ddp"
+    """With several processes (torchrun, or --nproc N): ddp (each holds the whole frozen model; only
+    the adapter's gradients are exchanged) or fsdp (FSDP2: the frozen weights sharded across the
+    processes too, for a model that does not fit one device). One process ignores it."""
 
     # --- evaluation, logging, checkpoints
     eval_every: int = 50
@@ -230,7 +234,7 @@ class TrainConfig:
             if not (is_number(value) and 0 <= value and math.isfinite(value)):
                 yield f"{name}={shown(value)}: must be a finite number >= 0"
         for name, choices in (("precision", ("auto", "fp32", "bf16")), ("attention", ATTENTION_CHOICES),
-                              ("overlong", ("truncate", "drop"))):
+                              ("overlong", ("truncate", "drop")), ("strategy", ("ddp", "fsdp"))):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 yield f"{name}={shown(value)}: must be one of {', '.join(choices)}"

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from lorakit import io
 from lorakit.data import IGNORE_INDEX, PackingCollator, length_grouped_batches, real_token_count
 from lorakit.errors import CheckpointError, DiskFullError, TrainingError, TrainingInterrupted
-from lorakit.evaluation import heldout_loss, loss_sum, score_examples
+from lorakit.evaluation import heldout_loss, score_examples
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
 from lorakit.train.config import TRAIN_METHODS, TrainConfig, variant_summary
 from lorakit.train.report import plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at
@@ -76,10 +77,12 @@ class _StopOnSignal:
             signal.signal(s, interrupt)
 
 
-def _epoch_batches(lengths: list[int], config: TrainConfig, epoch: int) -> list[list[int]]:
+def _epoch_batches(lengths: list[int], config: TrainConfig, epoch: int, ranks: int = 1) -> list[list[int]]:
     """The index batches of one epoch, shuffled by (seed, epoch): plain random draws, or similar
-    lengths together with ``group_by_length``."""
-    return length_grouped_batches(lengths, config.batch_size, seed=config.seed * 1000 + epoch,
+    lengths together with ``group_by_length``. With several ranks each batch is every rank's
+    examples of one micro-step (``batch_size`` each; `distributed.rank_share` splits it), drawn as
+    one process draws a batch of that size: N ranks x batch B/N see the examples of batch B."""
+    return length_grouped_batches(lengths, config.batch_size * ranks, seed=config.seed * 1000 + epoch,
                                   group=50 if config.group_by_length else 1)
 
 
@@ -87,18 +90,20 @@ def _measure_before(run: Run, progress: bool) -> TrainState:
     """A fresh run's starting state, with the untuned model's held-out loss and task score."""
     state = TrainState()
     data, autocast = run.data, run.compute.autocast
-    run.metrics.path.unlink(missing_ok=True)
+    if run.world.is_main:
+        run.metrics.path.unlink(missing_ok=True)
     if data.eval_set:
-        state.heldout_before = heldout_loss(run.model, data.eval_set, data.collate, run.config.batch_size, autocast)
+        state.heldout_before = distributed.evaluate(run.trained, lambda model: heldout_loss(
+            model, data.eval_set, data.collate, run.config.batch_size, autocast))
         run.metrics.write("eval", step=0, eval_loss=state.heldout_before)
     if data.score_set and run.config.score_before:
         # PiSSA / OLoRA: the base is a residual; the fresh adapter on it is the untuned model
         untuned = contextlib.nullcontext() if inits.uses_base_weight(run.config.lora.init_lora_weights) \
             else run.model.disable_adapter()
         with untuned:
-            result = score_examples(run.model, data.tokenizer, data.score_set, scorer=data.scorer,
-                                    max_new_tokens=run.config.max_new_tokens, autocast=autocast,
-                                    line_breaks=data.line_breaks)
+            result = distributed.evaluate(run.trained, lambda model: score_examples(
+                model, data.tokenizer, data.score_set, scorer=data.scorer, max_new_tokens=run.config.max_new_tokens,
+                autocast=autocast, line_breaks=data.line_breaks))
         state.score_before = result.as_dict()
         run.metrics.write("score", step=0, phase="before", exact=result.exact, **result.fields)
         if progress:
@@ -124,39 +129,46 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
-    run = prepare(config, resume)
+    world = distributed.join_world()
+    run = prepare(config, resume, world)
     model, optimizer, params, metrics = run.model, run.optimizer, run.params, run.metrics
-    data, total_steps = run.data, run.schedule.total_steps
+    data, total_steps, trained = run.data, run.schedule.total_steps, run.trained
     state = _resume(run) if resume else _measure_before(run, progress)
+    state.processes = world.size
     lengths = [len(e) for e in data.examples]
 
     model.train()
     stopper = _StopOnSignal()
-    bar = tqdm(total=total_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and world.is_main), unit="step",
+               dynamic_ncols=True)
     window_loss, window_tokens = 0.0, 0
     with stopper.installed():
         while state.step < total_steps:
-            batches = _epoch_batches(lengths, config, state.epoch)
+            batches = _epoch_batches(lengths, config, state.epoch, world.size)
             while state.batch_pos < len(batches) and state.step < total_steps:
                 started = time.perf_counter()
-                group = [data.train_collate([data.examples[i] for i in idx])
-                         for idx in batches[state.batch_pos:state.batch_pos + config.grad_accum]]
-                group = [{k: v.to(run.compute.device) for k, v in b.items()} for b in group]
-                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+                group = [_rank_batch(run, idx) for idx in batches[state.batch_pos:state.batch_pos + config.grad_accum]]
+                step_tokens, step_real = distributed.all_sum(
+                    [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) * w for b, w in group),
+                     sum(real_token_count(b) * w for b, w in group)], world)
+                step_tokens, step_real = int(step_tokens), int(step_real)
                 lr = lr_at(state.step, peak=config.learning_rate, total_steps=total_steps,
                            warmup=run.schedule.warmup, min_ratio=config.min_lr_ratio)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+: B's group keeps its ratio
                 step_loss = 0.0
-                for batch in group:
-                    with run.compute.autocast():
-                        loss, _ = loss_sum(model, batch)
-                    (loss / step_tokens).backward()
-                    step_loss += loss.item()
+                for i, (batch, weight) in enumerate(group):
+                    # DDP and FSDP2 average the ranks' gradients: scaled by the ranks, the step's
+                    # gradient is that of the sum over all ranks' label tokens / their global count
+                    with distributed.micro_step(trained, last=i == len(group) - 1):
+                        with run.compute.autocast():
+                            loss, _ = trained(batch)
+                        (loss * (weight * world.size / step_tokens)).backward()
+                    step_loss += loss.item() * weight
                 auxiliary = model.base_model.auxiliary_loss()  # the method's own term, once per step
                 if auxiliary is not None:
                     auxiliary.backward()
-                step_loss /= step_tokens
+                step_loss = distributed.all_sum([step_loss], world)[0] / step_tokens
                 if not math.isfinite(step_loss):
                     optimizer.zero_grad(set_to_none=True)
                     raise TrainingError(
@@ -164,13 +176,13 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
                         f"that step. Last good checkpoint: {ckpt.latest_checkpoint(run.run_dir) or 'none'}. "
                         f"Lower the learning rate (now {config.learning_rate:g}), keep warm-up and clipping on"
                     )
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+                grad_norm = distributed.clip_grad_norm(params, config.max_grad_norm)
                 optimizer.step()
                 model.base_model.after_optimizer_step(state.step + 1)  # on this step's gradients
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.batch_pos += len(group)
-                state.tokens += sum(real_token_count(b) for b in group)
+                state.tokens += step_real
                 state.loss_tokens += step_tokens
                 state.train_seconds += time.perf_counter() - started
                 window_loss, window_tokens = window_loss + step_loss * step_tokens, window_tokens + step_tokens
@@ -185,14 +197,16 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
                     window_loss, window_tokens = 0.0, 0
                 bar.update(1)
                 if data.eval_set and config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                    metrics.write("eval", step=step, eval_loss=heldout_loss(
-                        model, data.eval_set, data.collate, config.batch_size, run.compute.autocast))
-                if stopper.signum is not None:
+                    held = distributed.evaluate(trained, lambda m: heldout_loss(
+                        m, data.eval_set, data.collate, config.batch_size, run.compute.autocast))
+                    metrics.write("eval", step=step, eval_loss=held)
+                if distributed.any_rank(stopper.signum is not None, world):  # every rank stops at this step
                     bar.close()
                     where = _save(run, state)
+                    name = signal.Signals(stopper.signum or signal.SIGTERM).name
                     raise TrainingInterrupted(
-                        f"{signal.Signals(stopper.signum).name} at step {step}; checkpoint saved to {where}; "
-                        f"continue with: lorakit train --resume {run.run_dir}"
+                        f"{name} at step {step}; checkpoint saved to {where}; "
+                        f"continue with: {_resume_command(run.run_dir, world.size)}"
                     )
                 if config.save_every and step % config.save_every == 0 and step < total_steps:
                     _save(run, state)
@@ -202,28 +216,52 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
         return _finish(run, state, progress, stopper)
 
 
+def _rank_batch(run: Run, indices: list[int]) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's micro-batch of a global batch and its weight: 1, or 0 for a rank the short last
+    batch leaves without examples (it computes one example's loss times 0, so that every rank
+    takes part in the same forwards, backwards and gradient reductions)."""
+    mine = distributed.rank_share(indices, run.world)
+    batch = run.data.train_collate([run.data.examples[i] for i in (mine or indices[:1])])
+    return {k: v.to(run.compute.device) for k, v in batch.items()}, int(bool(mine))
+
+
 def _save(run: Run, state: TrainState) -> Path:
-    return ckpt.save_checkpoint(run.run_dir / "checkpoints" / f"step-{state.step:06d}",
-                                peft_model=run.model, optimizer=run.optimizer, state=dataclasses.asdict(state),
-                                keep=run.config.keep_checkpoints, advice=lambda: _resume_advice(run))
+    """A checkpoint of the whole adapter and optimizer state, as one process writes it (several
+    ranks gather their slices first; rank 0 writes), so it resumes on any number of processes."""
+    directory = run.run_dir / "checkpoints" / f"step-{state.step:06d}"
+    with distributed.whole_state(run.trained, run.optimizer):
+        if run.world.is_main:
+            ckpt.save_checkpoint(directory, peft_model=run.model, optimizer=run.optimizer,
+                                 state=dataclasses.asdict(state), keep=run.config.keep_checkpoints,
+                                 advice=lambda: _resume_advice(run))
+    distributed.barrier(run.world)
+    return directory
+
+
+def _resume_command(run_dir: Path, processes: int) -> str:
+    return f"lorakit train --resume {run_dir}" + (f" --nproc {processes}" if processes > 1 else "")
 
 
 def _resume_advice(run: Run, lead: str = "then continue") -> str:
     """How to go on (after a full disk, a late signal): from the last checkpoint, if the run has one."""
     latest = ckpt.latest_checkpoint(run.run_dir)
     return "" if latest is None else (f"; {lead} from {latest.name} with: "
-                                      f"lorakit train --resume {run.run_dir}")
+                                      f"{_resume_command(run.run_dir, run.world.size)}")
 
 
 def _resume(run: Run) -> TrainState:
-    latest = ckpt.latest_checkpoint(run.run_dir)
-    if latest is None:
-        raise CheckpointError(f"{run.run_dir}: no checkpoint verifies against its manifest, so there is nothing "
-                              f"to resume; start the run again with: {restart_command(run.run_dir)}")
-    _, tensors = io.read_adapter(latest / "adapter")
-    io.load_adapter_tensors(run.model.get_base_model(), "default", run.model.peft_config["default"],
-                            tensors, latest / "adapter")
+    """The optimizer, schedule, random state and data position of the checkpoint whose adapter
+    `prepare` loaded (``run.resume_from``)."""
+    latest = run.resume_from
     state = TrainState(**ckpt.load_checkpoint(latest, optimizer=run.optimizer))
+    if state.processes != run.world.size:
+        counted = lambda n: "one process" if n == 1 else f"{n} processes"  # noqa: E731
+        raise CheckpointError(
+            f"{latest}: written by a run on {counted(state.processes)}, resumed on {counted(run.world.size)}: each "
+            f"micro-step takes batch_size examples per process, so the batches would differ; resume it on "
+            f"{counted(state.processes)}: {_resume_command(run.run_dir, state.processes)} (or torchrun "
+            f"--nproc-per-node {state.processes} -m lorakit train --resume {run.run_dir})")
+    distributed.shard_optimizer_state(run.optimizer)
     run.metrics.truncate_after(state.step)
     print(f"resuming from {latest} (step {state.step})", flush=True)
     return state
@@ -255,23 +293,28 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
     waits for it to be whole; one after it stops at once (the adapter is kept)."""
     config, run_dir, peft_model, metrics, data = run.config, run.run_dir, run.model, run.metrics, run.data
     adapter_dir = run_dir / "adapter"
-    adapter_note = _save_final(run, adapter_dir)
+    with distributed.whole_state(run.trained):
+        adapter_note = _save_final(run, adapter_dir) if run.world.is_main else None
+    distributed.barrier(run.world)
     stopper.stop_now(lambda: (
         f"after the last step ({state.step}): the adapter is saved in {adapter_dir}; the final evaluation and "
         f"report were not written{_resume_advice(run, 'to write them, train the last steps again')}"))
     heldout_after = None
     if data.eval_set:
-        heldout_after = heldout_loss(peft_model, data.eval_set, data.collate, config.batch_size, run.compute.autocast)
+        heldout_after = distributed.evaluate(run.trained, lambda model: heldout_loss(
+            model, data.eval_set, data.collate, config.batch_size, run.compute.autocast))
         metrics.write("eval", step=state.step, eval_loss=heldout_after)
     score_after = None
     if data.score_set:
-        result = score_examples(peft_model, data.tokenizer, data.score_set, scorer=data.scorer,
-                                max_new_tokens=config.max_new_tokens, autocast=run.compute.autocast,
-                                line_breaks=data.line_breaks)
+        result = distributed.evaluate(run.trained, lambda model: score_examples(
+            model, data.tokenizer, data.score_set, scorer=data.scorer, max_new_tokens=config.max_new_tokens,
+            autocast=run.compute.autocast, line_breaks=data.line_breaks))
         score_after = result.as_dict()
         metrics.write("score", step=state.step, phase="after", exact=result.exact, **result.fields)
         if progress:
             print(f"with the adapter: {result.summary()}", flush=True)
+    if not run.world.is_main:  # rank 0 writes the plot and the report
+        return RunResult(run_dir, adapter_dir, state.step, state.score_before, score_after, {})
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_losses(records, run_dir / "loss.png", title=f"{config.name}: {config.model} on {config.data}")
     train_losses = [m["loss"] for m in records if m["kind"] == "train"]
@@ -292,7 +335,8 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
         "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
         "final_loss": train_losses[-1] if train_losses else None,
         "heldout_before": state.heldout_before, "heldout_after": heldout_after,
-        "adapter_note": adapter_note,
+        "adapter_note": adapter_note, "processes": run.world.size,
+        "strategy": config.strategy if run.world.distributed else None,
     }
     splits = data.splits
     described = {"train": f"{splits.train.summary()} ({len(data.examples):,} used)",

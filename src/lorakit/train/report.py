@@ -14,18 +14,23 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` and flushes it, so that an
     interrupted run keeps every line it logged."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        """False on every rank but the first of a run on several processes: only rank 0 writes."""
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, kind: str, **values: Any) -> None:
+        if not self.enabled:
+            return
         record = {"kind": kind, **{k: _finite_or_none(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -86,6 +91,12 @@ def _score_rows(before: dict | None, after: dict | None) -> list[str]:
     return rows
 
 
+def _processes(summary: dict) -> str:
+    """" x 2 processes (ddp)" for a run on several processes, else ""."""
+    n = summary.get("processes") or 1
+    return f" x {n} processes ({summary.get('strategy')})" if n > 1 else ""
+
+
 def write_report(path: Path, *, config: dict, summary: dict, data: dict,
                  score_before: dict | None, score_after: dict | None) -> Path:
     """report.md: what was trained, on what, for how long, and how it scored before and after."""
@@ -114,7 +125,7 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         "",
         "## Training",
         f"- Optimizer steps: {summary['steps']} (batch {config['batch_size']} x accumulation "
-        f"{config['grad_accum']}), epochs: {summary['epochs']:.2f}",
+        f"{config['grad_accum']}{_processes(summary)}), epochs: {summary['epochs']:.2f}",
         f"- Learning rate: {config['learning_rate']:g}, warm-up then cosine decay",
         f"- Answer tokens trained on: {summary['loss_tokens']:,}; tokens of the examples: {summary['tokens']:,}",
         f"- Training time: {summary['train_seconds']:.0f} s ({summary['tokens_per_second']:.0f} tokens/s)",

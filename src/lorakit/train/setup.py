@@ -17,15 +17,18 @@ from typing import Any, Callable
 
 import torch
 
+from lorakit import io
 from lorakit.data import Collator, PackingCollator, load_data, supports_packing, supports_varlen
-from lorakit.errors import CheckpointError
+from lorakit.errors import CheckpointError, ConfigError
 from lorakit.evaluation import line_breaks_for, scorer_for
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_model
 from lorakit.models.speedup import autocast_for, resolve_precision
 from lorakit.plugins import method_for
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import World
 from lorakit.train.fast import make_optimizer, speed_up
 from lorakit.train.report import MetricsLog
 from lorakit.train.schedule import warmup_steps
@@ -56,6 +59,9 @@ class TrainState:
     """The untuned model's task score (a fresh run that measured it)."""
     heldout_before: float | None = None
     """The untuned model's held-out loss."""
+    processes: int = 1
+    """How many processes trained (each micro-step took batch_size examples on each): a run resumes
+    on as many, for the same batches in the same order."""
 
 
 @dataclass
@@ -108,6 +114,12 @@ class Run:
     run_dir: Path
     compute: Compute
     model: PeftModel
+    trained: torch.nn.Module
+    """What a training step calls: the loss sum of a batch (`distributed.LossModule`), under DDP or
+    FSDP2 when several processes train."""
+    world: World
+    resume_from: Path | None
+    """The checkpoint the run resumes from (its adapter already loaded), or None."""
     optimizer: torch.optim.Optimizer
     params: list
     """The trainable parameters (clipped together)."""
@@ -139,27 +151,35 @@ def _remove_stale_writes(run_dir: Path) -> None:
               f"{', '.join(p.name for p in removed)}", flush=True)
 
 
-def prepare(config: TrainConfig, resume: bool) -> Run:
+def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Run:
     """The run directory (config.yaml written), the model with its fresh adapter, the data, the
-    optimizer. ``resume``: the run directory must hold checkpoints and the method must resume."""
-    run_dir = _new_run_dir(config)
+    optimizer. ``resume``: the run directory must hold checkpoints and the method must resume.
+    With several processes (``world``) rank 0 names and writes the run directory; every rank builds
+    the model and data alike, and the model is wrapped for ``config.strategy``."""
+    world = world or World.single()
+    run_dir = Path(distributed.broadcast_text(str(_new_run_dir(config)), world))
     problem = method_for(config.peft_type).resume_problem
     if resume and problem:
         raise CheckpointError(f"resuming is not supported for {method_for(config.peft_type).name} runs: "
                               f"{problem}; start a new run")
+    if world.distributed and config.method != "lora":
+        raise ConfigError(f"method={config.method}: trains in one process for now (its rank allocation reads "
+                          "every gradient of the step); run it without torchrun / --nproc, or use method lora")
     if resume and not (run_dir / "checkpoints").is_dir():
         saves = f"every {config.save_every} steps" if config.save_every else "only when stopped by SIGINT/SIGTERM"
         raise CheckpointError(f"{run_dir}: the run was stopped before its first checkpoint (it saves one {saves}), "
                               f"so there is nothing to resume; start it again with: {restart_command(run_dir)}")
     config.run_dir = str(run_dir)
-    with ckpt.writing(run_dir / "config.yaml", lambda: 8_000, what="the run's config"):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-    _remove_stale_writes(run_dir)
+    if world.is_main:
+        with ckpt.writing(run_dir / "config.yaml", lambda: 8_000, what="the run's config"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir / "config.yaml")
+        _remove_stale_writes(run_dir)
+    distributed.barrier(world)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = world.device
     precision = resolve_precision(config.precision, device)
     # bf16: frozen base weights stored in bf16 (half the memory, no cast per step); the adapter
     # weights, their gradients and AdamW's moments stay fp32.
@@ -175,16 +195,24 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     heldout = list(splits.val.examples) if splits.val is not None else []
     score_set, scorer = heldout[: config.score_examples], scorer_for(config.data)
 
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
+    # the batch of one micro-step is batch_size examples on each rank: batch_size x ranks in all
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / (config.batch_size * world.size)) / config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     peft_model = get_peft_model(model, config.adapter_config(total_steps))
     if inits.uses_base_weight(config.lora.init_lora_weights) and not (run_dir / INITIAL_ADAPTER).is_dir():
         # PiSSA / OLoRA made the base weights a residual: keep the adapter as initialised, to save
         # the trained one as a plain LoRA adapter for the original base model (see loop._save_final)
-        ckpt.save_adapter_atomically(peft_model, run_dir / INITIAL_ADAPTER)
+        if world.is_main:
+            ckpt.save_adapter_atomically(peft_model, run_dir / INITIAL_ADAPTER)
+        distributed.barrier(world)
     for note in speed_up(peft_model, attention=config.attention, fused_norms=config.fused_norms,
                          gradient_checkpointing=config.gradient_checkpointing, compile=config.compile):
         print(note, flush=True)
+    resume_from = _load_latest_adapter(peft_model, run_dir) if resume else None
+    trained = distributed.wrap(peft_model, world, config.strategy)  # FSDP2 shards the parameters: optimizer after
+    if world.distributed:
+        print(f"{world.size} processes ({config.strategy}), batch {config.batch_size} each: "
+              f"{config.batch_size * world.size} examples per micro-step", flush=True)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                model=peft_model, loraplus_ratio=config.loraplus_ratio)
@@ -203,7 +231,7 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     return Run(
         config=config, run_dir=run_dir,
         compute=Compute(device=device, precision=precision, autocast=autocast_for(precision, device)),
-        model=peft_model, optimizer=optimizer, params=params,
+        model=peft_model, trained=trained, world=world, resume_from=resume_from, optimizer=optimizer, params=params,
         data=RunData(tokenizer=tokenizer, splits=splits, examples=examples,
                      eval_set=heldout[: config.eval_examples] if config.eval_examples else heldout,
                      score_set=score_set, scorer=scorer,
@@ -211,5 +239,18 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
                      collate=collate, train_collate=train_collate),
         schedule=Schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                           warmup=warmup_steps(total_steps, config.warmup_ratio)),
-        metrics=MetricsLog(run_dir / "metrics.jsonl"),
+        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main),
     )
+
+
+def _load_latest_adapter(peft_model: PeftModel, run_dir: Path) -> Path:
+    """The newest checkpoint that verifies, its adapter loaded into ``peft_model`` (before any
+    sharding); the optimizer and training state are loaded by the loop."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint verifies against its manifest, so there is nothing "
+                              f"to resume; start the run again with: {restart_command(run_dir)}")
+    _, tensors = io.read_adapter(latest / "adapter")
+    io.load_adapter_tensors(peft_model.get_base_model(), "default", peft_model.peft_config["default"],
+                            tensors, latest / "adapter")
+    return latest

@@ -37,7 +37,7 @@ from lorakit.models.family import unwrap
 
 __all__ = ["STRATEGIES", "World", "join_world", "leave_world", "LossModule", "wrap", "micro_step", "rank_share",
            "all_sum", "any_rank", "broadcast_text", "barrier", "evaluate", "whole_state", "shard_optimizer_state",
-           "clip_grad_norm"]
+           "clip_grad_norm", "local_bytes"]
 
 T = TypeVar("T")
 STRATEGIES = ("ddp", "fsdp")
@@ -328,6 +328,18 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.shape:
                 state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
                                                src_data_rank=None)
+
+
+def local_bytes(model: nn.Module, trainable: bool) -> int:
+    """Bytes of ``model``'s trainable (or frozen) parameters held by this process: under FSDP2 its
+    slices only."""
+    DTensor = _dtensor()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad == trainable:
+            local = p.to_local() if isinstance(p, DTensor) else p
+            total += local.numel() * local.element_size()
+    return total
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:

@@ -212,7 +212,8 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     trained = distributed.wrap(peft_model, world, config.strategy)  # FSDP2 shards the parameters: optimizer after
     if world.distributed:
         print(f"{world.size} processes ({config.strategy}), batch {config.batch_size} each: "
-              f"{config.batch_size * world.size} examples per micro-step", flush=True)
+              f"{config.batch_size * world.size} examples per micro-step; frozen weights held by each process: "
+              f"{distributed.local_bytes(peft_model, trainable=False) / 2**20:,.1f} MiB", flush=True)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                model=peft_model, loraplus_ratio=config.loraplus_ratio)

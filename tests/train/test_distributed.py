@@ -4,6 +4,7 @@ run; the adapter is whole and loads in PEFT; two nodes on loopback; a rank kille
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,7 +92,13 @@ def test_two_processes_of_batch_4_train_as_one_of_batch_8(strategy, reference, t
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == \
         sorted(p.name for p in reference.iterdir() if not p.name.startswith("."))
     report = (run_dir / "report.md").read_text()
-    assert "processes" in report and strategy in report
+    assert "x 2 processes" in report and strategy in report
+    # DDP: each process holds the whole frozen model; FSDP2: half of it
+    held = float(re.search(r"frozen weights held by each process: ([\d.,]+) MiB", done.stdout).group(1))
+    from transformers import AutoModelForCausalLM
+
+    whole = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert held == pytest.approx(whole / 2**20 / (2 if strategy == "fsdp" else 1), abs=0.06)
     if strategy == "fsdp":  # the adapter gathered whole (not one rank's slice), a PEFT directory
         peft = pytest.importorskip("peft")
         from transformers import AutoModelForCausalLM

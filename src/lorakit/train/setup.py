@@ -183,7 +183,10 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     precision = resolve_precision(config.precision, device)
     # bf16: frozen base weights stored in bf16 (half the memory, no cast per step); the adapter
     # weights, their gradients and AdamW's moments stay fp32.
-    model, tokenizer = load_model(config.model, device=device,
+    # FSDP2 on GPUs: loaded into the machine's memory, then each decoder layer moves to the GPU as it
+    # is sharded (one whole layer at a time there), so a model that does not fit one GPU trains
+    sharded = world.distributed and config.strategy == "fsdp"
+    model, tokenizer = load_model(config.model, device=torch.device("cpu") if sharded else device,
                                   dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     splits = load_data(config.data, tokenizer=tokenizer, val=config.val_file, val_fraction=config.val_fraction,
                        seed=config.seed, max_length=config.max_length, overlong=config.overlong,

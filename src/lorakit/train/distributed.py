@@ -101,9 +101,10 @@ def _set_threads(local_size: int) -> None:
     """Each rank's share of the cores (two ranks that each use all cores slow each other tens of
     times); a thread count the user gave (LORAKIT_THREADS, or OMP_NUM_THREADS other than torchrun's
     default of 1) is kept."""
-    given = os.environ.get("LORAKIT_THREADS")
-    if given:
+    if os.environ.get("LORAKIT_THREADS"):
         torch.set_num_threads(max(1, _env_int("LORAKIT_THREADS", 1)))
+        return
+    if os.environ.get("OMP_NUM_THREADS", "1") != "1":  # the user's (torch read it when it started)
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // max(local_size, 1)))

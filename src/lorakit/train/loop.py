@@ -119,7 +119,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     A full disk raises `DiskFullError` naming the file and the space it needed.
     """
     try:
-        return _train(config, resume, progress)
+        result = _train(config, resume, progress)
+        distributed.leave_world()  # several processes: all have finished; the group is closed cleanly
+        return result
     except (OSError, SafetensorError) as err:
         if not ckpt.is_disk_full(err):
             raise

@@ -114,6 +114,48 @@ def test_two_processes_of_batch_4_train_as_one_of_batch_8(strategy, reference, t
             torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
 
+DDP_SYNC = """
+import json, sys
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+sys.path.insert(0, sys.argv[1])
+from core.tiny import tiny_llama
+from lorakit import LoraConfig, get_peft_model
+from lorakit.train import distributed
+
+world = distributed.join_world()
+torch.manual_seed(0)
+trained = distributed.wrap(get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"])), world, "ddp")
+reductions = []
+trained.register_comm_hook(None, lambda group, bucket: reductions.append(bucket.index()) or allreduce_hook(group, bucket))
+ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(world.rank))
+seen = []
+for micro in range(3):  # one optimizer step of 3 micro-batches
+    with distributed.micro_step(trained, last=micro == 2):
+        loss, _ = trained({"input_ids": ids, "labels": ids})
+        loss.backward()
+    seen.append(len(reductions))
+grads = [p.grad.clone() for p in trained.parameters() if p.requires_grad]
+totals = distributed.all_sum([float(sum(g.sum() for g in grads))], world)
+if world.is_main:
+    print(json.dumps({"seen": seen, "grad_sum": float(sum(g.sum() for g in grads)), "all": totals[0]}))
+"""
+
+
+def test_ddp_reduces_the_adapter_gradients_once_per_optimizer_step(tmp_path):
+    script = tmp_path / "ddp_sync.py"
+    script.write_text(DDP_SYNC)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(Path(__file__).parents[1])], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # no reduction on the first two micro-batches; the last one reduces every bucket once
+    assert result["seen"][:2] == [0, 0] and result["seen"][2] >= 1
+    # after it every rank holds the same (averaged) gradient
+    assert result["all"] == pytest.approx(2 * result["grad_sum"], rel=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,6 +247,17 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_with_one_checkpoint(tiny_mo
     assert "--nproc 2" in lines[0]
     step = int(saved[0].name.split("-")[1])
     assert step < 400 and json.loads((saved[0] / "state.json").read_text())["step"] == step
+
+
+def test_nproc_called_from_python_puts_back_the_callers_signal_handlers(tiny_model_dir, tmp_path, monkeypatch):
+    from lorakit.cli import main
+
+    monkeypatch.setenv("LORAKIT_THREADS", "1")
+    wanted = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    settings = _settings(tiny_model_dir, tmp_path / "run", batch_size=4, max_steps=1)
+    assert main(["train", "--nproc", "2", "--no-progress", *_flags(settings)]) == 0
+    assert {s: signal.getsignal(s) for s in wanted} == wanted
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_resuming_on_another_number_of_processes_says_how(tiny_model_dir, tmp_path):

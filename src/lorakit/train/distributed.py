@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -125,11 +126,10 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lorakit-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         elastic_launch(config, sys.executable)(*argv)
     except SignalException as err:  # Ctrl-C / SIGTERM: passed on to the processes, which saved and stopped
-        import signal
-
         print(f"interrupted: {signal.Signals(err.sigval).name}; the processes stopped (their lines above say "
               f"where the checkpoint is)", file=sys.stderr)
         return 130
@@ -137,14 +137,15 @@ def launch(nproc: int, argv: list[str]) -> int:
         rank, failure = err.get_first_failure()
         code = failure.exitcode
         if code < 0:
-            import signal
-
             print(f"error: rank {rank} of {nproc} was killed by {signal.Signals(-code).name}; the other processes "
                   f"were stopped", file=sys.stderr)
             return 1
         print(f"error: rank {rank} of {nproc} exited with code {code} (its error is above); the other processes "
               f"were stopped", file=sys.stderr)
         return code
+    finally:  # the launcher installs its own handlers (to pass signals on): a caller's are put back
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -7,7 +7,7 @@
             held-out loss after
     memory  a model of Llama-3.2-1B's shape (its real config, seeded random bf16 weights; nothing is
             downloaded), N processes, DDP then FSDP2: the frozen weights each process holds (the
-            run's own line) and each process's peak and final memory
+            run's own line) and each process's peak memory
 
     python bench/distributed.py [--parts speed,memory] [--nproc 2] [--steps 12] [--json ...]
     bash bench/gpu.sh run-distributed     the same on a GPU machine, one process per GPU
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine  # noqa: E402  (bench/machine.py)
+from machine import machine, write_result  # noqa: E402  (bench/machine.py)
 
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -39,17 +39,13 @@ LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=
 """meta-llama/Llama-3.2-1B's config.json (the rope scaling left out: it changes no shape or memory)."""
 
 
-def _status(pid: int) -> dict[str, int]:
+def _peak_rss(pid: int) -> int | None:
+    """The process's peak resident memory so far (VmHWM, kept by the kernel), in bytes."""
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
     except OSError:
-        return {}
-    out = {}
-    for key in ("VmHWM", "VmRSS"):
-        found = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
-        if found:
-            out[key] = int(found.group(1)) * 1024
-    return out
+        return None
+    return int(found.group(1)) * 1024 if found else None
 
 
 def _descendants(pid: int) -> list[int]:
@@ -69,15 +65,15 @@ def _run(command: list[str], env: dict) -> dict:
     """Run a lorakit command; every python process under it watched for its memory until it ends."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: dict[int, dict] = {}
+    seen: dict[int, int] = {}
     done = threading.Event()
 
     def watch():
         while not done.is_set():
             for pid in [proc.pid, *_descendants(proc.pid)]:
-                status = _status(pid)
-                if status:
-                    seen[pid] = status
+                peak = _peak_rss(pid)
+                if peak:
+                    seen[pid] = peak
             time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -87,10 +83,8 @@ def _run(command: list[str], env: dict) -> dict:
     watcher.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{out[-4000:]}")
-    workers = [s for pid, s in seen.items() if pid != proc.pid] or [seen.get(proc.pid, {})]
-    return {"wall_s": time.perf_counter() - started, "output": out,
-            "peak_mb": [round(s.get("VmHWM", 0) / 2**20) for s in workers],
-            "final_mb": [round(s.get("VmRSS", 0) / 2**20) for s in workers]}
+    workers = [peak for pid, peak in seen.items() if pid != proc.pid] or [seen.get(proc.pid, 0)]
+    return {"wall_s": time.perf_counter() - started, "output": out, "peak_mb": [round(p / 2**20) for p in workers]}
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -125,8 +119,7 @@ def speed(args, workdir: Path) -> list[dict]:
                    str(run_dir), *(["--nproc", str(nproc), "--strategy", strategy] if nproc > 1 else [])]
         result = _run(command, dict(os.environ))
         rows.append({"side": name, "processes": nproc, "strategy": strategy, "batch_each": batch,
-                     **_metrics(run_dir), "peak_mb": result["peak_mb"], "final_mb": result["final_mb"],
-                     "frozen_mib_each": _frozen_mib(result["output"])})
+                     **_metrics(run_dir), "peak_mb": result["peak_mb"], "frozen_mib_each": _frozen_mib(result["output"])})
         rows[-1]["scaling_efficiency"] = rows[-1]["tokens_per_s"] / (nproc * rows[0]["tokens_per_s"])
         print(f"{name:<22} {rows[-1]['tokens_per_s']:8.1f} tokens/s  efficiency {rows[-1]['scaling_efficiency']:.2f}"
               f"  peak MB per process {rows[-1]['peak_mb']}  held-out {rows[-1]['heldout_after']:.4f}", flush=True)
@@ -168,9 +161,9 @@ def memory(args, workdir: Path) -> list[dict]:
         result = _run([sys.executable, "-m", "lorakit", "train", *common, "--run-dir", str(run_dir), "--nproc",
                        str(args.nproc), "--strategy", strategy], dict(os.environ))
         rows.append({"strategy": strategy, "frozen_mib_each": _frozen_mib(result["output"]),
-                     "peak_mb": result["peak_mb"], "final_mb": result["final_mb"], **_metrics(run_dir)})
-        print(f"{strategy:<5} frozen weights per process {rows[-1]['frozen_mib_each']} MiB  peak MB {result['peak_mb']}"
-              f"  final MB {result['final_mb']}", flush=True)
+                     "peak_mb": result["peak_mb"], **_metrics(run_dir)})
+        print(f"{strategy:<5} frozen weights per process {rows[-1]['frozen_mib_each']} MiB  peak MB {result['peak_mb']}",
+              flush=True)
     return rows
 
 
@@ -193,9 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             results["memory"] = memory(args, Path(tmp))
     out = {"benchmark": "distributed", "command": [sys.executable, *sys.argv], "machine": machine(),
            "settings": vars(args), **results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The machine a benchmark ran on, for its results file (shared by the bench scripts)."""
+"""The machine a benchmark ran on, and its results file (shared by the bench scripts)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -28,3 +29,11 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), **versions,
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    """``result`` as indented JSON at ``path`` (its folder made), and a line saying so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from lorakit.train.config import TrainConfig
-from machine import machine  # bench/machine.py
+from machine import machine, write_result  # bench/machine.py
 
 DEFAULTS = TrainConfig()
 SHARED = ("train_examples", "eval_examples", "score_examples", "batch_size", "grad_accum", "lr", "epochs",
@@ -257,9 +257,7 @@ def _parent(args) -> None:
                                                                            "rounds": args.rounds,
                                                                            "scored_in": precision},
               "sides": sides}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
 
 
 def main(argv: list[str] | None = None) -> None:

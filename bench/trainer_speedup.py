@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine  # bench/machine.py
+from machine import machine, write_result  # bench/machine.py
 
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -255,9 +255,7 @@ def _parent(args) -> None:
     result = {"benchmark": "trainer_speedup", "command": [sys.executable, *sys.argv], "machine": machine(),
               "settings": {name: getattr(args, name) for name in SHARED} | {"rounds": args.rounds, "loops": loops},
               "loops": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
 
 
 def main(argv: list[str] | None = None) -> None:

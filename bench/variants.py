@@ -36,7 +36,7 @@ from pathlib import Path
 
 from lorakit.errors import LorakitError
 from lorakit.train.config import TrainConfig
-from machine import machine  # bench/machine.py
+from machine import machine, write_result  # bench/machine.py
 
 DEFAULTS = TrainConfig()
 
@@ -183,9 +183,7 @@ def _parent(args) -> None:
               "settings": {name: getattr(args, name) for name in SHARED}, "variants": results}
     print()
     print(table(results))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
     if args.write_docs:
         write_docs(Path(args.write_docs), _docs_text(result))
         print(f"wrote {args.write_docs}")

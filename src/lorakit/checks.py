@@ -1,5 +1,6 @@
 """Checks of config values, shared by the configs (`lorakit.config`, AdaLoRA's, the trainer's):
-type tests that refuse bools, the limits on rank and alpha, a value quoted safely in a message,
+type tests that refuse bools, the limits on rank and alpha, the training strategies, a value quoted
+safely in a message,
 and the problems of one field (each a generator of messages, collected into one ConfigError).
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from lorakit.errors import AdapterFormatError
 
-__all__ = ["MAX_RANK", "MAX_ALPHA", "shown", "is_int", "is_number", "read_json_object", "compiles", "alpha_problems",
+__all__ = ["MAX_RANK", "MAX_ALPHA", "STRATEGIES", "shown", "is_int", "is_number", "read_json_object", "compiles", "alpha_problems",
            "pattern_problems", "modules_to_save_problems", "mapping_problems"]
 
 MAX_RANK = 2 ** 20
@@ -24,6 +25,9 @@ to allocate terabytes, so it is refused before anything is allocated (PEFT accep
 MAX_ALPHA = 2.0 ** 24
 """The largest |lora_alpha|: the update is multiplied by lora_alpha / r, and a scale beyond this
 turns activations into inf in float32 / bfloat16 (typical values are 8 to 512)."""
+STRATEGIES = ("ddp", "fsdp")
+"""How several training processes share the model: the trainer's ``strategy`` (`lorakit.train`)
+and the planner's ``--strategy`` (`lorakit.plan`) read the same choices from here."""
 
 _shown_repr = reprlib.Repr()
 _shown_repr.maxlevel, _shown_repr.maxstring, _shown_repr.maxother = 3, 60, 60

@@ -9,7 +9,7 @@ import lorakit.plan.sharding as sharding
 from lorakit.errors import ConfigError
 from lorakit.plan import estimate, make_plan
 from lorakit.plan.report import format_plan
-from lorakit.train.distributed import STRATEGIES as TRAINER_STRATEGIES
+from lorakit.train.distributed import STRATEGIES as TRAINER_STRATEGIES  # re-exported from lorakit.checks
 
 from .tiny import SEVEN, TINY, write_config
 
@@ -141,5 +141,5 @@ def test_bad_gpus_and_strategy_are_reported_together():
 
 
 def test_the_strategies_are_the_trainer_s_and_the_formula_is_in_the_docstring():
-    assert sharding.STRATEGIES == TRAINER_STRATEGIES
+    assert sharding.STRATEGIES is TRAINER_STRATEGIES == ("ddp", "fsdp")  # one tuple, from lorakit.checks
     assert "distributed = 2 * layer + root" in sharding.__doc__

@@ -226,9 +226,7 @@ def _lm_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=
                      if v is not None}
             return _call_plain(self, settings, args, kwargs | extra)
         kwargs.pop("logits_to_keep", None)
-        kwargs.setdefault("use_cache", False)
-        if trl is not None:
-            kwargs["use_cache"] = False  # as TRL's head
+        kwargs["use_cache"] = False if trl is not None else kwargs.get("use_cache", False)  # TRL's head forces it
         out = self.get_decoder()(**kwargs)
         if trl is not None:
             return fused_head(self, out.last_hidden_state, labels, shift_labels, num_items_in_batch, trl)
@@ -341,9 +339,8 @@ def speedup(model: nn.Module, *, bf16: bool | None = None, attention: str = "aut
         notes.append("packed batches: the model's own attention mask")
     if head or varlen or precision == "bf16":
         _patch_forward(lm, _lm_forward, _Settings(bf16=precision == "bf16", loss_head=head, varlen=varlen))
-        if head and not getattr(lm, "_lorakit_serves_later_heads", False):
+        if head and _serve_later_heads not in lm._forward_pre_hooks.values():  # once, whatever the calls
             lm.register_forward_pre_hook(_serve_later_heads, with_kwargs=True)
-            lm._lorakit_serves_later_heads = True
         decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
         if isinstance(decoder, nn.Module) and decoder is not lm:
             _patch_forward(decoder, _decoder_forward, _Settings(bf16=precision == "bf16", loss_head=False,

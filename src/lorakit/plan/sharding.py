@@ -40,15 +40,13 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
+from lorakit.checks import STRATEGIES
 from lorakit.errors import ConfigError
 from lorakit.plan.shapes import ModelShape
 from lorakit.plan.targets import TargetedModule
 
 __all__ = ["STRATEGIES", "Sharded", "shard", "check_devices", "gathered_per_step", "machine_total"]
 
-STRATEGIES = ("ddp", "fsdp")
-"""How several processes share the model: TrainConfig.strategy's choices (lorakit.train.distributed
-keeps the same tuple; the planner may not import the trainer, and a test checks they agree)."""
 ADAPTER_STATE_BYTES = 4 + 4 + 4 + 4  # fp32 weight, gradient, AdamW exp_avg, exp_avg_sq
 GRADIENT_BYTES = 4  # fp32 adapter gradients
 ADAPTER_BYTES = 4  # fp32 adapter weights

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from lorakit.checks import is_int, is_number, shown
+from lorakit.checks import STRATEGIES, is_int, is_number, shown
 from lorakit.config import PRESETS, LoraConfig, preset
 from lorakit.errors import ConfigError
 from lorakit.models.load import DEFAULT_MODEL
@@ -234,7 +234,7 @@ class TrainConfig:
             if not (is_number(value) and 0 <= value and math.isfinite(value)):
                 yield f"{name}={shown(value)}: must be a finite number >= 0"
         for name, choices in (("precision", ("auto", "fp32", "bf16")), ("attention", ATTENTION_CHOICES),
-                              ("overlong", ("truncate", "drop")), ("strategy", ("ddp", "fsdp"))):
+                              ("overlong", ("truncate", "drop")), ("strategy", STRATEGIES)):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 yield f"{name}={shown(value)}: must be one of {', '.join(choices)}"

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lorakit.checks import STRATEGIES
 from lorakit.errors import ConfigError
 from lorakit.evaluation import loss_sum
 from lorakit.models.family import unwrap
@@ -41,7 +42,6 @@ __all__ = ["STRATEGIES", "World", "join_world", "leave_world", "LossModule", "wr
            "clip_grad_norm", "local_bytes"]
 
 T = TypeVar("T")
-STRATEGIES = ("ddp", "fsdp")
 TIMEOUT = datetime.timedelta(minutes=10)
 """How long a collective waits for a rank that has not arrived (a rank that died is seen at once:
 its connections close); evaluation and scoring run on every rank in step, so no rank waits long."""
@@ -347,5 +347,4 @@ def local_bytes(model: nn.Module, trainable: bool) -> int:
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """Clip the gradients by their global norm (over every rank's slice under FSDP2); returns the norm."""
     total = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
-    DTensor = _dtensor()
-    return float(total.full_tensor() if isinstance(total, DTensor) else total)
+    return float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # a DTensor under FSDP2

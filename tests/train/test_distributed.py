@@ -139,6 +139,8 @@ grads = [p.grad.clone() for p in trained.parameters() if p.requires_grad]
 totals = distributed.all_sum([float(sum(g.sum() for g in grads))], world)
 if world.is_main:
     print(json.dumps({"seen": seen, "grad_sum": float(sum(g.sum() for g in grads)), "all": totals[0]}))
+distributed.barrier(world)
+distributed.leave_world()  # as the trainer does: a process that exits with its group open may abort in gloo
 """
 
 

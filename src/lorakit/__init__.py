@@ -21,12 +21,13 @@ from lorakit.optimizers import create_loraplus_optimizer
 from lorakit.methods import lora  # noqa: F401  (LORA)
 from lorakit.methods.adalora import AdaLoraConfig  # ADALORA
 from lorakit.variants import dora, inits, weighted  # noqa: F401  (DoRA; PiSSA, OLoRA; add_weighted_adapter)
+from lorakit.variants.quantized import prepare_model_for_kbit_training  # bitsandbytes 4-/8-bit bases
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "AdaLoraConfig", "TaskType", "PRESETS", "preset", "create_loraplus_optimizer",
-    "get_peft_model", "PeftModel", "LoraModel", "speedup",
+    "get_peft_model", "PeftModel", "LoraModel", "speedup", "prepare_model_for_kbit_training",
     "LorakitError", "ConfigError", "AdapterFormatError", "CompatibilityError", "CheckpointError",
     "DataError", "DiskFullError", "ModelLoadError", "TrainingError", "TrainingInterrupted",
     "__version__",

@@ -15,7 +15,7 @@ from typing import Any
 
 from lorakit.errors import AdapterFormatError
 
-__all__ = ["MAX_RANK", "MAX_ALPHA", "STRATEGIES", "shown", "is_int", "is_number", "read_json_object", "compiles", "alpha_problems",
+__all__ = ["MAX_RANK", "MAX_ALPHA", "STRATEGIES", "QUANTIZATIONS", "shown", "is_int", "is_number", "read_json_object", "compiles", "alpha_problems",
            "pattern_problems", "modules_to_save_problems", "mapping_problems"]
 
 MAX_RANK = 2 ** 20
@@ -28,6 +28,9 @@ turns activations into inf in float32 / bfloat16 (typical values are 8 to 512)."
 STRATEGIES = ("ddp", "fsdp")
 """How several training processes share the model: the trainer's ``strategy`` (`lorakit.train`)
 and the planner's ``--strategy`` (`lorakit.plan`) read the same choices from here."""
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+"""How a frozen base may be stored (bitsandbytes, `lorakit.models.quantized`): 4-bit NF4 or FP4 with
+double quantization, or 8-bit. The trainer's and the planner's ``--quantize`` read them from here."""
 
 _shown_repr = reprlib.Repr()
 _shown_repr.maxlevel, _shown_repr.maxstring, _shown_repr.maxother = 3, 60, 60

@@ -367,7 +367,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; shared parameters count once (PEFT's rule)."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":  # bitsandbytes 4-bit: two weights in each byte stored (PEFT counts so)
+            n *= 2 * p.element_size()
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total

@@ -10,6 +10,8 @@
                                       base_model.model.<module>.lora_embedding_B     (dim, r)
                                       base_model.model.<module>.base_layer.bias      bias modes
                                       base_model.model.<module>.<param>              modules_to_save
+                                      metadata {"format": "pt"}, and on a quantized base
+                                      {"lorakit.base_precision": "nf4" | "fp4" | "int8"}
     An adapter not named "default" lives in <dir>/<name>/.
 
 Loading is strict: every missing, unexpected, mis-shaped, non-float or non-finite tensor is
@@ -39,13 +41,17 @@ from lorakit.plugins import method_for
 __all__ = [
     "WEIGHTS_NAME", "PREFIX", "adapter_tensors", "save_adapter", "read_adapter",
     "load_adapter_tensors", "adapter_subdir", "check_adapter_name", "lora_layer_tensors",
-    "check_shapes_before_injection",
+    "check_shapes_before_injection", "BASE_PRECISION_KEY", "base_precision", "read_metadata",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+BASE_PRECISION_KEY = "lorakit.base_precision"
+"""The safetensors metadata key that records how the base an adapter was saved on was stored
+(PEFT reads the file as usual and ignores the key)."""
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -174,10 +180,28 @@ def _embedding_tensors(model: nn.Module, targeted: bool) -> dict[str, torch.Tens
     return tensors
 
 
+def base_precision(model: nn.Module) -> str | None:
+    """"nf4", "fp4" or "int8" when ``model``'s LoRA layers wrap quantized base layers, else None."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and module.quantized is not None:
+            return module.quantized.precision(module.base_layer)
+    return None
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of an adapter directory's weights ({} when there is none)."""
+    try:
+        with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for a corrupt file
+        raise AdapterFormatError(f"{Path(directory) / WEIGHTS_NAME}: not a readable safetensors file ({err})") from None
+
+
 def save_adapter(directory: str | os.PathLike, config: LoraConfig,
-                 tensors: dict[str, torch.Tensor]) -> Path:
+                 tensors: dict[str, torch.Tensor], *, base_precision: str | None = None) -> Path:
     """Write config and weights into ``directory`` atomically (a temporary directory beside it,
-    then renames), so a crash never leaves a half-written adapter."""
+    then renames), so a crash never leaves a half-written adapter. ``base_precision`` (a
+    quantized base's storage) goes into the weights' metadata."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     directory.mkdir(exist_ok=True)
@@ -185,7 +209,8 @@ def save_adapter(directory: str | os.PathLike, config: LoraConfig,
     try:
         # clone: tied tables share storage, which safetensors refuses to write twice
         data = {k: t.detach().to("cpu").clone().contiguous() for k, t in tensors.items()}
-        save_file(data, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        metadata = {"format": "pt"} | ({BASE_PRECISION_KEY: base_precision} if base_precision else {})
+        save_file(data, str(tmp / WEIGHTS_NAME), metadata=metadata)
         config.save_pretrained(tmp, inference_mode=True)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.replace(tmp / name, directory / name)

@@ -4,8 +4,9 @@
 
 with A (r x in), B (out x r) and scale = alpha / r, or alpha / sqrt(r) with rsLoRA
 (Kalajdzievski 2023). `LoraLinear` wraps `nn.Linear` and GPT-2's `Conv1D` (a linear layer whose
-weight is stored (in, out): ``fan_in_fan_out``); `LoraEmbedding` wraps `nn.Embedding`, where A
-acts as a lookup table. Each layer owns ``adapters: dict[name, Adapter]``.
+weight is stored (in, out): ``fan_in_fan_out``) and a quantized linear layer (bitsandbytes 4-bit or 8-bit, read
+and written through its `lorakit.plugins.QuantizedBase`); `LoraEmbedding` wraps `nn.Embedding`,
+where A acts as a lookup table. Each layer owns ``adapters: dict[name, Adapter]``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit import plugins
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.kernels import fused
 
 __all__ = ["Adapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "is_conv1d", "supported_layer"]
@@ -112,6 +113,8 @@ class LoraLayer(nn.Module):
         # the base weight with every merged adapter taken out, held while a variant's merge rule
         # replays the merges (`lorakit.variants.dora`), else None
         self.held_unmerged_weight: torch.Tensor | None = None
+        # how to read and write a quantized base layer's weight (`lorakit.plugins`); None: a plain tensor
+        self.quantized = plugins.quantized_base(base_layer)
 
     # -- the per-kind pieces
     @property
@@ -128,6 +131,23 @@ class LoraLayer(nn.Module):
         """The adapter's update in the base weight's own layout."""
         return self.adapters[name].delta_weight()
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as the layer computes with it, in its own layout: the weight's data, or a
+        quantized layer's weight dequantized (fp32)."""
+        if self.quantized is not None:
+            return self.quantized.dequantize(self.base_layer)
+        return self.base_layer.weight.data
+
+    def set_base_weight(self, value: torch.Tensor) -> None:
+        """Store ``value`` (the weight's layout) as the base weight: in place, in the weight's dtype
+        (an in-place write bumps the weight's version, which caches watch), or quantized again."""
+        if self.quantized is not None:
+            self.quantized.requantize(self.base_layer, value)
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_(value.to(weight.dtype))
+
     # -- adapters
     def add_adapter(self, name: str, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init=True, autocast_fp32: bool = True) -> Adapter:
@@ -141,6 +161,12 @@ class LoraLayer(nn.Module):
             init=init, embedding=self.is_embedding, dtype=dtype, device=weight.device,
         )
         from_base = plugins.base_weight_init(init)
+        if from_base is not None and self.quantized is not None:
+            raise ConfigError(
+                f"init_lora_weights={init!r} starts the adapter from the base weight and writes the residual "
+                f"W - scale * B A back, which a {self.quantized.name} layer cannot hold exactly: initialise on "
+                "the unquantized (bf16/fp32) base, save that residual model, and quantize it; or use "
+                "init_lora_weights=True")
         if from_base is not None:  # PiSSA, OLoRA: A, B from W, and W <- W - scale * B A
             from_base.init_from_base(self, adapter, init)
         self.adapters[name] = adapter
@@ -164,7 +190,6 @@ class LoraLayer(nn.Module):
     # -- merging: W <- W + scale * B A, in place
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.base_layer.weight
         for name in names:
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=2)
@@ -173,20 +198,19 @@ class LoraLayer(nn.Module):
             if variant is not None:  # its own rule (DoRA: W' = m / ||W + s B A|| * (W + s B A))
                 merged = plugins.variant(variant).merged_weight(self, name)
             else:
+                weight = self.base_weight()
                 delta = self.delta_in_weight_layout(name)
-                merged = weight.data.float() + delta if weight.dtype != torch.float32 else weight.data + delta
+                merged = weight.float() + delta if weight.dtype != torch.float32 else weight + delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise LorakitError(
                     f"merging adapter {name!r} gives non-finite weights; the adapter is broken "
                     "(check its values with `lorakit inspect`)"
                 )
-            with torch.no_grad():  # an in-place write bumps the weight's version: caches see it
-                weight.copy_(merged.to(weight.dtype))
+            self.set_base_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
         names = list(reversed(self.merged_adapters if adapter_names is None else adapter_names))
-        weight = self.base_layer.weight
         for name in names:
             if name not in self.merged_adapters:
                 continue
@@ -194,10 +218,10 @@ class LoraLayer(nn.Module):
             if variant is not None:
                 restored = plugins.variant(variant).unmerged_weight(self, name)
             else:
+                weight = self.base_weight()
                 delta = self.delta_in_weight_layout(name)
-                restored = weight.data.float() - delta if weight.dtype != torch.float32 else weight.data - delta
-            with torch.no_grad():
-                weight.copy_(restored.to(weight.dtype))
+                restored = weight.float() - delta if weight.dtype != torch.float32 else weight - delta
+            self.set_base_weight(restored)
             self.merged_adapters.remove(name)
 
 
@@ -210,11 +234,15 @@ class LoraLinear(LoraLayer):
 
     @property
     def in_features(self) -> int:
+        if self.quantized is not None:  # the weight's shape is the packed storage's
+            return self.base_layer.in_features
         w = self.base_layer.weight
         return w.shape[0] if self.fan_in_fan_out else w.shape[1]
 
     @property
     def out_features(self) -> int:
+        if self.quantized is not None:
+            return self.base_layer.out_features
         w = self.base_layer.weight
         return w.shape[1] if self.fan_in_fan_out else w.shape[0]
 
@@ -245,6 +273,8 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if not adapters:
             return result
+        if self.quantized is not None:
+            return self._add_to_quantized(x, result, adapters)
         out_dtype = result.dtype
         for a in adapters:
             if a.variant is not None:  # the variant's reference forward (lorakit.plugins)
@@ -253,6 +283,17 @@ class LoraLinear(LoraLayer):
             h = a.lora_dropout(x.to(a.lora_A.dtype))  # (..., in)
             result = result + F.linear(F.linear(h, a.lora_A), a.lora_B) * a.scaling  # (..., out)
         return result.to(out_dtype)
+
+    def _add_to_quantized(self, x: torch.Tensor, result: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
+        """The adapters' outputs added to a quantized layer's, in PEFT's order for these layers (each
+        output cast to the layer's output dtype, then added; under autocast, autocast's dtypes), so
+        that an adapter gives PEFT's outputs to the last bit."""
+        cast = not torch.is_autocast_enabled(x.device.type)
+        for a in adapters:
+            h = a.lora_dropout(x.to(a.lora_A.dtype) if cast else x)  # (..., in)
+            out = F.linear(F.linear(h, a.lora_A), a.lora_B) * a.scaling  # (..., out)
+            result = result + (out.to(result.dtype) if cast else out)
+        return result
 
 
 class LoraEmbedding(LoraLayer):

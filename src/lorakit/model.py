@@ -149,6 +149,10 @@ class PeftModel(nn.Module):
         trainable_before = {id(p) for p in model.parameters() if p.requires_grad}
         config = inject_adapter(model, copy.deepcopy(peft_config), adapter_name,
                                 autocast_adapter_dtype=self.autocast_adapter_dtype)
+        for module in model.modules():  # quantized base layers, wrapped or not (lorakit.plugins.QuantizedBase)
+            kind = plugins.quantized_base(module)
+            if kind is not None and kind.prepare is not None:
+                kind.prepare(module)
         self.peft_config[adapter_name] = config
         mark_trainable(model, [adapter_name], config)
         for p in model.parameters():
@@ -317,7 +321,8 @@ class PeftModel(nn.Module):
                     config, tensors, initial, str(path_initial_model_for_weight_conversion))
             else:
                 _warn_on_reload(config, f"adapter {name!r} was saved")
-            io.save_adapter(io.adapter_subdir(save_directory, name), config, tensors)
+            io.save_adapter(io.adapter_subdir(save_directory, name), config, tensors,
+                            base_precision=io.base_precision(model))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

@@ -6,6 +6,8 @@
     adapter variants     Adapter.variant name -> its forward and merge rule   (variants/dora.py)
     base-weight inits    init_lora_weights values that read W and leave a residual
                                                                               (variants/inits.py)
+    quantized bases      frozen layers whose weight is stored quantized: how LoRA reads and
+                         writes it (bitsandbytes 4-bit and 8-bit: variants/quantized.py)
     model operations     PeftModel methods a variant implements: "add_weighted_adapter"
                          (variants/weighted.py), "convert_to_lora" (variants/inits.py)
 
@@ -34,7 +36,8 @@ if TYPE_CHECKING:  # types only: these modules consult this one
     from lorakit.model import LoraModel
 
 __all__ = ["Method", "register_method", "method_for", "peft_types", "AdapterVariant", "BaseWeightInit", "register_variant", "register_init", "register_operation",
-           "variant", "variants", "base_weight_init", "operation"]
+           "variant", "variants", "base_weight_init", "operation", "QuantizedBase", "register_quantized_base",
+           "quantized_base"]
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,31 @@ class BaseWeightInit:
     """``warn_on_reload(init, event)``: a warning where a saved adapter may not reload exactly."""
 
 
+@dataclass(frozen=True)
+class QuantizedBase:
+    """A frozen linear layer whose weight is stored quantized (bitsandbytes' ``Linear4bit`` and
+    ``Linear8bitLt``). LoRA wraps it as it wraps ``nn.Linear``, runs the layer's own forward for
+    ``W x``, and reads or writes W only through these (merging, and DoRA's norms)."""
+
+    name: str
+    """Its name in messages ("bitsandbytes 4-bit")."""
+    matches: Callable[[nn.Module], bool]
+    """Whether a module is a layer of this kind."""
+    precision: Callable[[nn.Module], str]
+    """The layer's storage: "nf4", "fp4" or "int8"."""
+    dequantize: Callable[[nn.Module], torch.Tensor]
+    """The layer's weight as it computes with it: fp32, (out, in)."""
+    requantize: Callable[[nn.Module, torch.Tensor], None]
+    """``requantize(layer, weight)``: store the fp32 (out, in) ``weight`` in the layer, quantized
+    as its weight was (a merge)."""
+    prepare: Callable[[nn.Module], None] | None = None
+    """What adding an adapter to a model does to each of its layers of this kind, targeted or
+    not (None: nothing)."""
+
+
 _VARIANTS: dict[str, AdapterVariant] = {}
 _INITS: list[BaseWeightInit] = []
+_QUANTIZED: list[QuantizedBase] = []
 _OPERATIONS: dict[str, Callable] = {}
 
 
@@ -98,6 +124,17 @@ def register_init(init: BaseWeightInit) -> BaseWeightInit:
 def register_operation(name: str, function: Callable) -> Callable:
     _OPERATIONS[name] = function
     return function
+
+
+def register_quantized_base(kind: QuantizedBase) -> QuantizedBase:
+    if kind not in _QUANTIZED:
+        _QUANTIZED.append(kind)
+    return kind
+
+
+def quantized_base(module: nn.Module) -> QuantizedBase | None:
+    """The quantized-base kind of ``module``; None for a layer whose weight is a plain tensor."""
+    return next((k for k in _QUANTIZED if k.matches(module)), None)
 
 
 def variant(name: str) -> AdapterVariant:

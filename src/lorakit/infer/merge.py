@@ -22,6 +22,12 @@ merge into those dtypes `rounding_loss` measures, per layer,
 The totals pool every layer (errors and updates summed in square before the root), so large
 layers weigh more. Measuring against ``round(W)`` isolates the update: the base's own rounding
 is what any bf16 copy of the base model has too.
+
+An adapter trained on a quantized base (QLoRA: its file records "nf4", "fp4" or "int8") learned
+to correct the quantized weights, not the original ones. Its base is loaded quantized as in
+training, then dequantized (`lorakit.models.quantized.dequantize_model`), and the update is merged
+into those weights in fp32; the written model is checked against the quantized model with the
+adapter on a few probe texts (`QuantizedCheck`: logit error and top-1 agreement).
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.inject import lora_layers
 from lorakit.models.adapters import base_model_for, load_adapted
 from lorakit.models.load import parse_dtype, resolve_model_dir
+from lorakit.models.quantized import base_quantization, dequantize_model
 
-__all__ = ["merge_adapter", "MergeReport", "RoundingReport", "LayerRounding", "rounding_loss",
+__all__ = ["merge_adapter", "MergeReport", "RoundingReport", "LayerRounding", "rounding_loss", "QuantizedCheck",
            "WARN_RELATIVE_ERROR", "WARN_LOST_FRACTION"]
 
 # A merge warns when at least this much of the update is gone (relative error, pooled) ...
@@ -135,6 +142,52 @@ class RoundingReport:
                             "lost_fraction": l.lost_fraction} for l in self.layers]}
 
 
+# Texts the merged model of a quantized base is checked on (any text will do: the check compares
+# two models' next-token logits at every position)
+PROBE_TEXTS = (
+    "Add a task: email Sam the budget numbers by Friday, high priority.",
+    "The quick brown fox jumps over the lazy dog, then rests in the shade.",
+    "def merge(a, b):\n    return sorted(a + b)\n",
+)
+
+
+@dataclass(frozen=True)
+class QuantizedCheck:
+    """How the model merged from a quantized base's adapter compares with that quantized model
+    running the adapter: next-token logits at every position of `PROBE_TEXTS`."""
+
+    precision: str
+    """The base's quantization the adapter was trained on."""
+    positions: int
+    max_logit_error: float
+    mean_logit_error: float
+    top1_agreement: float
+    """The share of positions where both predict the same next token."""
+
+    def summary(self, dtype: str) -> str:
+        return (f"trained on the {self.precision} base: merged into its dequantized weights in fp32; against the "
+                f"{self.precision} model with the adapter, the {dtype} merged model's logits differ by at most "
+                f"{self.max_logit_error:.3g} (mean {self.mean_logit_error:.3g}) over {self.positions} probe "
+                f"positions, and its next token agrees at {self.top1_agreement:.1%} of them")
+
+    def as_dict(self) -> dict:
+        return {"precision": self.precision, "positions": self.positions, "max_logit_error": self.max_logit_error,
+                "mean_logit_error": self.mean_logit_error, "top1_agreement": self.top1_agreement}
+
+
+def _probe_logits(model: nn.Module, probes: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(input_ids=ids).logits[0].float() for ids in probes]  # (T, V) each
+
+
+def _compare(precision: str, reference: list[torch.Tensor], merged: list[torch.Tensor]) -> QuantizedCheck:
+    ref, out = torch.cat(reference), torch.cat(merged)  # (positions, V)
+    error = (out - ref).abs()
+    return QuantizedCheck(precision=precision, positions=ref.shape[0], max_logit_error=float(error.max()),
+                          mean_logit_error=float(error.mean()),
+                          top1_agreement=float((out.argmax(-1) == ref.argmax(-1)).float().mean()))
+
+
 @dataclass
 class MergeReport:
     """What `merge_adapter` wrote."""
@@ -149,12 +202,16 @@ class MergeReport:
     """LoRA layers whose weight was shared with another (tied embeddings) and was given its own copy."""
     rounding: RoundingReport | None = None
     """None for an fp32 merge."""
+    quantized: QuantizedCheck | None = None
+    """For an adapter trained on a quantized base: the merged model against that base with the adapter."""
 
     def summary(self) -> str:
         lines = [f"merged {self.merged_layers} LoRA layers of {self.adapter_dir} into {self.base_model} ({self.dtype})",
                  f"wrote {self.out_dir}: {', '.join(self.files)}"]
         if self.untied:
             lines.append(f"untied from shared weights (the update applies to these only): {', '.join(self.untied)}")
+        if self.quantized is not None:
+            lines.append(self.quantized.summary(self.dtype))
         if self.rounding is not None:
             lines.append(self.rounding.summary())
         return "\n".join(lines)
@@ -162,7 +219,8 @@ class MergeReport:
     def as_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "adapter_dir": str(self.adapter_dir), "base_model": self.base_model,
                 "dtype": self.dtype, "merged_layers": self.merged_layers, "files": self.files,
-                "untied": self.untied, "rounding": self.rounding.as_dict() if self.rounding else None}
+                "untied": self.untied, "rounding": self.rounding.as_dict() if self.rounding else None,
+                "quantized": self.quantized.as_dict() if self.quantized else None}
 
 
 def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, model: str | None = None,
@@ -175,7 +233,8 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
     its config.json, else fp32); for bf16 and fp16 the report measures the rounding loss. The
     directory is written under a temporary name next to ``out_dir`` and renamed into place; a
     non-empty ``out_dir`` is replaced only with ``force``. Weights are safetensors, sharded as
-    transformers does (``max_shard_size``, transformers' default when None).
+    transformers does (``max_shard_size``, transformers' default when None). An adapter trained
+    on a quantized base is merged into that base's dequantized weights (see the module docstring).
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base_name = base_model_for(adapter_dir, model)
@@ -185,7 +244,13 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
     if target not in _DTYPE_NAMES:
         raise ConfigError(f"dtype {dtype!r} cannot be merged into; use fp32, bf16 or fp16")
 
-    peft_model, tokenizer = load_adapted(adapter_dir, model=base_dir, dtype=torch.float32)
+    precision = base_quantization(adapter_dir)
+    peft_model, tokenizer = load_adapted(adapter_dir, model=base_dir, dtype=torch.float32, quantize=precision)
+    probes, reference = [], []
+    if precision is not None:  # the quantized model's own outputs, then its weights as it computes with them
+        probes = [torch.tensor([tokenizer(text)["input_ids"]]) for text in PROBE_TEXTS]
+        reference = _probe_logits(peft_model, probes)
+        dequantize_model(peft_model)
     layers = [(name, layer) for name, layer in lora_layers(peft_model.get_base_model())]
     untied = _untie_shared_weights(peft_model.get_base_model(), layers)
     before = {name: layer.base_layer.weight.detach().clone() for name, layer in layers} \
@@ -197,10 +262,11 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
             rounding_loss(name, before.pop(name), layer.base_layer.weight, target) for name, layer in layers])
     merged = merged.to(target)
     _check_finite(merged, target)
+    quantized = _compare(precision, reference, _probe_logits(merged, probes)) if precision else None
 
     files = _write_atomically(out_dir, lambda tmp: _save(merged, tokenizer, tmp, max_shard_size))
     return MergeReport(out_dir, adapter_dir, str(base_name), _DTYPE_NAMES[target], len(layers), files,
-                       untied, rounding)
+                       untied, rounding, quantized)
 
 
 def _saved_dtype(model_dir: Path) -> torch.dtype:

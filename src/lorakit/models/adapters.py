@@ -87,12 +87,14 @@ def base_model_for(adapters: Adapters, model: str | os.PathLike | None = None,
 
 
 def load_adapted(adapters: Adapters = (), model: str | os.PathLike | None = None, *,
-                 dtype: torch.dtype | str = torch.float32, reserved: Mapping[str, str] | None = None):
-    """``(model, tokenizer)``: the base model (see the module docstring) loaded once in ``dtype``,
-    with each adapter loaded onto it under its name (the first one active), frozen and in eval
-    mode; without adapters, the plain base model."""
+                 dtype: torch.dtype | str = torch.float32, reserved: Mapping[str, str] | None = None,
+                 quantize: str | None = None):
+    """``(model, tokenizer)``: the base model (see the module docstring) loaded once in ``dtype``
+    (its linear layers quantized with ``quantize``: `load_model`), with each adapter loaded onto it
+    under its name (the first one active), frozen and in eval mode; without adapters, the plain
+    base model."""
     pairs = adapter_pairs(adapters)
-    base, tokenizer = load_model(base_model_for(pairs, model, reserved), dtype=dtype)
+    base, tokenizer = load_model(base_model_for(pairs, model, reserved), dtype=dtype, quantize=quantize)
     if not pairs:
         return base.eval(), tokenizer
     (first, first_dir), *others = pairs

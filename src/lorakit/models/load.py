@@ -20,6 +20,7 @@ import torch
 from ..errors import ConfigError, ModelLoadError
 from .cache import cache_dir
 from .gguf import DEFAULT_MODEL, EMBEDDED_MODELS, convert_gguf, embedded_gguf_path, gguf_cache_name
+from .quantized import bnb_config, check_quantized
 
 __all__ = [
     "DEFAULT_MODEL", "resolve_model_dir", "check_model_dir", "load_model", "load_tokenizer", "parse_dtype",
@@ -127,21 +128,27 @@ def load_model(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    quantize: str | None = None,
 ):
     """Load ``(model, tokenizer)``: a causal language model in eval mode, and its tokenizer.
 
     ``name_or_path`` is an embedded model name (default ``"smollm2-135m"``), a ``.gguf`` file or
     a Hugging Face model directory. The first use of a GGUF converts it (about 20 s for 135M
     parameters); later loads read the cached safetensors directory (about a second).
+    ``quantize`` ("nf4", "fp4", "int8"; `lorakit.models.quantized`) stores the linear layers but
+    the output head in 4 or 8 bits, computing in ``dtype``; the rest of the model is in ``dtype``.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     model_dir = resolve_model_dir(name_or_path)
     tokenizer = load_tokenizer(model_dir)
+    options = {}
+    if quantize is not None:  # quantized as loaded, on the device it will run on (no .to() afterwards)
+        options = {"quantization_config": bnb_config(quantize, torch_dtype), "device_map": {"": str(device)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch_dtype, use_safetensors=True, local_files_only=True
+            model_dir, dtype=torch_dtype, use_safetensors=True, local_files_only=True, **options
         )
     except Exception as exc:
         raise ModelLoadError(
@@ -150,4 +157,7 @@ def load_model(
         ) from exc
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if quantize is not None:
+        check_quantized(model, quantize, model_dir)
+        return model.eval(), tokenizer
     return model.to(device).eval(), tokenizer

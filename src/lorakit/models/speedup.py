@@ -39,6 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorakit.errors import ConfigError
 from lorakit.kernels.fused import FusedLayer
+from lorakit.layer import LoraLayer
 from lorakit.models.attention import ATTENTION, LAYOUT_KEY, use_lorakit_attention, varlen_inputs
 from lorakit.models.family import in_llama_family, unwrap
 from lorakit.models.heads import (
@@ -114,6 +115,11 @@ def speed_up(model, *, attention: str = "auto", fused_norms: bool = True, gradie
             raise ConfigError(f"gradient_checkpointing: {type(base).__name__} does not support it; turn it off")
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         notes.append("gradient checkpointing: on (each decoder layer recomputed in the backward)")
+    quantized = [m for m in model.modules() if isinstance(m, LoraLayer) and m.quantized is not None]
+    if quantized:
+        kind = quantized[0].quantized.precision(quantized[0].base_layer)
+        notes.append(f"fused LoRA node: off for the {len(quantized)} layers on the {kind} base (bitsandbytes' layer "
+                     "dequantizes W and computes W x itself; the adapter's part is added after it)")
     if compile:
         layers = _decoder_layers(model)
         if not layers:
@@ -285,12 +291,16 @@ def _serve_later_heads(module: nn.Module, args, kwargs) -> None:
 
 
 def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
-    """Frozen floating-point parameters to ``dtype`` (trainable ones keep theirs); returns how many."""
+    """Frozen floating-point parameters to ``dtype`` (trainable ones keep theirs), and 4-bit layers
+    made to dequantize to ``dtype`` and multiply in it; returns how many tensors were cast."""
     count = 0
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
             count += 1
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and m.quantized is not None and hasattr(m.base_layer, "compute_dtype"):
+            m.base_layer.compute_dtype = dtype
     return count
 
 

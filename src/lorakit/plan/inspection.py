@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from lorakit.errors import AdapterFormatError
 from lorakit.inject import pattern_value
+from lorakit.io import BASE_PRECISION_KEY
 
 __all__ = ["ModuleUpdate", "Inspection", "inspect_adapter"]
 
@@ -69,6 +70,9 @@ class Inspection:
     dtypes: tuple[str, ...]
     other_tensors: tuple[str, ...]  # DoRA magnitudes, saved embedding tables, biases
     warnings: tuple[str, ...]
+    base_precision: str | None = None
+    """The storage of the base it was trained on, as the file records it ("nf4", "fp4", "int8":
+    a quantized base, `lorakit.io.BASE_PRECISION_KEY`); None: a full-precision base, or not recorded."""
 
     @property
     def layer_norms(self) -> dict[int, float]:
@@ -84,7 +88,8 @@ class Inspection:
                 "params": self.params, "file_bytes": self.file_bytes, "dtypes": list(self.dtypes),
                 "modules": [asdict(m) for m in self.modules],
                 "layer_norms": {str(k): v for k, v in self.layer_norms.items()},
-                "other_tensors": list(self.other_tensors), "warnings": list(self.warnings)}
+                "other_tensors": list(self.other_tensors), "warnings": list(self.warnings),
+                "base_precision": self.base_precision}
 
 
 def inspect_adapter(directory: str | os.PathLike) -> Inspection:
@@ -105,6 +110,7 @@ def inspect_adapter(directory: str | os.PathLike) -> Inspection:
     other, unexpected, not_finite, dtypes, params = [], [], [], set(), 0
     try:
         with safe_open(str(weights), framework="pt") as f:
+            base_precision = (f.metadata() or {}).get(BASE_PRECISION_KEY)
             for key in f.keys():
                 tensor = f.get_tensor(key)
                 params += tensor.numel()
@@ -146,7 +152,7 @@ def inspect_adapter(directory: str | os.PathLike) -> Inspection:
         directory=str(directory), config=config,
         base_model=config.get("base_model_name_or_path") or None, modules=tuple(modules),
         params=params, file_bytes=weights.stat().st_size, dtypes=tuple(sorted(dtypes)),
-        other_tensors=tuple(other), warnings=tuple(warnings))
+        other_tensors=tuple(other), warnings=tuple(warnings), base_precision=base_precision)
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

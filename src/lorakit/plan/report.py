@@ -168,7 +168,8 @@ def format_inspection(ins: "Inspection", bar_width: int = 30) -> str:
     pairs = 2 * len(ins.modules)
     lines = [
         f"Adapter     {ins.directory}",
-        f"Base model  {ins.base_model or 'not recorded (base_model_name_or_path is empty)'}",
+        f"Base model  {ins.base_model or 'not recorded (base_model_name_or_path is empty)'}"
+        + (f", trained on its {ins.base_precision} quantization (QLoRA)" if ins.base_precision else ""),
         f"Config      r={c['r']}, lora_alpha={c['lora_alpha']:g} (scale = {scale}), "
         f"lora_dropout={c.get('lora_dropout', 0):g}, rsLoRA {'on' if c.get('use_rslora') else 'off'}, "
         f"DoRA {'on' if c.get('use_dora') else 'off'}",

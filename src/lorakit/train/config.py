@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from lorakit.checks import STRATEGIES, is_int, is_number, shown
+from lorakit.checks import QUANTIZATIONS, STRATEGIES, is_int, is_number, shown
 from lorakit.config import PRESETS, LoraConfig, preset
 from lorakit.errors import ConfigError
 from lorakit.models.load import DEFAULT_MODEL
@@ -122,6 +122,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     """auto (bf16 autocast where the machine runs it fast, else fp32), fp32 or bf16."""
+    quantize: Optional[str] = None
+    """Store the frozen base's linear layers in 4 or 8 bits (QLoRA, with bitsandbytes): nf4, fp4 or
+    int8; the adapter trains in full precision. Unset: the base in the run's precision."""
     attention: str = "auto"
     """auto (lorakit's training attention for Llama-family models, else the model's own),
     lorakit, sdpa or eager."""
@@ -238,6 +241,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 yield f"{name}={shown(value)}: must be one of {', '.join(choices)}"
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            yield f"quantize={shown(self.quantize)}: must be one of {', '.join(QUANTIZATIONS)}, or unset"
         if self.val_file and is_number(self.val_fraction) and self.val_fraction:
             yield "val_file and val_fraction: give one way to get held-out data, not both"
         ratio = self.loraplus_ratio

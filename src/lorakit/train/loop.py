@@ -328,7 +328,7 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
         "variant": variant_summary(config), "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
         "init_lora_weights": lora.init_lora_weights, "loraplus_ratio": config.loraplus_ratio,
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,
-        "precision": run.compute.precision, "packing": isinstance(data.train_collate, PackingCollator),
+        "precision": run.compute.precision, "quantize": config.quantize, "packing": isinstance(data.train_collate, PackingCollator),
         "varlen": getattr(data.train_collate, "varlen", False),
         "shared_prefix": getattr(data.train_collate, "share_prefix", False),
         "attention": peft_model.get_base_model().config._attn_implementation,

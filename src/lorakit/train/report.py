@@ -111,7 +111,10 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         + (f"; adapter/: {summary['adapter_note']}" if summary.get("adapter_note") else ""),
         f"- Trainable parameters: {summary['trainable']:,} of {summary['total']:,} "
         f"({100 * summary['trainable'] / summary['total']:.4f}%)",
-        f"- Precision: {summary['precision']}",
+        f"- Precision: {summary['precision']}"
+        + (f"; frozen base quantized to {summary['quantize']} (QLoRA: the adapter trained on the quantized "
+           "weights; merge with `lorakit merge`, which merges into them dequantized)"
+           if summary.get("quantize") else "; frozen base unquantized"),
         "",
         "## Data",
         f"- Training: {data['train']}",

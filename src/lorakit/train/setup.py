@@ -165,6 +165,10 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     if world.distributed and config.method != "lora":
         raise ConfigError(f"method={config.method}: trains in one process for now (its rank allocation reads "
                           "every gradient of the step); run it without torchrun / --nproc, or use method lora")
+    if world.distributed and config.strategy == "fsdp" and config.quantize:
+        raise ConfigError(f"--quantize {config.quantize} with --strategy fsdp: FSDP2 does not shard bitsandbytes' "
+                          "quantized weights; use --strategy ddp (each process holds the whole 4-/8-bit base, "
+                          "a quarter to a half of its bf16 size), or drop --quantize")
     if resume and not (run_dir / "checkpoints").is_dir():
         saves = f"every {config.save_every} steps" if config.save_every else "only when stopped by SIGINT/SIGTERM"
         raise CheckpointError(f"{run_dir}: the run was stopped before its first checkpoint (it saves one {saves}), "
@@ -186,8 +190,10 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     # FSDP2 on GPUs: loaded into the machine's memory, then each decoder layer moves to the GPU as it
     # is sharded (one whole layer at a time there), so a model that does not fit one GPU trains
     sharded = world.distributed and config.strategy == "fsdp"
+    # --quantize: the linear layers but the output head stored in 4 or 8 bits, computing in the precision
     model, tokenizer = load_model(config.model, device=torch.device("cpu") if sharded else device,
-                                  dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+                                  dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                                  quantize=config.quantize)
     splits = load_data(config.data, tokenizer=tokenizer, val=config.val_file, val_fraction=config.val_fraction,
                        seed=config.seed, max_length=config.max_length, overlong=config.overlong,
                        skip_bad_records=config.skip_bad_records)

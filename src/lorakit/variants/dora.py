@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.layer import Adapter, LoraLayer
+from lorakit import plugins
 from lorakit.plugins import AdapterVariant, register_variant
 
 __all__ = ["NAME", "DORA", "check_targets", "add_magnitude", "weight_norm", "forward", "fused_forward",
@@ -51,6 +52,13 @@ NAME = "dora"
 
 def check_targets(found: list[tuple[str, nn.Module]]) -> None:
     """Refuse, in one error and before anything is wrapped, targets DoRA does not cover here."""
+    quantized = [name for name, m in found if plugins.quantized_base(getattr(m, "base_layer", m)) is not None]
+    if quantized:
+        raise ConfigError(
+            f"use_dora=True: lorakit does not yet run DoRA on a 4-bit or 8-bit base ({quantized[0]} and "
+            f"{len(quantized) - 1} more layers are quantized); train plain LoRA on it (use_dora=False), or load "
+            "the base unquantized (bf16) for DoRA"
+        )
     embeddings = [name for name, m in found if isinstance(getattr(m, "base_layer", m), nn.Embedding)]
     if embeddings:
         raise ConfigError(

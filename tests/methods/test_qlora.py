@@ -1,8 +1,10 @@
 """LoRA on a 4-bit or 8-bit base (bitsandbytes), against PEFT on the same quantized model: outputs,
 gradients, files both ways, merging, prepare_model_for_kbit_training, and the typed refusals."""
 
+import gc
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 import lorakit  # noqa: E402
 from lorakit import ConfigError  # noqa: E402
 from lorakit.io import BASE_PRECISION_KEY, read_metadata  # noqa: E402
+from lorakit.models import load_model  # noqa: E402
 from lorakit.models.quantized import base_quantization, check_quantized, dequantize_model  # noqa: E402
 from lorakit.variants.quantized import import_bitsandbytes  # noqa: E402
 
@@ -194,3 +197,17 @@ def test_a_model_with_nothing_quantized_and_a_missing_bitsandbytes_are_typed_err
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"needs bitsandbytes.*pip install 'lorakit\[qlora\]'"):
         import_bitsandbytes()
+
+
+def test_a_quantized_load_lets_go_of_the_weights_file(tiny_model_dir):
+    """The unquantized tensors (embeddings, norms) are copied out of the file: a tensor read straight from
+    it would keep the whole mapping, and every page of the original weights quantizing read, resident."""
+    weights = str(tiny_model_dir / "model.safetensors")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=QUANTIZATIONS["nf4-double"])
+    assert weights in Path("/proc/self/maps").read_text()  # what transformers' own load leaves
+    del plain
+    gc.collect()
+    model, _ = load_model(tiny_model_dir, quantize="nf4")
+    gc.collect()
+    assert weights not in Path("/proc/self/maps").read_text()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied

@@ -277,3 +277,17 @@ def test_an_error_on_every_rank_is_one_line_each_and_the_exit_code_of_a_bad_inpu
     assert done.returncode == 2, done.stderr[-2000:]
     assert "(rank 0 of 2)" in done.stderr and "missing.jsonl" in done.stderr
     assert "exited with code 2" in done.stderr
+
+
+def test_ddp_on_a_4bit_base_trains_as_one_process_and_fsdp_is_refused(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    one = tmp_path / "one"
+    train(TrainConfig.from_settings(**_settings(tiny_model_dir, one, quantize="nf4")), progress=False)
+    two = tmp_path / "two"
+    _lorakit("train", "--nproc", "2", "--no-progress", *_flags(_settings(tiny_model_dir, two, batch_size=4,
+                                                                             quantize="nf4")))
+    _assert_same_run(two, one)
+    done = _lorakit("train", "--nproc", "2", "--strategy", "fsdp", "--no-progress",
+                    *_flags(_settings(tiny_model_dir, tmp_path / "fsdp", batch_size=4, quantize="nf4")), check=False)
+    assert done.returncode == 2
+    assert "FSDP2 does not shard bitsandbytes' quantized weights; use --strategy ddp" in done.stderr

@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError, ModelLoadError
 from .cache import cache_dir
 from .gguf import DEFAULT_MODEL, EMBEDDED_MODELS, convert_gguf, embedded_gguf_path, gguf_cache_name
-from .quantized import bnb_config, check_quantized
+from .quantized import bnb_config, check_quantized, release_file
 
 __all__ = [
     "DEFAULT_MODEL", "resolve_model_dir", "check_model_dir", "load_model", "load_tokenizer", "parse_dtype",
@@ -159,5 +159,6 @@ def load_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if quantize is not None:
         check_quantized(model, quantize, model_dir)
+        release_file(model)
         return model.eval(), tokenizer
     return model.to(device).eval(), tokenizer

@@ -325,7 +325,8 @@ def speedup(model: nn.Module, *, bf16: bool | None = None, attention: str = "aut
         raise ConfigError("speedup: the model has no parameters")
     device = params[0].device
     notes: list[str] = []
-    layers = sum(isinstance(m, FusedLayer) for m in model.modules())
+    # a layer on a quantized base runs its base layer's own kernel (`speed_up` says so)
+    layers = sum(isinstance(m, FusedLayer) and getattr(m, "quantized", None) is None for m in model.modules())
     notes.append(f"fused LoRA layers: {layers}" if layers else
                  "fused LoRA layers: none (wrap the model with lorakit's get_peft_model for them)")
     precision = resolve_precision("auto" if bf16 is None else ("bf16" if bf16 else "fp32"), device)

@@ -91,6 +91,8 @@ class Recommendation:
         if self.gradient_checkpointing:
             args.append("--gradient-checkpointing")
         memory = self.estimate.memory
+        if memory.quantize is not None:
+            args += ["--quantize", memory.quantize]
         if memory.gpus > 1:
             args += ["--nproc", str(memory.gpus), "--strategy", memory.strategy]
         return args
@@ -105,13 +107,15 @@ class Recommendation:
 
 def recommend(task: str, examples: int, shape: ModelShape, memory_gb: float | None = None, *,
               device: str = "cpu", dtype: str = "bfloat16", seq_len: int = 512,
-              batch_size: int = 4, gpus: int = 1, strategy: str = "ddp") -> Recommendation:
+              batch_size: int = 4, gpus: int = 1, strategy: str = "ddp",
+              quantize: str | None = None) -> Recommendation:
     """The lesson's advice for ``task`` with ``examples`` training examples on ``shape``.
 
     ``task``: "format", "domain" or "behavior" (see `TASKS`). A pure function: the same inputs
     give the same advice; ``memory_gb`` (GiB) narrows the batch and targets until the estimate
     fits, or says it cannot. ``gpus`` processes with ``strategy`` ("ddp" or "fsdp"): the estimate
-    is per device and ``batch_size`` per process, as in ``lorakit train --nproc``.
+    is per device and ``batch_size`` per process, as in ``lorakit train --nproc``. ``quantize``
+    ("nf4", "fp4", "int8"): the frozen base in 4 or 8 bits, as ``lorakit train --quantize``.
     """
     task = _check(task, examples)
     tier = data_tier(examples)
@@ -157,7 +161,8 @@ def recommend(task: str, examples: int, shape: ModelShape, memory_gb: float | No
 
     fitted = _fit(shape, roles, dict(r=r, lora_alpha=alpha, use_rslora=use_rslora,
                                      lora_dropout=dropout), memory_gb, batch_size,
-                  dict(device=device, dtype=dtype, seq_len=seq_len, gpus=gpus, strategy=strategy))
+                  dict(device=device, dtype=dtype, seq_len=seq_len, gpus=gpus, strategy=strategy,
+                       quantize=quantize))
     est, batch, accumulation, checkpointing, roles, memory_why = fitted
     targets = tuple(shape.target_names(roles))
     reasons["target_modules"] = targets_why + memory_why.get("targets", "")

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lorakit.checks import QUANTIZATIONS
 from lorakit.plan import advice as _advice
 from lorakit.plan import diagnosis as _diagnosis
 from lorakit.plan import inspection as _inspection
@@ -51,6 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how several processes share the model, as lorakit train --strategy: ddp "
                         "(each device holds the whole frozen model) or fsdp (FSDP2 shards it); the "
                         "plan says which suits (default ddp)")
+    p.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
+                   help="plan for a frozen base whose linear layers are stored in 4 or 8 bits "
+                        "(QLoRA with bitsandbytes), as lorakit train --quantize: nf4 or fp4 (4-bit, "
+                        "double-quantized constants) or int8 (LLM.int8, fp32 row scales). The memory "
+                        "then counts the quantized weights and their quantization constants, the "
+                        "embedding, norms and output head in --dtype (also the compute dtype), and "
+                        "the largest layer's transient dequantization buffer; several --gpus use "
+                        "ddp (FSDP2 does not shard quantized weights). Any other value is refused "
+                        "(default: no quantization, the whole base in --dtype)")
     p.add_argument("--json", action="store_true", help="print the plan as a JSON document")
     p.set_defaults(func=run_plan)
 
@@ -78,7 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(args.model, args.task, args.examples, memory_gb=args.memory_gb,
                      device=args.device, dtype=args.dtype, seq_len=args.seq_len,
-                     batch_size=args.batch_size, gpus=args.gpus, strategy=args.strategy)
+                     batch_size=args.batch_size, gpus=args.gpus, strategy=args.strategy,
+                     quantize=args.quantize)
     print(_json(plan.to_dict()) if args.json else format_plan(plan))
     return 0
 

@@ -73,7 +73,8 @@ class Estimate:
 
 
 _TRAINING_KEYS = ("batch_size", "seq_len", "dtype", "device", "gradient_checkpointing", "autocast",
-                  "head_on_labels", "label_fraction", "fused_kernels", "memory_gb", "gpus", "strategy")
+                  "head_on_labels", "label_fraction", "fused_kernels", "memory_gb", "gpus", "strategy",
+                  "quantize")
 
 
 def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = None, *,
@@ -81,7 +82,7 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
              device: str = "cpu", gradient_checkpointing: bool = False, autocast: bool = True,
              head_on_labels: bool | None = None, label_fraction: float = 1.0,
              fused_kernels: bool | None = None, memory_gb: float | None = None, gpus: int = 1,
-             strategy: str = "ddp", **lora: Any) -> Estimate:
+             strategy: str = "ddp", quantize: str | None = None, **lora: Any) -> Estimate:
     """Parameters, adapter size and training memory of a LoRA configuration, from shapes alone.
 
     ``model``: a model directory, config.json, .gguf file, built-in name (``"Llama-3-8B"``), a
@@ -96,7 +97,8 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
     ``dtype``; every term in full in `lorakit.plan.memory`):
 
         total       = weights + adapter + activations + logits + allocator + overhead + distributed
-        weights     = base_params * b
+                      + dequantization
+        weights     = base_params * b, or with ``quantize``: codes + constants + unquantized
         adapter     = trainable_params * (16 + a)  fp32 weights, gradients, AdamW's two moments;
                                                    a = b under autocast: the weights' b copies
         activations = batch_size * seq_len * per_token   what autograd keeps (per block: norm
@@ -111,6 +113,7 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
         allocator   = 0.35 * activations (cpu: what glibc's malloc keeps), 0 (cuda)
         overhead    = 0.5 GiB (cpu) or 1 GiB (cuda)
         distributed = 0 on one process (`lorakit.plan.sharding` for several)
+        dequantization = 0, or with ``quantize`` the largest layer's weight dequantized to b
 
     The defaults describe ``lorakit train``. ``autocast``: the forward runs under
     ``torch.autocast`` in ``dtype`` over fp32 adapters, as lorakit's trainer does in bf16; False
@@ -127,6 +130,11 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
     ``gpus``: processes, one per GPU (or CPU processes), each with ``batch_size`` examples a
     micro-step, as ``lorakit train --nproc``; ``strategy``: "ddp" (each device holds the whole
     frozen model) or "fsdp" (FSDP2 shards it). With ``gpus`` > 1 the memory is per device.
+
+    ``quantize``: "nf4", "fp4" or "int8", a base whose blocks' linear layers are stored in 4 or 8
+    bits by bitsandbytes (QLoRA), as ``lorakit train --quantize``; ``dtype`` is then the compute
+    dtype and that of the embedding, norms and head (`lorakit.plan.quantization`). None: the
+    whole base in ``dtype``.
 
     ``memory.fits`` compares the total with ``memory_gb`` (GiB), when given (on a CPU the
     ``gpus`` processes share it).
@@ -148,7 +156,7 @@ def estimate(model: str | os.PathLike | ModelShape | None = None, config: Any = 
                              gradient_checkpointing=gradient_checkpointing, autocast=autocast,
                              head_on_labels=head_on_labels, label_fraction=label_fraction,
                              fused_kernels=fused_kernels, memory_gb=memory_gb, gpus=gpus,
-                             strategy=strategy, use_dora=spec.use_dora)
+                             strategy=strategy, use_dora=spec.use_dora, quantize=quantize)
     return Estimate(shape=shape, spec=spec, targets=tuple(targets), trainable_params=trainable,
                     base_params=shape.total_params,
                     adapter_bytes_fp32=safetensors_size(tensors, "F32"),

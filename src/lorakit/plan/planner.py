@@ -41,6 +41,7 @@ class Plan:
                       "vocab_size": shape.vocab_size, "tied_embeddings": shape.tie_word_embeddings,
                       "params": shape.total_params},
             "memory_gb": self.memory_gb,
+            "quantize": self.recommendation.estimate.memory.quantize,
             "recommendation": self.recommendation.to_dict(),
             "presets": {name: est.to_dict() for name, est in self.presets.items()},
             "strategy": self.strategy.to_dict(),
@@ -59,13 +60,16 @@ def preset_estimates(shape: ModelShape, **training: Any) -> dict[str, Estimate]:
 
 def make_plan(model: str | os.PathLike | ModelShape | None, task: str, examples: int, *,
               memory_gb: float | None = None, device: str = "cpu", dtype: str = "bfloat16",
-              seq_len: int = 512, batch_size: int = 4, gpus: int = 1, strategy: str = "ddp") -> Plan:
+              seq_len: int = 512, batch_size: int = 4, gpus: int = 1, strategy: str = "ddp",
+              quantize: str | None = None) -> Plan:
     """Recommend settings for ``task`` with ``examples`` examples on ``model`` and cost the
     recommendation and the three presets at the same sequence length, batch and dtype, per
     device of ``gpus`` processes sharing the model by ``strategy`` ("ddp" or "fsdp"; the batch
-    is per process); then say which strategy suits the recommendation."""
+    is per process); then say which strategy suits the recommendation. ``quantize`` ("nf4",
+    "fp4", "int8"): the frozen base's linear layers in 4 or 8 bits, as ``lorakit train
+    --quantize`` (`lorakit.plan.quantization`); None: the whole base in ``dtype``."""
     shape = load_shape(model)
-    training = dict(device=device, dtype=dtype, seq_len=seq_len)
+    training = dict(device=device, dtype=dtype, seq_len=seq_len, quantize=quantize)
     rec = recommend(task, examples, shape, memory_gb, **training, batch_size=batch_size,
                     gpus=gpus, strategy=strategy)
     presets = preset_estimates(shape, **training, batch_size=batch_size, memory_gb=memory_gb,

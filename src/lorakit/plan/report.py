@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from lorakit.plan.advice import TASKS, data_tier
 from lorakit.plan.memory import GiB
+from lorakit.plan.quantization import DESCRIPTION
 
 if TYPE_CHECKING:
     from lorakit.plan.diagnosis import Diagnosis
@@ -61,8 +62,9 @@ def format_plan(plan: "Plan") -> str:
         f"          {shape.total_params:,} parameters",
         f"Task      {rec.task}: {TASKS[rec.task]}",
         f"Data      {rec.examples:,} examples ({data_tier(rec.examples)})",
-        f"Training  {memory.device}, {memory.dtype}, sequences of {memory.seq_len} tokens, "
-        f"memory {budget}",
+        f"Training  {memory.device}, {memory.dtype}"
+        + (f", base quantized to {memory.quantize}" if memory.quantize else "")
+        + f", sequences of {memory.seq_len} tokens, memory {budget}",
         *_processes_line(memory),
         "",
         "Recommendation",
@@ -75,7 +77,8 @@ def format_plan(plan: "Plan") -> str:
         else:
             lines.append(f"  {_FIELD_LABELS[key]:<19} {value:<8} {why}")
     lines += ["", *_cost_table(plan),
-              "  (rs = rsLoRA, ckpt = gradient checkpointing; memory formula: lorakit.plan.memory)",
+              "  (rs = rsLoRA, ckpt = gradient checkpointing; memory formula: lorakit.plan.memory"
+              + ("; quantized base: lorakit.plan.quantization)" if memory.quantize else ")"),
               *_strategy_lines(plan.strategy),
               "", f"  recommended: {rec.estimate.peft_line()}",
               f"  train it:    lorakit train --data YOUR.jsonl {' '.join(rec.train_args())}"]
@@ -102,11 +105,23 @@ def _cost_table(plan: "Plan") -> list[str]:
     first = plan.recommendation.estimate.memory
     several = first.gpus > 1
     unit = "process" if first.device == "cpu" else "device"
-    row(f"per {unit}: frozen weights" if several else "memory: frozen weights",
+    frozen = "frozen weights"
+    if first.quantize:
+        frozen += f" ({first.quantize}, {DESCRIPTION[first.quantize]})"
+    row(f"per {unit}: {frozen}" if several else f"memory: {frozen}",
         lambda e: human_bytes(e.memory.weights))
+    if first.quantized is not None:
+        bits = "4 bits" if first.quantize in ("nf4", "fp4") else "8 bits"
+        row(f"    {first.quantize} codes, {bits} a weight", lambda e: human_bytes(e.memory.quantized.codes))
+        row("    quantization constants" if first.quantize != "int8" else "    row scales (fp32)",
+            lambda e: human_bytes(e.memory.quantized.constants))
+        row(f"    embedding, norms, head ({first.dtype})",
+            lambda e: human_bytes(e.memory.quantized.unquantized))
     row("  adapter+grads+AdamW", lambda e: human_bytes(e.memory.adapter))
     row("  activations", lambda e: human_bytes(e.memory.activations))
     row("  logits", lambda e: human_bytes(e.memory.logits))
+    if first.quantized is not None:
+        row(f"  dequantization buffer ({first.dtype})", lambda e: human_bytes(e.memory.dequantization))
     row("  allocator slack", lambda e: human_bytes(e.memory.allocator))
     row("  runtime overhead", lambda e: human_bytes(e.memory.overhead))
     if several:

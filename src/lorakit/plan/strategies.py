@@ -10,7 +10,9 @@ The recommended settings are costed per device under both strategies (`lorakit.p
 - neither: the smallest number of GPUs (a power of two, up to `MAX_GPUS`) at which FSDP2 fits,
   if there is one.
 
-One process needs no strategy: both are the single-process estimate.
+One process needs no strategy: both are the single-process estimate. A quantized base
+(``quantize``) has one: DDP, since FSDP2 does not shard bitsandbytes' quantized weights (`lorakit
+train` refuses ``--strategy fsdp`` with ``--quantize``).
 """
 
 from __future__ import annotations
@@ -57,16 +59,27 @@ def advise_strategy(shape: ModelShape, settings: dict[str, Any], *, gpus: int = 
     """DDP or FSDP2 for the LoRA and training ``settings`` (`estimate`'s keyword arguments:
     ``r``, ``target_modules``, ``batch_size``, ...) on ``gpus`` processes; ``strategy`` is the one
     the plan was costed with, ``training`` the rest (device, dtype, seq_len)."""
+    quantize = training.get("quantize")
+    strategies = ("ddp",) if quantize is not None and gpus > 1 else STRATEGIES
     costed = {s: estimate(shape, **settings, **training, memory_gb=memory_gb, gpus=gpus, strategy=s)
-              for s in STRATEGIES}
-    ddp, fsdp = costed["ddp"].memory, costed["fsdp"].memory
-    exchanged = {"ddp": costed["ddp"].trainable_params * GRADIENT_BYTES if gpus > 1 else 0,
-                 "fsdp": gathered_per_step(shape, DTYPES[ddp.dtype]) if gpus > 1 else 0}
+              for s in strategies}
+    ddp = costed["ddp"].memory
+    exchanged = {"ddp": costed["ddp"].trainable_params * GRADIENT_BYTES if gpus > 1 else 0}
+    if "fsdp" in costed:
+        exchanged["fsdp"] = gathered_per_step(shape, DTYPES[ddp.dtype]) if gpus > 1 else 0
     per_device = {s: e.memory for s, e in costed.items()}
     advice = dict(gpus=gpus, planned=strategy, per_device=per_device, exchanged=exchanged)
     if gpus == 1:
         return StrategyAdvice(suggested=None, reason="one process: no strategy is needed (--gpus N "
                               "plans for N processes)", **advice)
+    if "fsdp" not in costed:
+        fits = ("" if ddp.fits is None else f"; it fits ({_need(ddp)})" if ddp.fits
+                else f"; it does not fit {memory_gb:g} GiB ({_need(ddp)}): lower --batch-size or --seq-len")
+        return StrategyAdvice(suggested="ddp", reason=(
+            f"ddp: with --quantize {quantize} each process holds the whole quantized base "
+            f"({human_bytes(ddp.weights)}), and FSDP2 does not shard bitsandbytes' quantized weights "
+            f"(lorakit train refuses --strategy fsdp with --quantize){fits}"), **advice)
+    fsdp = costed["fsdp"].memory
     traffic = (f"DDP exchanges only the adapter's gradients ({human_bytes(exchanged['ddp'])} a step), "
                f"FSDP also gathers the frozen weights in every forward and backward "
                f"({human_bytes(exchanged['fsdp'])} a step)")

@@ -6,14 +6,11 @@ peak RSS of real training runs of the default model (as test_plan_peak_rss.py)."
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import lorakit
-from lorakit.config import preset
 from lorakit.errors import ConfigError
 from lorakit.evaluation import loss_sum
 from lorakit.models import load_model
@@ -23,7 +20,7 @@ from lorakit.train.fast import speed_up
 
 from .test_plan_commands import run
 from .test_plan_memory import PEAK_FIELDS, batch_of, live_peak_of_a_step
-from .test_plan_peak_rss import SCRIPT, write_records
+from .test_plan_peak_rss import measured_run
 from .tiny import SEVEN, TINY, build, write_config
 
 MiB = 2 ** 20
@@ -196,20 +193,7 @@ def test_estimate_is_within_25_percent_of_peak_rss(quantize, name, batch_size, m
                                                    default_model_dir, tmp_path, capsys):
     """`lorakit.train.train` with --quantize in its own process (tests/plan/train_peak.py): its
     peak RSS against the estimate of what it did."""
-    config = dict(model="smollm2-135m", data=str(write_records(tmp_path / "data.jsonl", kind, max_length)),
-                  val_fraction=0.1, preset=name, batch_size=batch_size, max_length=max_length,
-                  max_steps=3, eval_every=0, eval_examples=2, score_examples=0, save_every=0,
-                  log_every=1, run_dir=str(tmp_path / "run"), quantize=quantize)
-    done = subprocess.run([sys.executable, str(SCRIPT), json.dumps(config)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    assert measured["steps"] == 3 and measured["seq_len"] == max_length
-    bf16 = measured["precision"] == "bf16"
-    e = estimate(default_model_dir, preset(name), batch_size=measured["batch_size"],
-                 seq_len=measured["seq_len"], dtype="bfloat16" if bf16 else "float32",
-                 autocast=bf16, quantize=quantize, label_fraction=measured["label_positions"]
-                 / (measured["batch_size"] * measured["seq_len"])).memory
+    measured, e = measured_run(default_model_dir, tmp_path, name, batch_size, max_length, kind, quantize)
     peak = measured["peak_rss"]
     report = (f"{quantize} {name} {measured['batch_size']}x{measured['seq_len']}: estimate "
               f"{e.total / MiB:,.0f} MiB, peak RSS {peak / MiB:,.0f} MiB ({e.total / peak - 1:+.1%})")

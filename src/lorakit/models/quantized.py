@@ -16,7 +16,6 @@ quantization (`lorakit.io`), which `base_quantization` reads back, so that `lora
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "lorakit.train.commands",
     "lorakit.infer.commands",
     "lorakit.plan.commands",
+    "lorakit.export.commands",
 )
 
 # `LORAKIT_MAX_STEPS=3 lorakit ...` is `lorakit ... --max-steps 3` for every command that takes

@@ -49,6 +49,7 @@ from lorakit.models.load import parse_dtype, resolve_model_dir
 from lorakit.models.quantized import base_quantization, dequantize_model
 
 __all__ = ["merge_adapter", "MergeReport", "RoundingReport", "LayerRounding", "rounding_loss", "QuantizedCheck",
+           "check_out_dir", "write_atomically",
            "WARN_RELATIVE_ERROR", "WARN_LOST_FRACTION"]
 
 # A merge warns when at least this much of the update is gone (relative error, pooled) ...
@@ -239,7 +240,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base_name = base_model_for(adapter_dir, model)
     base_dir = resolve_model_dir(base_name)
-    _check_out_dir(out_dir, force, protected=[adapter_dir, base_dir])
+    check_out_dir(out_dir, force, protected=[adapter_dir, base_dir])
     target = parse_dtype(dtype) if dtype is not None else _saved_dtype(base_dir)
     if target not in _DTYPE_NAMES:
         raise ConfigError(f"dtype {dtype!r} cannot be merged into; use fp32, bf16 or fp16")
@@ -264,7 +265,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
     _check_finite(merged, target)
     quantized = _compare(precision, reference, _probe_logits(merged, probes)) if precision else None
 
-    files = _write_atomically(out_dir, lambda tmp: _save(merged, tokenizer, tmp, max_shard_size))
+    files = write_atomically(out_dir, lambda tmp: _save(merged, tokenizer, tmp, max_shard_size))
     return MergeReport(out_dir, adapter_dir, str(base_name), _DTYPE_NAMES[target], len(layers), files,
                        untied, rounding, quantized)
 
@@ -279,7 +280,7 @@ def _saved_dtype(model_dir: Path) -> torch.dtype:
         return torch.float32
 
 
-def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
+def check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
     resolved = out_dir.resolve()
     for path in protected:
         if resolved == path.resolve():
@@ -322,7 +323,7 @@ def _save(model: nn.Module, tokenizer, directory: Path, max_shard_size) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def _write_atomically(out_dir: Path, write) -> list[str]:
+def write_atomically(out_dir: Path, write) -> list[str]:
     """Run ``write(tmp)`` on a temporary directory beside ``out_dir``, then rename it into place
     (an existing ``out_dir`` is moved aside first and removed after). Returns the file names."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -300,6 +300,5 @@ def _notes(config: LoraConfig, tensors: dict[str, torch.Tensor], pairs: list[_Pa
     if precision:
         notes.append(f"trained on a {precision} base: llama.cpp applies it to whatever base GGUF you load; "
                      "a base quantized differently gives slightly different outputs")
-    notes.append("llama.cpp applies it with: llama-cli -m <base>.gguf --lora " + out_file.name
-                 + " (--lora-scaled FILE S multiplies the update by S)")
+    notes.append("llama.cpp's --lora-scaled FILE S multiplies the update by S")
     return notes

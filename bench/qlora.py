@@ -204,7 +204,7 @@ def run_config(side: str, base: str, args) -> dict:
     import torch
 
     from lorakit.train.fast import make_optimizer
-    from lorakit.variants.quantized import is_quantized
+    from lorakit.plugins import quantized_base
 
     started = time.perf_counter()
     model = load(side, base, args)
@@ -240,7 +240,7 @@ def run_config(side: str, base: str, args) -> dict:
         "step_s": times, "tokens_per_s": args.batch * args.seq * len(times) / sum(times),
         "first_loss": losses[0], "losses": losses,
         "trainable": sum(p.numel() for p in trainable),
-        "quantized_layers": sum(is_quantized(m) for m in model.modules()),
+        "quantized_layers": sum(quantized_base(m) is not None for m in model.modules()),
         "speedup": getattr(model, "lorakit_speedup", None),  # lorakit.speedup's lines: what applied
     }
 

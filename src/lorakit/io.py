@@ -36,7 +36,7 @@ from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFormatError, CompatibilityError, ConfigError
 from lorakit.inject import ModulesToSave, bias_parameters, logical_modules, match_targets, pattern_value, resolve_targets
 from lorakit.layer import LoraLayer, is_conv1d
-from lorakit.plugins import method_for
+from lorakit.plugins import method_for, quantized_base
 
 __all__ = [
     "WEIGHTS_NAME", "PREFIX", "adapter_tensors", "save_adapter", "read_adapter",
@@ -181,10 +181,12 @@ def _embedding_tensors(model: nn.Module, targeted: bool) -> dict[str, torch.Tens
 
 
 def base_precision(model: nn.Module) -> str | None:
-    """"nf4", "fp4" or "int8" when ``model``'s LoRA layers wrap quantized base layers, else None."""
+    """"nf4", "fp4" or "int8": how ``model``'s quantized linear layers are stored (the first found,
+    `lorakit.plugins.quantized_base`); None when it has none."""
     for module in model.modules():
-        if isinstance(module, LoraLayer) and module.quantized is not None:
-            return module.quantized.precision(module.base_layer)
+        kind = quantized_base(module)
+        if kind is not None:
+            return kind.precision(module)
     return None
 
 

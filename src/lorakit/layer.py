@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit import plugins
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import LorakitError
 from lorakit.kernels import fused
 
 __all__ = ["Adapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "is_conv1d", "supported_layer"]
@@ -113,10 +113,13 @@ class LoraLayer(nn.Module):
         # the base weight with every merged adapter taken out, held while a variant's merge rule
         # replays the merges (`lorakit.variants.dora`), else None
         self.held_unmerged_weight: torch.Tensor | None = None
-        # how to read and write a quantized base layer's weight (`lorakit.plugins`); None: a plain tensor
-        self.quantized = plugins.quantized_base(base_layer)
 
     # -- the per-kind pieces
+    @property
+    def quantized(self) -> plugins.QuantizedBase | None:
+        """How to read and write a quantized base layer's weight (`lorakit.plugins`); None: a plain tensor."""
+        return plugins.quantized_base(self.base_layer)
+
     @property
     def in_features(self) -> int:
         raise NotImplementedError(f"{type(self).__name__} must define in_features")
@@ -161,12 +164,6 @@ class LoraLayer(nn.Module):
             init=init, embedding=self.is_embedding, dtype=dtype, device=weight.device,
         )
         from_base = plugins.base_weight_init(init)
-        if from_base is not None and self.quantized is not None:
-            raise ConfigError(
-                f"init_lora_weights={init!r} starts the adapter from the base weight and writes the residual "
-                f"W - scale * B A back, which a {self.quantized.name} layer cannot hold exactly: initialise on "
-                "the unquantized (bf16/fp32) base, save that residual model, and quantize it; or use "
-                "init_lora_weights=True")
         if from_base is not None:  # PiSSA, OLoRA: A, B from W, and W <- W - scale * B A
             from_base.init_from_base(self, adapter, init)
         self.adapters[name] = adapter

@@ -105,3 +105,18 @@ def test_gguf_formats_write_their_files_and_the_command_that_runs_them(tiny_mode
     assert sorted(p.name for p in (tmp_path / "ol").iterdir()) == ["Modelfile", "adapter.gguf", "base.gguf"]
     text = (tmp_path / "ol" / "Modelfile").read_text()
     assert "FROM ./base.gguf\nADAPTER ./adapter.gguf\n" in text and "ollama create tasks" in text
+
+
+def test_a_merged_gguf_of_an_output_head_adapter_on_tied_embeddings_keeps_the_embedding(tiny_model_dir, tmp_path):
+    """The update to a tied output head lands in the head alone (untied, as lorakit merge does), not in the
+    embedding it shares its weight with."""
+    from lorakit import PeftModel
+
+    adapter = save_adapter(tiny_model_dir, tmp_path / "a", target_modules=["q_proj", "lm_head"])
+    report = export_adapter(adapter, tmp_path / "m", "gguf", model=str(tiny_model_dir), outtype="f32")
+    assert any("untied from shared weights" in note and "lm_head" in note for note in report.notes)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", gguf_file="model-f32.gguf").eval()
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter)).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 7, 100]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

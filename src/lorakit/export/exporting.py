@@ -29,12 +29,11 @@ from lorakit.export.gguf_adapter import write_adapter_gguf
 from lorakit.export.gguf_model import OUTTYPES, write_model_gguf
 from lorakit.export.ollama import modelfile
 from lorakit.export.vllm import write_for_vllm
-from lorakit.infer.merge import check_out_dir, write_atomically
-from lorakit.models import base_model_for, load_adapted, load_model, resolve_model_dir
-from lorakit.models.gguf import SOURCE_FILE
-from lorakit.models.quantized import base_quantization, dequantize_model
+from lorakit.infer.merge import check_out_dir, merge_into_base, write_atomically
+from lorakit.models import base_model_for, load_model, load_tokenizer, resolve_model_dir
+from lorakit.models.gguf import source_gguf
 
-__all__ = ["FORMATS", "ExportReport", "export_adapter", "base_gguf"]
+__all__ = ["FORMATS", "ExportReport", "export_adapter"]
 
 FORMATS = ("gguf-adapter", "gguf", "ollama", "vllm")
 _CONTEXT_CAP = 4096  # the Modelfile's num_ctx: the model's context, at most this (Ollama's memory grows with it)
@@ -59,15 +58,6 @@ class ExportReport:
         return asdict(self)
 
 
-def base_gguf(model_dir: Path) -> Path | None:
-    """The GGUF file a converted model directory came from (the embedded default's), if it still exists."""
-    source = model_dir / SOURCE_FILE
-    if not source.is_file():
-        return None
-    path = Path(json.loads(source.read_text()).get("gguf", ""))
-    return path if path.is_file() else None
-
-
 def _run_name(adapter_dir: Path) -> str:
     """A model name for Ollama and vLLM: the run's directory name for a run's adapter/, else the adapter's."""
     folder = adapter_dir.resolve()
@@ -84,14 +74,14 @@ def _trained_system(adapter_dir: Path) -> str | None:
     return TASK_API_SYSTEM if isinstance(settings, dict) and settings.get("data") == "task-api" else None
 
 
-def _merged(adapter_dir: Path, model_dir: Path):
-    """The base with the adapter merged in, fp32, and its tokenizer (a quantized base's adapter is
-    merged into its dequantized weights, as `lorakit merge` does)."""
-    precision = base_quantization(adapter_dir)
-    peft_model, tokenizer = load_adapted(adapter_dir, model=model_dir, dtype=torch.float32, quantize=precision)
-    if precision is not None:
-        dequantize_model(peft_model)
-    return peft_model.merge_and_unload().eval(), tokenizer
+def _merged(adapter_dir: Path, model_dir: Path, notes: list[str]):
+    """The base with the adapter merged in, fp32, as `lorakit merge` merges it, and its tokenizer."""
+    merged = merge_into_base(adapter_dir, model_dir)
+    if merged.untied:
+        notes.append(f"untied from shared weights (the update applies to these only): {', '.join(merged.untied)}")
+    if merged.quantized is not None:
+        notes.append(merged.quantized.summary("fp32"))
+    return merged.model.eval(), merged.tokenizer
 
 
 def export_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str, *,
@@ -124,7 +114,7 @@ def export_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     if fmt == "gguf-adapter":
         files = write_atomically(out_dir, lambda tmp: notes.extend(
             write_adapter_gguf(adapter_dir, tmp / "adapter.gguf", model=str(model_dir))))
-        base = base_gguf(model_dir)
+        base = source_gguf(model_dir)
         if base is None:
             notes.append(f"llama.cpp needs the base model as a GGUF too: lorakit export --format gguf of the base, "
                          f"or llama.cpp's convert_hf_to_gguf.py {model_dir}")
@@ -132,7 +122,7 @@ def export_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, f
         return ExportReport(fmt, str(out_dir), files, command, notes)
 
     if fmt == "gguf":
-        merged, tokenizer = _merged(adapter_dir, model_dir)
+        merged, tokenizer = _merged(adapter_dir, model_dir, notes)
         filename = f"model-{outtype}.gguf"
         files = write_atomically(out_dir, lambda tmp: notes.extend(
             write_model_gguf(merged, tokenizer, model_dir, tmp / filename, outtype=outtype)))
@@ -141,7 +131,7 @@ def export_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     # ollama
     def write(tmp: Path) -> None:
         if lora:
-            base = base_gguf(model_dir)
+            base = source_gguf(model_dir)
             if base is not None:
                 shutil.copyfile(base, tmp / "base.gguf")
             else:
@@ -150,10 +140,10 @@ def export_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, f
             notes.extend(write_adapter_gguf(adapter_dir, tmp / "adapter.gguf", model=str(model_dir)))
             model_file, adapter_file = "base.gguf", "adapter.gguf"
         else:
-            merged, tokenizer = _merged(adapter_dir, model_dir)
+            merged, tokenizer = _merged(adapter_dir, model_dir, notes)
             notes.extend(write_model_gguf(merged, tokenizer, model_dir, tmp / "model.gguf", outtype=outtype))
             model_file, adapter_file = "model.gguf", None
-        template = _chat_template(model_dir)
+        template = load_tokenizer(model_dir).chat_template
         context = min(_context(model_dir), _CONTEXT_CAP)
         text, more = modelfile(model_file, adapter_file=adapter_file, chat_template=template,
                                system=system if system is not None else _trained_system(adapter_dir),
@@ -163,14 +153,6 @@ def export_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, f
 
     files = write_atomically(out_dir, write)
     return ExportReport(fmt, str(out_dir), files, f"ollama create {name} -f {out_dir / 'Modelfile'}", notes)
-
-
-def _chat_template(model_dir: Path) -> str | None:
-    for source in (model_dir / "chat_template.jinja", model_dir / "tokenizer_config.json"):
-        if source.is_file():
-            text = source.read_text()
-            return text if source.suffix == ".jinja" else json.loads(text).get("chat_template")
-    return None
 
 
 def _context(model_dir: Path) -> int:

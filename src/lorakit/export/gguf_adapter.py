@@ -40,7 +40,7 @@ from lorakit.errors import AdapterFormatError, CompatibilityError
 from lorakit.export.names import GgufNames, gguf_names, permute_rows
 from lorakit.inject import pattern_value
 from lorakit.io import BASE_PRECISION_KEY, PREFIX, read_adapter, read_metadata
-from lorakit.models import DEFAULT_MODEL, resolve_model_dir
+from lorakit.models import base_model_for, resolve_model_dir
 from lorakit.variants.inits import uses_base_weight
 
 __all__ = ["write_adapter_gguf", "llama_cpp_scale", "lorakit_scale", "LORA_A", "LORA_B"]
@@ -153,11 +153,11 @@ def _pairs(tensors: dict[str, torch.Tensor], source: Path) -> list[_Pair]:
     return pairs
 
 
-def _base(config: LoraConfig, model: str | os.PathLike | None):
+def _base(adapter_dir: Path, model: str | os.PathLike | None):
     """(model directory, transformers config, meta-device model) of the base the adapter goes on."""
     import transformers  # heavy: imported on first use
 
-    model_dir = resolve_model_dir(model or config.base_model_name_or_path or DEFAULT_MODEL)
+    model_dir = resolve_model_dir(base_model_for(adapter_dir, model))
     base_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     with torch.device("meta"):  # shapes and tying only, no memory
         base = transformers.AutoModelForCausalLM.from_config(base_config)
@@ -252,7 +252,7 @@ def write_adapter_gguf(adapter_dir: Path, out_file: Path, *, model: str | None =
         raise AdapterFormatError(f"{adapter_dir}: adapter_config.json's r / rank_pattern disagree with the "
                                  "weights (fix the config to the rank the adapter was trained with):\n  - "
                                  + "\n  - ".join(wrong_rank))
-    model_dir, base_config, base = _base(config, model)
+    model_dir, base_config, base = _base(adapter_dir, model)
     names = gguf_names(base_config)  # CompatibilityError for an architecture it does not know
     problems = _base_refusals(pairs, names, base, model_dir)
     if problems:

@@ -39,7 +39,7 @@ import torch
 
 from lorakit.errors import CompatibilityError, ConfigError
 from lorakit.export.names import GgufNames, gguf_names, permute_rows
-from lorakit.models.gguf import SOURCE_FILE
+from lorakit.models.gguf import source_gguf
 
 __all__ = ["OUTTYPES", "PRE_TOKENIZERS", "write_model_gguf"]
 
@@ -94,7 +94,7 @@ def write_model_gguf(model, tokenizer, model_dir: Path, out_file: Path, *, outty
     tensors, tied = _gguf_tensors(model, names, rope)
 
     model_dir = Path(model_dir)
-    source = _source_gguf(model_dir)
+    source = source_gguf(model_dir)
     reader = gguf.GGUFReader(source) if source is not None else None
     name = reader.fields.get("general.name") if reader is not None else None
 
@@ -267,19 +267,6 @@ def _add_hparams(writer, config, rope: dict, vocab_size: int, file_type: int) ->
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-
-
-def _source_gguf(model_dir: Path) -> Path | None:
-    """The GGUF file ``model_dir`` was converted from (`lorakit.models.gguf.convert_gguf`), when it
-    still exists unchanged."""
-    record = model_dir / SOURCE_FILE
-    if not record.is_file():
-        return None
-    source = json.loads(record.read_text())
-    path = Path(source.get("gguf", ""))
-    if not path.is_file() or path.stat().st_size != source.get("size", path.stat().st_size):
-        return None
-    return path
 
 
 def _copy_tokenizer(writer, reader, vocab_size: int) -> bool:

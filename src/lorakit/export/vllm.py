@@ -20,6 +20,7 @@ from pathlib import Path
 from lorakit import io
 from lorakit.config import CONFIG_NAME
 from lorakit.errors import CompatibilityError
+from lorakit.variants.inits import uses_base_weight
 
 __all__ = ["VLLM_RANKS", "VllmCheck", "check_for_vllm", "write_for_vllm"]
 
@@ -27,7 +28,6 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM's ``--max-lora-rank`` takes (``LoRAConfig.max_lora_rank``)."""
 _LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
                   "lm_head"}
-_BASE_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 @dataclass
@@ -56,7 +56,7 @@ def check_for_vllm(adapter_dir: Path) -> VllmCheck:
     if config.bias != "none" or getattr(config, "lora_bias", False):
         problems.append(f"it trains biases (bias={config.bias!r}), which vLLM does not support")
     init = config.init_lora_weights
-    if isinstance(init, str) and init.lower().startswith(_BASE_INITS):
+    if uses_base_weight(init):
         problems.append(f"init_lora_weights={init!r} rewrote the base weights, which vLLM does not do; convert it "
                         "into a plain LoRA adapter first (save_pretrained(..., "
                         "path_initial_model_for_weight_conversion=...))")

@@ -38,6 +38,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,7 @@ from lorakit.models.adapters import base_model_for, load_adapted
 from lorakit.models.load import parse_dtype, resolve_model_dir
 from lorakit.models.quantized import base_quantization, dequantize_model
 
-__all__ = ["merge_adapter", "MergeReport", "RoundingReport", "LayerRounding", "rounding_loss", "QuantizedCheck",
+__all__ = ["merge_adapter", "merge_into_base", "Merged", "MergeReport", "RoundingReport", "LayerRounding", "rounding_loss", "QuantizedCheck",
            "check_out_dir", "write_atomically",
            "WARN_RELATIVE_ERROR", "WARN_LOST_FRACTION"]
 
@@ -245,6 +246,30 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
     if target not in _DTYPE_NAMES:
         raise ConfigError(f"dtype {dtype!r} cannot be merged into; use fp32, bf16 or fp16")
 
+    merged = merge_into_base(adapter_dir, base_dir, target)
+    files = write_atomically(out_dir, lambda tmp: _save(merged.model, merged.tokenizer, tmp, max_shard_size))
+    return MergeReport(out_dir, adapter_dir, str(base_name), _DTYPE_NAMES[target], merged.layers, files,
+                       merged.untied, merged.rounding, merged.quantized)
+
+
+@dataclass
+class Merged:
+    """An adapter merged into its base, in memory (`merge_into_base`)."""
+
+    model: nn.Module
+    """The plain transformers model, in the target dtype."""
+    tokenizer: Any
+    layers: int
+    """How many LoRA layers were merged."""
+    untied: list[str]
+    rounding: RoundingReport | None
+    quantized: QuantizedCheck | None
+
+
+def merge_into_base(adapter_dir: Path, base_dir: Path, target: torch.dtype = torch.float32) -> Merged:
+    """The adapter merged into the base in ``base_dir`` as `merge_adapter` merges it (in fp32, into the
+    dequantized base for a quantized base's adapter, shared weights untied), cast to ``target``
+    (fp32, bf16 or fp16)."""
     precision = base_quantization(adapter_dir)
     peft_model, tokenizer = load_adapted(adapter_dir, model=base_dir, dtype=torch.float32, quantize=precision)
     probes, reference = [], []
@@ -264,10 +289,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
     merged = merged.to(target)
     _check_finite(merged, target)
     quantized = _compare(precision, reference, _probe_logits(merged, probes)) if precision else None
-
-    files = write_atomically(out_dir, lambda tmp: _save(merged, tokenizer, tmp, max_shard_size))
-    return MergeReport(out_dir, adapter_dir, str(base_name), _DTYPE_NAMES[target], len(layers), files,
-                       untied, rounding, quantized)
+    return Merged(merged, tokenizer, len(layers), untied, rounding, quantized)
 
 
 def _saved_dtype(model_dir: Path) -> torch.dtype:

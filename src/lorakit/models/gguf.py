@@ -21,7 +21,8 @@ import torch
 from ..errors import ModelLoadError
 from .cache import atomic_directory
 
-__all__ = ["DEFAULT_MODEL", "EmbeddedModel", "EMBEDDED_MODELS", "embedded_gguf_path", "gguf_cache_name", "convert_gguf"]
+__all__ = ["DEFAULT_MODEL", "EmbeddedModel", "EMBEDDED_MODELS", "embedded_gguf_path", "gguf_cache_name", "convert_gguf",
+           "source_gguf"]
 
 log = logging.getLogger("lorakit")
 
@@ -126,3 +127,16 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             "folder with a few GB free"
         ) from exc
     return out_dir
+
+
+def source_gguf(model_dir: Path) -> Path | None:
+    """The GGUF file ``model_dir`` was converted from (`convert_gguf` records it), when it still
+    exists unchanged; None for a directory that was not converted."""
+    record = Path(model_dir) / SOURCE_FILE
+    if not record.is_file():
+        return None
+    source = json.loads(record.read_text())
+    path = Path(source.get("gguf", ""))
+    if not path.is_file() or path.stat().st_size != source.get("size", path.stat().st_size):
+        return None
+    return path

@@ -25,10 +25,10 @@ import torch.nn as nn
 from lorakit import io, plugins
 from lorakit.checks import QUANTIZATIONS
 from lorakit.errors import ConfigError
-from lorakit.variants.quantized import INSTALL_HINT, import_bitsandbytes, precision_of
+from lorakit.variants.quantized import INSTALL_HINT, import_bitsandbytes
 
 __all__ = ["QUANTIZATIONS", "bnb_config", "check_quantized", "release_file", "base_quantization", "dequantize_model",
-           "precision_of", "INSTALL_HINT"]
+           "INSTALL_HINT"]
 
 
 def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32) -> Any:
@@ -48,7 +48,7 @@ def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32) -> Any
 def check_quantized(model: nn.Module, quantize: str, where: str | Path) -> None:
     """Raise `ConfigError` when loading ``where`` with ``--quantize`` left no layer quantized (a
     model with no linear layers but its output head, which stays unquantized)."""
-    if precision_of(model) is None:
+    if io.base_precision(model) is None:
         raise ConfigError(f"--quantize {quantize}: {where} has no linear layers that bitsandbytes quantizes "
                           "(the output head stays in full precision); train it without --quantize")
 
@@ -89,8 +89,6 @@ def dequantize_model(model: nn.Module) -> nn.Module:
                     linear.bias.copy_(child.bias.float())
             linear.weight.requires_grad_(False)
             setattr(module, child_name, linear)
-            if getattr(module, "quantized", None) is not None:  # a LoRA layer: its base is plain now
-                module.quantized = None
             replaced.append(f"{name}.{child_name}" if name else child_name)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # the transformers model
     quantizer = getattr(lm, "hf_quantizer", None)

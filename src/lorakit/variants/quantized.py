@@ -30,8 +30,7 @@ import torch.nn as nn
 from lorakit import plugins
 from lorakit.errors import ConfigError
 
-__all__ = ["FOUR_BIT", "EIGHT_BIT", "INSTALL_HINT", "import_bitsandbytes", "is_quantized", "precision_of",
-           "prepare_model_for_kbit_training"]
+__all__ = ["FOUR_BIT", "EIGHT_BIT", "INSTALL_HINT", "import_bitsandbytes", "prepare_model_for_kbit_training"]
 
 INSTALL_HINT = "pip install 'lorakit[qlora]' (bitsandbytes; on CPU it needs an x86-64 processor with AVX2)"
 
@@ -64,21 +63,6 @@ def _is_4bit(module: nn.Module) -> bool:
 
 def _is_8bit(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and _weight_class(module) == "Int8Params"
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer."""
-    return _is_4bit(module) or _is_8bit(module)
-
-
-def precision_of(model: nn.Module) -> str | None:
-    """"nf4", "fp4" or "int8": the storage of a model's quantized linear layers (the first found);
-    None when it has none."""
-    for module in model.modules():
-        kind = plugins.quantized_base(module)
-        if kind is not None:
-            return kind.precision(module)
-    return None
 
 
 # --------------------------------------------------------------------------- 4-bit

@@ -291,3 +291,16 @@ def test_ddp_on_a_4bit_base_trains_as_one_process_and_fsdp_is_refused(tiny_model
                     *_flags(_settings(tiny_model_dir, tmp_path / "fsdp", batch_size=4, quantize="nf4")), check=False)
     assert done.returncode == 2
     assert "FSDP2 does not shard bitsandbytes' quantized weights; use --strategy ddp" in done.stderr
+
+
+def test_dpo_on_two_processes_trains_as_one_and_fsdp_is_refused(tiny_model_dir, tmp_path):
+    """The reference forward runs inside the step on every rank; the pairs of a global batch are split."""
+    prefs = dict(method="dpo", data="task-api-prefs", learning_rate=1e-2, target_modules=["q_proj", "v_proj"])
+    one = tmp_path / "one"
+    train(TrainConfig.from_settings(**_settings(tiny_model_dir, one, **prefs)), progress=False)
+    two = tmp_path / "two"
+    _lorakit("train", "--nproc", "2", "--no-progress", *_flags(_settings(tiny_model_dir, two, batch_size=4, **prefs)))
+    _assert_same_run(two, one)
+    done = _lorakit("train", "--nproc", "2", "--strategy", "fsdp", "--no-progress",
+                    *_flags(_settings(tiny_model_dir, tmp_path / "fsdp", batch_size=4, **prefs)), check=False)
+    assert done.returncode == 2 and "--strategy ddp" in done.stderr

@@ -16,12 +16,24 @@ from .chat import ChatTemplateError, chat_ids, chat_prompt_ids, render_chat
 from .collate import Collator, length_grouped_batches
 from .dataset import OVERLONG_POLICIES, TokenizedDataset, tokenize_records
 from .encode import IGNORE_INDEX, Example, assistant_spans, encode_record
-from .load import BUILTIN_DATASETS, DataSplits, load_data, split_records
+from .load import BUILTIN_DATASETS, BUILTIN_PREFERENCES, DataSplits, PreferenceSplits, load_data, load_preferences, split_records
+from .pair_batches import PairCollator, PairStreamCollator
+from .preference import PreferenceDataset, PreferenceExample, PreferenceRecord, read_preferences, tokenize_preferences
 from .packing import PackingCollator, real_token_count, supports_packing, supports_varlen
 from .records import REASONS, ROLES, Record, parse_record, read_jsonl, records_from_dicts
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "BUILTIN_PREFERENCES",
+    "PairCollator",
+    "PairStreamCollator",
+    "PreferenceDataset",
+    "PreferenceExample",
+    "PreferenceRecord",
+    "PreferenceSplits",
+    "load_preferences",
+    "read_preferences",
+    "tokenize_preferences",
     "IGNORE_INDEX",
     "OVERLONG_POLICIES",
     "REASONS",

@@ -12,9 +12,12 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import task_api
 from .dataset import TokenizedDataset, tokenize_records
+from .preference import (PreferenceDataset, preference_records_from_dicts, read_preferences, split_pairs,
+                         tokenize_preferences)
 from .records import Record, read_jsonl, records_from_dicts
 
-__all__ = ["BUILTIN_DATASETS", "DataSplits", "split_records", "load_data"]
+__all__ = ["BUILTIN_DATASETS", "BUILTIN_PREFERENCES", "DataSplits", "PreferenceSplits", "split_records", "load_data",
+           "load_preferences"]
 
 
 def _task_api() -> tuple[list[dict], list[dict]]:
@@ -24,6 +27,15 @@ def _task_api() -> tuple[list[dict], list[dict]]:
 
 # name -> () -> (train records, held-out records), as JSON-like dicts.
 BUILTIN_DATASETS: dict[str, Callable[[], tuple[list[dict], list[dict]]]] = {"task-api": _task_api}
+
+
+def _task_api_prefs() -> tuple[list[dict], list[dict]]:
+    train, val = task_api.generate_preferences()
+    return [p.to_record() for p in train], [p.to_record() for p in val]
+
+
+# name -> () -> (train pairs, held-out pairs) as prompt/chosen/rejected records, for DPO and ORPO.
+BUILTIN_PREFERENCES: dict[str, Callable[[], tuple[list[dict], list[dict]]]] = {"task-api-prefs": _task_api_prefs}
 
 
 @dataclass
@@ -105,3 +117,58 @@ def load_data(
     if val_records is not None:
         val_set = tokenize_records(val_records, tokenizer, skipped=val_skipped, name=val_name, **options)
     return DataSplits(train_set, val_set)
+
+
+@dataclass
+class PreferenceSplits:
+    """The training pairs and the held-out pairs (None when no held-out data was asked for)."""
+
+    train: PreferenceDataset
+    val: PreferenceDataset | None
+
+
+def load_preferences(
+    train: str | os.PathLike = "task-api-prefs",
+    *,
+    tokenizer,
+    val: str | os.PathLike | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    max_length: int | None = 1024,
+    overlong: str = "truncate",
+    skip_bad_records: bool = False,
+) -> PreferenceSplits:
+    """Read, check and tokenize preference pairs (`lorakit.data.preference`) and their held-out
+    part, as `load_data` does for supervised records: a built-in set (``"task-api-prefs"``, with
+    its fixed held-out split) or a JSONL file, held out by ``val``, else ``val_fraction``."""
+    if val is not None and val_fraction:
+        raise ConfigError("pass either val (a held-out file) or val_fraction, not both")
+    options = dict(max_length=max_length, overlong=overlong, skip_bad_records=skip_bad_records)
+    name = str(train)
+    if name in BUILTIN_DATASETS:
+        raise ConfigError(f"{name} holds supervised examples, not preference pairs; for DPO or ORPO use "
+                          f"{', '.join(BUILTIN_PREFERENCES)} or a JSONL file of prompt/chosen/rejected records")
+    if name in BUILTIN_PREFERENCES:
+        if val_fraction:
+            raise ConfigError(f"{name} has a fixed held-out split; drop val_fraction (or pass val=FILE)")
+        train_dicts, val_dicts = BUILTIN_PREFERENCES[name]()
+        train_records, train_skipped = preference_records_from_dicts(train_dicts, f"{name}:train"), Counter()
+        val_records, val_skipped = preference_records_from_dicts(val_dicts, f"{name}:val"), Counter()
+        val_name = f"{name} (held-out)"
+    else:
+        path = Path(train)
+        train_records, train_skipped = read_preferences(path, skip_bad_records=skip_bad_records)
+        name, val_records, val_skipped = path.name, None, Counter()
+        val_name = f"{name} (held-out {val_fraction:g})"
+        if val_fraction:
+            if not 0.0 < val_fraction < 1.0:
+                raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (for example 0.1)")
+            train_records, val_records = split_pairs(train_records, val_fraction, seed)
+    if val is not None:
+        val_records, val_skipped = read_preferences(Path(val), skip_bad_records=skip_bad_records)
+        val_name = Path(val).name
+    train_set = tokenize_preferences(train_records, tokenizer, skipped=train_skipped, name=name, **options)
+    val_set = None
+    if val_records is not None:
+        val_set = tokenize_preferences(val_records, tokenizer, skipped=val_skipped, name=val_name, **options)
+    return PreferenceSplits(train_set, val_set)

@@ -38,7 +38,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if "cu_seq_lens" in batch:  # one row of examples end to end (PackingCollator(varlen=True)), laid out once
         # lorakit's attention: every example continues the row's first P tokens (the shared prefix)
-        inputs |= varlen_inputs(batch["cu_seq_lens"], int(batch.get("shared_prefix", 0)))
+        inputs |= varlen_inputs(batch["cu_seq_lens"], int(batch.get("shared_prefix", 0)), batch.get("segment_parents"))
     return inputs
 
 

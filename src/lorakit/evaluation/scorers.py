@@ -31,5 +31,6 @@ SCORERS: dict[str, Scorer] = {"task-api": task_api_score, "exact": exact_text}
 
 
 def scorer_for(data: str) -> str:
-    """task-api answers are scored field by field as JSON; anything else by exact text."""
-    return "task-api" if data == "task-api" else "exact"
+    """task-api answers (and task-api-prefs' chosen ones) are scored field by field as JSON;
+    anything else by exact text."""
+    return "task-api" if data in ("task-api", "task-api-prefs") else "exact"

@@ -170,49 +170,89 @@ class VarlenLayout(NamedTuple):
         return self.mask.shape[0] * heads * self.mask.shape[-1] ** 2
 
 
-def _segments(cu_seq_lens: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(starts, lengths) of the examples' own segments, after the shared prefix if there is one."""
-    if cu_seq_lens.ndim != 1 or len(cu_seq_lens) < 2 + bool(prefix) or int(cu_seq_lens[0]) != 0 \
-            or (prefix and int(cu_seq_lens[1]) != prefix):
+def _segments(cu_seq_lens: torch.Tensor, prefix: int, parents: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(starts, lengths, parents) of every segment of the stream: ``parents[s]`` is the segment
+    that segment ``s`` continues (its prefix), or -1. A shared ``prefix`` of P tokens is the first
+    segment, the parent of all the others."""
+    bad = cu_seq_lens.ndim != 1 or len(cu_seq_lens) < 2 + bool(prefix) or int(cu_seq_lens[0]) != 0 \
+        or (prefix and int(cu_seq_lens[1]) != prefix)
+    if bad:
         raise DataError(f"cu_seq_lens must be the example boundaries [0, l0, l0+l1, ..., T] of a one-row batch, "
                         f"starting [0, P, ...] with a shared prefix of P tokens (PackingCollator(varlen=True) "
                         f"makes them); got {cu_seq_lens.tolist()} with prefix {prefix}")
-    first = 1 if prefix else 0
-    return cu_seq_lens[first:-1], cu_seq_lens[first + 1:] - cu_seq_lens[first:-1]
+    starts, lengths = cu_seq_lens[:-1].long(), (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
+    if parents is None:
+        parents = torch.full_like(starts, -1)
+        if prefix:
+            parents[1:] = 0
+    elif prefix or parents.shape != starts.shape or bool(((parents >= torch.arange(len(starts), device=parents.device))
+                                                          | (parents < -1)).any()):
+        raise DataError(f"segment parents must give, for each of the {len(starts)} segments of cu_seq_lens, an earlier "
+                        f"segment it continues, or -1 (and no shared prefix with them); got {parents.tolist()}")
+    return starts, lengths, parents.long()
 
 
-def varlen_layout(cu_seq_lens: torch.Tensor, prefix: int = 0) -> VarlenLayout:
+def varlen_layout(cu_seq_lens: torch.Tensor, prefix: int = 0, parents: torch.Tensor | None = None) -> VarlenLayout:
     """The `VarlenLayout` of a one-row stream of examples.
 
-    ``cu_seq_lens`` = [0, l0, l0+l1, ..., T] are the example boundaries. With a shared ``prefix``
+    ``cu_seq_lens`` = [0, l0, l0+l1, ..., T] are the segment boundaries. With a shared ``prefix``
     of P tokens the stream is the prefix (the first segment, [0, P)) and then each example's own
     tokens: row b is the prefix followed by segment b, so every example sees the prefix as if it
     were its own (its positions continue from P); each prefix position is read back from row 0.
-    Built once per batch (it reads the boundaries' values: a device sync) and passed to every
-    layer's attention."""
-    starts, lengths = _segments(cu_seq_lens, prefix)  # (B,)
-    longest = prefix + int(lengths.max())
+    ``parents`` generalises this to a prefix per example (a preference pair's prompt, followed by
+    its chosen and its rejected answer): segment s continues segment ``parents[s]`` (-1: none); a
+    segment that others continue is no row of its own, it heads each of theirs and is read back
+    from the first. Built once per batch (it reads the boundaries' values: a device sync) and
+    passed to every layer's attention."""
+    starts, lengths, parents = _segments(cu_seq_lens, prefix, parents)
+    is_parent = torch.zeros_like(parents, dtype=torch.bool)
+    is_parent[parents[parents >= 0]] = True
+    rows = (~is_parent).nonzero().squeeze(1)  # (B,) the segments that are rows
+    has_head = parents[rows] >= 0
+    head = parents[rows].clamp(min=0)
+    head_start = torch.where(has_head, starts[head], 0)
+    head_len = torch.where(has_head, lengths[head], 0)
+    own_start, own_len = starts[rows], lengths[rows]
+    longest = int((head_len + own_len).max())
     pos = torch.arange(longest, device=cu_seq_lens.device)
-    valid = pos < (prefix + lengths)[:, None]  # (B, L)
-    index = torch.where(valid, torch.where(pos < prefix, pos, starts[:, None] + pos - prefix), 0).reshape(-1)
-    read = valid.clone()
-    read[1:, :prefix] = False  # each prefix position is read back once, from row 0
-    inverse = read.reshape(-1).nonzero().squeeze(1)  # slots in stream order: prefix, then example by example
+    valid = pos < (head_len + own_len)[:, None]  # (B, L)
+    in_head = pos < head_len[:, None]
+    index = torch.where(valid, torch.where(in_head, head_start[:, None] + pos,
+                                           own_start[:, None] + pos - head_len[:, None]), 0)
+    # each position of a head is read back once, from the first row it heads
+    first_of_head = torch.ones_like(has_head)
+    seen: set[int] = set()
+    for b, (h, with_head) in enumerate(zip(head.tolist(), has_head.tolist())):
+        if with_head:
+            first_of_head[b] = h not in seen
+            seen.add(h)
+    read = valid & (~in_head | first_of_head[:, None])
+    slots = read.reshape(-1).nonzero().squeeze(1)
+    total = int(cu_seq_lens[-1])
+    if len(slots) != total:
+        raise DataError(f"the segments of cu_seq_lens {cu_seq_lens.tolist()} with parents {parents.tolist()} do not "
+                        f"cover the stream once: a parent segment must head at least one other")
+    index = index.reshape(-1)
+    inverse = torch.empty(total, dtype=torch.long, device=cu_seq_lens.device)
+    inverse[index[slots]] = slots  # the one slot each stream position is read back from
     causal = torch.ones(longest, longest, dtype=torch.bool, device=cu_seq_lens.device).tril()
     mask = (causal & valid[:, None, :])[:, None]  # (B, 1, L, L)
     return VarlenLayout(index, inverse, mask)
 
 
-def stream_mask(cu_seq_lens: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+def stream_mask(cu_seq_lens: torch.Tensor, prefix: int = 0, parents: torch.Tensor | None = None) -> torch.Tensor:
     """The (1, 1, T, T) mask of the same stream over the whole row, True = attend: each position
-    sees the earlier positions of its own example and the shared prefix. For attention that
-    cannot take the padded rows (`varlen_layout`); T x T work."""
-    starts, lengths = _segments(cu_seq_lens, prefix)
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq_lens.device), lengths)
-    segment = torch.cat([segment.new_full((prefix,), -1), segment])  # (T,): -1 on the shared prefix
+    sees the earlier positions of its own segment and of the segment it continues (the shared
+    prefix, or its ``parents`` entry). For attention that cannot take the padded rows
+    (`varlen_layout`); T x T work."""
+    starts, lengths, parents = _segments(cu_seq_lens, prefix, parents)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq_lens.device), lengths)  # (T,)
     t = len(segment)
     causal = torch.ones(t, t, dtype=torch.bool, device=cu_seq_lens.device).tril()
-    return (causal & ((segment[:, None] == segment[None, :]) | (segment[None, :] < 0)))[None, None]
+    own = segment[:, None] == segment[None, :]
+    continued = parents[segment][:, None] == segment[None, :]
+    return (causal & (own | continued))[None, None]
 
 
 def attend_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VarlenLayout,

@@ -7,7 +7,8 @@ cache, longer sequences, attention dropout and anything unusual go to transforme
 
 A one-row batch of examples laid end to end (transformers' variable-length keywords
 ``cu_seq_lens_q``/``cu_seq_lens_k``, the trainer's packing) is attended to example by example,
-after a shared prefix of ``lorakit_shared_prefix`` tokens if given. The rows' layout is built once
+after a shared prefix of ``lorakit_shared_prefix`` tokens if given, or each after the segment
+that ``lorakit_segment_parents`` says it continues (a preference pair's prompt). The rows' layout is built once
 per batch by the caller (`varlen_inputs`, which `model_inputs` calls) and reaches every layer as
 the keyword ``lorakit_varlen_layout``, which transformers forwards from the model call to the
 attention function as it does ``cu_seq_lens_q``; a caller that gives only the boundaries gets the
@@ -26,22 +27,25 @@ from lorakit.kernels import attention as kernel
 from lorakit.kernels.attention import varlen_layout
 from lorakit.models.family import in_llama_family, unwrap
 
-__all__ = ["ATTENTION", "LAYOUT_KEY", "PREFIX_KEY", "lorakit_attention", "register", "use_lorakit_attention",
+__all__ = ["ATTENTION", "LAYOUT_KEY", "PREFIX_KEY", "PARENTS_KEY", "lorakit_attention", "register", "use_lorakit_attention",
            "supports", "varlen_inputs"]
 
 ATTENTION = "lorakit"
 LAYOUT_KEY = "lorakit_varlen_layout"  # the attention keyword that carries a batch's `VarlenLayout`
 PREFIX_KEY = "lorakit_shared_prefix"  # the attention keyword that carries the shared prefix's length
+PARENTS_KEY = "lorakit_segment_parents"  # the segment each segment continues (a preference pair's prompt)
 
 
-def varlen_inputs(cu_seq_lens: torch.Tensor, prefix: int = 0) -> dict:
+def varlen_inputs(cu_seq_lens: torch.Tensor, prefix: int = 0, parents: torch.Tensor | None = None) -> dict:
     """The model-call keywords of a one-row stream of examples: its boundaries as transformers'
-    variable-length keywords, the shared prefix, and the layout every layer's attention reads
-    (built here, once per batch)."""
+    variable-length keywords, the shared prefix or the segments' parents, and the layout every
+    layer's attention reads (built here, once per batch)."""
     inputs = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-              LAYOUT_KEY: varlen_layout(cu_seq_lens, prefix)}
+              LAYOUT_KEY: varlen_layout(cu_seq_lens, prefix, parents)}
     if prefix:
         inputs[PREFIX_KEY] = prefix
+    if parents is not None:
+        inputs[PARENTS_KEY] = parents
     return inputs
 
 
@@ -66,10 +70,11 @@ def lorakit_attention(module, query, key, value, attention_mask, dropout: float 
     cu = kwargs.pop("cu_seq_lens_q", None)
     cu_k = kwargs.pop("cu_seq_lens_k", cu)
     prefix = int(kwargs.pop(PREFIX_KEY, 0))
+    parents = kwargs.pop(PARENTS_KEY, None)
     layout = kwargs.pop(LAYOUT_KEY, None)
     if cu is not None:
         if layout is None:  # a caller that gave only the boundaries (varlen_inputs gives both)
-            layout = varlen_layout(cu, prefix)
+            layout = varlen_layout(cu, prefix, parents)
         if not (query.shape[0] == 1 and (cu_k is cu or torch.equal(cu_k, cu)) and query.shape[2] == key.shape[2]
                 and query.shape[2] == len(layout.inverse)):  # the boundaries cover the row
             raise DataError(f"cu_seq_lens_q must describe the whole one-row batch (q {tuple(query.shape)}, "
@@ -77,7 +82,7 @@ def lorakit_attention(module, query, key, value, attention_mask, dropout: float 
         if _model_allows(module, kwargs) and kernel.usable(query, key, value, None, dropout,
                                                             scores=layout.scores(query.shape[1])):
             return kernel.attend_varlen(query, key, value, layout, scaling), None
-        attention_mask = kernel.stream_mask(cu, prefix)  # the mask transformers built knows no shared prefix
+        attention_mask = kernel.stream_mask(cu, prefix, parents)  # the mask transformers built knows no shared prefix
     if not (_model_allows(module, kwargs) and kernel.usable(query, key, value, attention_mask, dropout)):
         # transformers on first use: importing lorakit.data (which names ATTENTION) must stay light
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

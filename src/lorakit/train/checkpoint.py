@@ -134,7 +134,7 @@ def save_checkpoint(directory: Path, *, peft_model, optimizer: torch.optim.Optim
         remove_stale_tmp(directory.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{directory.name}-", dir=directory.parent))
         try:
-            peft_model.save_pretrained(tmp / "adapter")
+            peft_model.save_pretrained(tmp / "adapter", selected_adapters=["default"])  # not a DPO run's "ref"
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
@@ -167,7 +167,8 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
 
 def save_adapter_atomically(peft_model, directory: Path, *, advice: str | Callable[[], str] = "",
                             **kwargs: Any) -> Path:
-    """``peft_model.save_pretrained(directory, **kwargs)``, written into a temporary directory
+    """``peft_model.save_pretrained(directory, **kwargs)`` (the adapter "default" unless
+    ``selected_adapters`` says otherwise), written into a temporary directory
     beside it and renamed into place: a kill or a full disk leaves the old directory or none,
     never an empty or partial one. A full disk raises `DiskFullError`."""
     directory = Path(directory)
@@ -176,7 +177,7 @@ def save_adapter_atomically(peft_model, directory: Path, *, advice: str | Callab
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=directory.parent))
         try:
-            peft_model.save_pretrained(tmp, **kwargs)
+            peft_model.save_pretrained(tmp, **{"selected_adapters": ["default"], **kwargs})
             _replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

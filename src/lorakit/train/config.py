@@ -16,55 +16,21 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
 
 from lorakit.checks import QUANTIZATIONS, STRATEGIES, is_int, is_number, shown
-from lorakit.config import PRESETS, LoraConfig, preset
+from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.models.load import DEFAULT_MODEL
 from lorakit.train.fast import ATTENTION_CHOICES
-from lorakit.train.methods import TRAIN_METHODS, TrainMethod
+from lorakit.train.adapter_settings import AdapterSettings, adapter_from, starting_adapter
+from lorakit.train.methods import LOSS_TYPES, TRAIN_METHODS, TrainMethod
+from lorakit.variants import inits
 
 __all__ = ["TrainConfig", "AdapterSettings", "TrainMethod", "TRAIN_METHODS", "load_train_config",
            "setting_names", "field_docs", "variant_summary"]
-
-
-@dataclass
-class AdapterSettings:
-    """The adapter as the command line and config.yaml give it: a preset and the fields that
-    override it. `lora_config` turns them into the `LoraConfig` (which validates them)."""
-
-    preset: str = "balanced"
-    """conservative, balanced or max_capacity; the fields below override it."""
-    r: Optional[int] = None
-    """The LoRA rank; unset: the preset's (balanced: 16)."""
-    lora_alpha: Optional[float] = None
-    """Defaults to r when r is given, else the preset's."""
-    lora_dropout: Optional[float] = None
-    """Dropout on the adapter's input; unset: the preset's (balanced: 0)."""
-    target_modules: Optional[Union[list[str], str]] = None
-    """Module names (or all-linear) to adapt; unset: the preset's (balanced: the seven projections)."""
-    use_rslora: bool = False
-    """rsLoRA: scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r (stable at high ranks)."""
-    use_dora: bool = False
-    """DoRA: a trained magnitude per output feature times the direction of W + scale * B A."""
-    init_lora_weights: Union[bool, str] = True
-    """How the adapter starts: true (B zero), false, gaussian, pissa, pissa_niter_N (fast SVD) or olora."""
-
-    def lora_config(self) -> LoraConfig:
-        """The causal-LM adapter: the preset, with every setting given here overriding it."""
-        if not isinstance(self.preset, str) or self.preset not in PRESETS:
-            raise ConfigError(f"preset={shown(self.preset)}: must be one of {', '.join(PRESETS)}")
-        overrides: dict[str, Any] = {"task_type": "CAUSAL_LM", "use_rslora": self.use_rslora,
-                                     "use_dora": self.use_dora, "init_lora_weights": _init_value(self.init_lora_weights)}
-        for name in ("r", "lora_alpha", "lora_dropout", "target_modules"):
-            if getattr(self, name) is not None:
-                overrides[name] = getattr(self, name)
-        if self.r is not None and self.lora_alpha is None:
-            overrides["lora_alpha"] = self.r  # alpha = rank unless said otherwise
-        return preset(self.preset, **overrides)
 
 
 @dataclass
@@ -75,7 +41,8 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     """An embedded model name, a local HF model directory, or a .gguf file."""
     data: str = "task-api"
-    """A built-in dataset name or a JSONL file (text, prompt/completion or messages records)."""
+    """A built-in dataset name or a JSONL file (text, prompt/completion or messages records; for
+    dpo and orpo: task-api-prefs or prompt/chosen/rejected records)."""
     val_file: Optional[str] = None
     """Held-out JSONL file; else val_fraction of the training file; else the built-in split."""
     val_fraction: float = 0.0
@@ -92,9 +59,23 @@ class TrainConfig:
     """The adapter's configuration, validated by `LoraConfig` itself. The command line and
     config.yaml give it as flat settings (`AdapterSettings`: a preset, r, lora_alpha, ...)."""
     method: str = "lora"
-    """lora, or adalora (AdaLoRA: each layer starts at rank ceil(1.5 r) and is pruned by importance to
+    """lora, adalora (AdaLoRA: each layer starts at rank ceil(1.5 r) and is pruned by importance to
     r on average; warm-up 10% of the steps, the last 20% at the final ranks, a reallocation every
-    max(1, steps // 100) steps; the adapter is saved PEFT's way, with its rank_pattern)."""
+    max(1, steps // 100) steps; the adapter is saved PEFT's way, with its rank_pattern), or
+    preference tuning on prompt/chosen/rejected pairs: dpo (the reference model is the same model
+    with the adapter disabled, or the adapter it started from) or orpo (no reference)."""
+    init_adapter: Optional[str] = None
+    """Start from this adapter directory (e.g. runs/X/adapter, an SFT run's) instead of a fresh
+    adapter; its settings are the run's. DPO keeps a frozen copy of it as the reference."""
+    beta: float = 0.1
+    """DPO: how far the policy may move from the reference (higher: less); ORPO: the weight of
+    the odds-ratio term. TRL's default."""
+    loss_type: str = "sigmoid"
+    """DPO's loss: sigmoid (DPO), ipo, hinge or robust (with label_smoothing)."""
+    label_smoothing: float = 0.0
+    """loss_type robust: the assumed probability that a pair's preference is flipped, in [0, 0.5)."""
+    reference_free: bool = False
+    """DPO without a reference model (its log-probabilities taken as 0)."""
     loraplus_ratio: Optional[float] = None
     """LoRA+: B trains at learning_rate x this ratio (e.g. 16), A at learning_rate; unset: plain AdamW."""
 
@@ -176,7 +157,14 @@ class TrainConfig:
         fields = {k: v for k, v in settings.items() if k not in adapter_names}
         problems = []
         try:
-            fields["lora"] = _adapter(fields.get("lora"), flat)
+            init = fields.get("init_adapter")
+            if isinstance(init, str) and init and fields.get("lora") is None:
+                given = sorted(k for k, v in flat.items() if v is not None)
+                if given:  # the adapter's shape is the starting adapter's
+                    raise ConfigError(f"init_adapter={init}: the adapter's settings come from it; drop "
+                                      f"{', '.join(given)}")
+                fields["lora"], flat = starting_adapter(init), {}
+            fields["lora"] = adapter_from(fields.get("lora"), flat)
         except ConfigError as err:
             problems.append(str(err))
             fields["lora"] = AdapterSettings().lora_config()  # the rest is still checked
@@ -197,7 +185,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 yield f"{name}={shown(value)}: must be a non-empty string"
-        for name in ("val_file", "run_dir"):
+        for name in ("val_file", "run_dir", "init_adapter"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 yield f"{name}={shown(value)}: must be a path (a non-empty string) or unset"
@@ -219,7 +207,7 @@ class TrainConfig:
         if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             yield f"seed={shown(self.seed)}: must be an integer from 0 to 2**32 - 1"
         for name in ("skip_bad_records", "packing", "group_by_length", "score_before", "fused_norms",
-                     "gradient_checkpointing", "compile"):
+                     "gradient_checkpointing", "compile", "reference_free"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name}={shown(getattr(self, name))}: must be true or false"
         if not (is_number(self.epochs) and self.epochs > 0 and math.isfinite(self.epochs)):
@@ -257,12 +245,35 @@ class TrainConfig:
             return
         if self.loraplus_ratio is not None and not method.loraplus:
             yield f"method={self.method}: LoRA+ does not apply to it; leave loraplus_ratio unset"
+        yield from self._preference_problems(method)
         if isinstance(self.lora, LoraConfig):
             try:  # the method's own config checks the adapter settings (a nominal step count)
                 steps = self.max_steps if is_int(self.max_steps) and self.max_steps > 0 else 100
                 method.adapter(self.lora, steps)
             except ConfigError as err:
                 yield f"method={self.method}: the adapter settings do not fit it: {err}"
+
+    def _preference_problems(self, method: TrainMethod):
+        if not (is_number(self.beta) and math.isfinite(self.beta) and self.beta > 0):
+            yield f"beta={shown(self.beta)}: must be a positive number (TRL's default is 0.1)"
+        if not isinstance(self.loss_type, str) or self.loss_type not in LOSS_TYPES:
+            yield f"loss_type={shown(self.loss_type)}: must be one of {', '.join(LOSS_TYPES)}"
+        elif self.loss_type != "sigmoid" and self.method != "dpo":
+            yield f"loss_type={self.loss_type}: a DPO loss; it applies to method dpo only"
+        smoothing = self.label_smoothing
+        if not (is_number(smoothing) and 0 <= smoothing < 0.5):
+            yield f"label_smoothing={shown(smoothing)}: must be a number in [0, 0.5)"
+        elif smoothing and self.loss_type != "robust":
+            yield (f"label_smoothing={smoothing:g}: it is used by loss_type robust only (as in TRL); set "
+                   f"loss_type robust, or leave label_smoothing 0")
+        if self.reference_free is True and self.method != "dpo":
+            yield "reference_free: applies to method dpo only (ORPO has no reference model)"
+        if method.preference and isinstance(self.lora, LoraConfig) and inits.uses_base_weight(self.lora.init_lora_weights):
+            yield (f"method={self.method} with init_lora_weights={self.lora.init_lora_weights}: PiSSA/OLoRA rewrite the "
+                   "base weights, so the model with its adapter disabled is no longer the reference; use the "
+                   "default init")
+        if self.init_adapter is not None and not method.preference and self.method != "lora":
+            yield f"init_adapter: starts a lora, dpo or orpo run, not {self.method}"
 
     @property
     def peft_type(self) -> str:
@@ -295,31 +306,6 @@ class TrainConfig:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def _adapter(lora: LoraConfig | dict | None, flat: dict[str, Any]) -> LoraConfig:
-    """The adapter from a base (a LoraConfig, a config.yaml mapping, or None: the preset) and the
-    flat settings over it; ``r`` without ``lora_alpha`` sets alpha = r."""
-    if lora is None:
-        return AdapterSettings(**flat).lora_config()
-    if isinstance(lora, dict):
-        lora = LoraConfig.from_dict(lora)
-    if not isinstance(lora, LoraConfig):
-        raise ConfigError(f"lora={shown(lora)}: must be a mapping of LoraConfig fields (as a run's "
-                          "config.yaml holds it)")
-    if "preset" in flat:
-        raise ConfigError("preset: give a preset or a lora mapping, not both")
-    overrides = {k: _init_value(v) if k == "init_lora_weights" else v for k, v in flat.items()}
-    if "r" in overrides and "lora_alpha" not in overrides:
-        overrides["lora_alpha"] = overrides["r"]  # alpha = rank unless said otherwise
-    return dataclasses.replace(lora, **overrides) if overrides else lora
-
-
-def _init_value(value: Any) -> Any:
-    """YAML and the command line give "true" / "false" as text; the adapter wants a bool."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    return value
 
 
 def variant_summary(config: TrainConfig) -> str:

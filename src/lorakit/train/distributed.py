@@ -34,7 +34,6 @@ import torch.nn as nn
 
 from lorakit.checks import STRATEGIES
 from lorakit.errors import ConfigError
-from lorakit.evaluation import loss_sum
 from lorakit.models.family import unwrap
 
 __all__ = ["STRATEGIES", "World", "join_world", "leave_world", "LossModule", "wrap", "micro_step", "rank_share",
@@ -155,17 +154,19 @@ def leave_world() -> None:
 
 
 class LossModule(nn.Module):
-    """The module a training step calls: ``(loss sum, label tokens)`` of a batch (`loss_sum`). DDP and
-    FSDP2 act around a module's forward, and the loss head reaches into the model (the decoder, then
-    the output head on label positions only), so this is the module they wrap."""
+    """The module a training step calls: ``objective(peft_model, batch)``, the step's
+    ``(loss sum, units, statistics)`` (`lorakit.train.objectives`). DDP and FSDP2 act around a
+    module's forward, and the loss head reaches into the model (the decoder, then the output head
+    on label positions only), so this is the module they wrap."""
 
-    def __init__(self, peft_model: nn.Module):
+    def __init__(self, peft_model: nn.Module, objective: Callable):
         super().__init__()
         self.peft_model = peft_model
+        self.objective = objective
 
     def forward(self, batch: dict[str, torch.Tensor] | None, work: Callable | None = None):
-        """``(loss sum, label tokens)`` of ``batch``; or ``work(peft_model)`` (`evaluate`)."""
-        return loss_sum(self.peft_model, batch) if work is None else work(self.peft_model)
+        """The objective of ``batch``; or ``work(peft_model)`` (`evaluate`)."""
+        return self.objective(self.peft_model, batch) if work is None else work(self.peft_model)
 
 
 def _decoder_layers(peft_model: nn.Module) -> list[nn.Module]:
@@ -178,13 +179,13 @@ def _decoder_layers(peft_model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def wrap(peft_model: nn.Module, world: World, strategy: str) -> nn.Module:
+def wrap(peft_model: nn.Module, world: World, strategy: str, objective: Callable) -> nn.Module:
     """The module the training step calls for ``peft_model``'s loss: `LossModule` itself with one
     process, under DDP or FSDP2 with several. FSDP2 shards in place: ``peft_model``'s parameters
     become DTensors, so the optimizer is built after this."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy={strategy!r}: must be one of {', '.join(STRATEGIES)}")
-    module = LossModule(peft_model)
+    module = LossModule(peft_model, objective)
     if not world.distributed:
         return module
     if strategy == "ddp":

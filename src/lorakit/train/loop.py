@@ -23,12 +23,13 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lorakit import io
-from lorakit.data import IGNORE_INDEX, PackingCollator, length_grouped_batches, real_token_count
+from lorakit.data import PackingCollator, PairStreamCollator, length_grouped_batches, real_token_count
 from lorakit.errors import CheckpointError, DiskFullError, TrainingError, TrainingInterrupted
-from lorakit.evaluation import heldout_loss, score_examples
+from lorakit.evaluation import score_examples
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.config import TRAIN_METHODS, TrainConfig, variant_summary
+from lorakit.train.objectives import heldout_metrics
 from lorakit.train.report import plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at
 from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, prepare, restart_command
@@ -93,9 +94,9 @@ def _measure_before(run: Run, progress: bool) -> TrainState:
     if run.world.is_main:
         run.metrics.path.unlink(missing_ok=True)
     if data.eval_set:
-        state.heldout_before = distributed.evaluate(run.trained, lambda model: heldout_loss(
-            model, data.eval_set, data.collate, run.config.batch_size, autocast))
-        run.metrics.write("eval", step=0, eval_loss=state.heldout_before)
+        held = _heldout(run)
+        state.heldout_before, state.heldout_before_metrics = held["eval_loss"], held
+        run.metrics.write("eval", step=0, **held)
     if data.score_set and run.config.score_before:
         # PiSSA / OLoRA: the base is a residual; the fresh adapter on it is the untuned model
         untuned = contextlib.nullcontext() if inits.uses_base_weight(run.config.lora.init_lora_weights) \
@@ -143,7 +144,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
     stopper = _StopOnSignal()
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and world.is_main), unit="step",
                dynamic_ncols=True)
-    window_loss, window_tokens = 0.0, 0
+    window_loss, window_tokens, window_stats = 0.0, 0, {}
     with stopper.installed():
         while state.step < total_steps:
             batches = _epoch_batches(lengths, config, state.epoch, world.size)
@@ -151,26 +152,30 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
                 started = time.perf_counter()
                 group = [_rank_batch(run, idx) for idx in batches[state.batch_pos:state.batch_pos + config.grad_accum]]
                 step_tokens, step_real = distributed.all_sum(
-                    [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) * w for b, w in group),
+                    [sum(run.objective.units(b) * w for b, w in group),
                      sum(real_token_count(b) * w for b, w in group)], world)
                 step_tokens, step_real = int(step_tokens), int(step_real)
                 lr = lr_at(state.step, peak=config.learning_rate, total_steps=total_steps,
                            warmup=run.schedule.warmup, min_ratio=config.min_lr_ratio)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+: B's group keeps its ratio
-                step_loss = 0.0
+                step_loss, step_stats = 0.0, {}
                 for i, (batch, weight) in enumerate(group):
                     # DDP and FSDP2 average the ranks' gradients: scaled by the ranks, the step's
                     # gradient is that of the sum over all ranks' label tokens / their global count
                     with distributed.micro_step(trained, last=i == len(group) - 1):
                         with run.compute.autocast():
-                            loss, _ = trained(batch)
+                            loss, _, stats = trained(batch)
                         (loss * (weight * world.size / step_tokens)).backward()
                     step_loss += loss.item() * weight
+                    for key, value in stats.items():
+                        step_stats[key] = step_stats.get(key, 0.0) + float(value) * weight
                 auxiliary = model.base_model.auxiliary_loss()  # the method's own term, once per step
                 if auxiliary is not None:
                     auxiliary.backward()
-                step_loss = distributed.all_sum([step_loss], world)[0] / step_tokens
+                keys = sorted(step_stats)
+                step_loss, *totals = distributed.all_sum([step_loss, *(step_stats[k] for k in keys)], world)
+                step_loss /= step_tokens
                 if not math.isfinite(step_loss):
                     optimizer.zero_grad(set_to_none=True)
                     raise TrainingError(
@@ -188,20 +193,23 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
                 state.loss_tokens += step_tokens
                 state.train_seconds += time.perf_counter() - started
                 window_loss, window_tokens = window_loss + step_loss * step_tokens, window_tokens + step_tokens
+                for key, total in zip(keys, totals):
+                    window_stats[key] = window_stats.get(key, 0.0) + total
 
                 step = state.step
                 if step % config.log_every == 0 or step == total_steps:
+                    means = {k: v / window_tokens for k, v in window_stats.items()}  # per pair
                     metrics.write("train", step=step, epoch=round(state.epoch + state.batch_pos / len(batches), 4),
                                   loss=window_loss / window_tokens, lr=lr, grad_norm=grad_norm,
-                                  tokens=state.tokens, elapsed_s=round(state.train_seconds, 3))
-                    bar.set_postfix(loss=f"{window_loss / window_tokens:.4f}",
+                                  tokens=state.tokens, elapsed_s=round(state.train_seconds, 3), **means)
+                    shown = {"acc": f"{means['reward_accuracy']:.2f}", "margin": f"{means['reward_margin']:.3f}"} \
+                        if "reward_accuracy" in means else {}
+                    bar.set_postfix(loss=f"{window_loss / window_tokens:.4f}", **shown,
                                     tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
-                    window_loss, window_tokens = 0.0, 0
+                    window_loss, window_tokens, window_stats = 0.0, 0, {}
                 bar.update(1)
                 if data.eval_set and config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                    held = distributed.evaluate(trained, lambda m: heldout_loss(
-                        m, data.eval_set, data.collate, config.batch_size, run.compute.autocast))
-                    metrics.write("eval", step=step, eval_loss=held)
+                    metrics.write("eval", step=step, **_heldout(run))
                 if distributed.any_rank(stopper.signum is not None, world):  # every rank stops at this step
                     bar.close()
                     where = _save(run, state)
@@ -216,6 +224,12 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
                 state.epoch, state.batch_pos = state.epoch + 1, 0
         bar.close()
         return _finish(run, state, progress, stopper)
+
+
+def _heldout(run: Run) -> dict[str, float]:
+    """The objective's held-out metrics (``eval_loss``, and a preference run's rewards), every rank in step."""
+    return distributed.evaluate(run.trained, lambda model: heldout_metrics(
+        run.objective, model, run.data.eval_set, run.data.collate, run.config.batch_size, run.compute.autocast))
 
 
 def _rank_batch(run: Run, indices: list[int]) -> tuple[dict[str, torch.Tensor], int]:
@@ -301,11 +315,11 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
     stopper.stop_now(lambda: (
         f"after the last step ({state.step}): the adapter is saved in {adapter_dir}; the final evaluation and "
         f"report were not written{_resume_advice(run, 'to write them, train the last steps again')}"))
-    heldout_after = None
+    heldout_after, heldout_after_metrics = None, None
     if data.eval_set:
-        heldout_after = distributed.evaluate(run.trained, lambda model: heldout_loss(
-            model, data.eval_set, data.collate, config.batch_size, run.compute.autocast))
-        metrics.write("eval", step=state.step, eval_loss=heldout_after)
+        heldout_after_metrics = _heldout(run)
+        heldout_after = heldout_after_metrics["eval_loss"]
+        metrics.write("eval", step=state.step, **heldout_after_metrics)
     score_after = None
     if data.score_set:
         result = distributed.evaluate(run.trained, lambda model: score_examples(
@@ -318,7 +332,9 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
     if not run.world.is_main:  # rank 0 writes the plot and the report
         return RunResult(run_dir, adapter_dir, state.step, state.score_before, score_after, {})
     records = read_metrics(run_dir / "metrics.jsonl")
-    plot_losses(records, run_dir / "loss.png", title=f"{config.name}: {config.model} on {config.data}")
+    ylabel = {"dpo": f"DPO loss ({config.loss_type}) per pair", "orpo": "ORPO loss per pair"}.get(
+        config.method, "cross-entropy per answer token")
+    plot_losses(records, run_dir / "loss.png", title=f"{config.name}: {config.model} on {config.data}", ylabel=ylabel)
     train_losses = [m["loss"] for m in records if m["kind"] == "train"]
     lora = peft_model.peft_config["default"]
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -330,13 +346,16 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,
         "precision": run.compute.precision, "quantize": config.quantize, "packing": isinstance(data.train_collate, PackingCollator),
         "varlen": getattr(data.train_collate, "varlen", False),
-        "shared_prefix": getattr(data.train_collate, "share_prefix", False),
+        "shared_prefix": getattr(data.train_collate, "share_prefix", False) or isinstance(data.train_collate,
+                                                                                           PairStreamCollator),
         "attention": peft_model.get_base_model().config._attn_implementation,
         "steps": state.step, "epochs": state.step / run.schedule.steps_per_epoch,
         "tokens": state.tokens, "loss_tokens": state.loss_tokens, "train_seconds": state.train_seconds,
         "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
         "final_loss": train_losses[-1] if train_losses else None,
         "heldout_before": state.heldout_before, "heldout_after": heldout_after,
+        "heldout_before_metrics": state.heldout_before_metrics, "heldout_after_metrics": heldout_after_metrics,
+        "method": config.method,
         "adapter_note": adapter_note, "processes": run.world.size,
         "strategy": config.strategy if run.world.distributed else None,
     }

@@ -10,7 +10,10 @@ from typing import Callable, Optional
 from lorakit.config import LoraConfig
 from lorakit.methods.adalora import AdaLoraConfig
 
-__all__ = ["TrainMethod", "TRAIN_METHODS"]
+__all__ = ["TrainMethod", "TRAIN_METHODS", "LOSS_TYPES"]
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+"""DPO's losses, by TRL's names: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing)."""
 
 
 def _adalora(lora: LoraConfig, total_steps: int) -> LoraConfig:
@@ -39,11 +42,15 @@ class TrainMethod:
     """Whether LoRA+ (lora_B at a higher learning rate) applies."""
     final_rank: Callable[[LoraConfig], int] = lambda lora: lora.r
     """The rank the trained adapter ends at, for the run's summary (AdaLoRA: its target_r)."""
+    preference: bool = False
+    """Trains on preference pairs (prompt, chosen, rejected) instead of supervised examples."""
 
 
 TRAIN_METHODS: dict[str, TrainMethod] = {
     "lora": TrainMethod("LORA", lambda lora, total_steps: lora, label=None, loraplus=True),
     "adalora": TrainMethod("ADALORA", _adalora, label="AdaLoRA", loraplus=False,
                            final_rank=lambda lora: lora.target_r),
+    "dpo": TrainMethod("LORA", lambda lora, total_steps: lora, label="DPO", loraplus=True, preference=True),
+    "orpo": TrainMethod("LORA", lambda lora, total_steps: lora, label="ORPO", loraplus=True, preference=True),
 }
 """``TrainConfig.method`` -> how the trainer builds its adapter."""

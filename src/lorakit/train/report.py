@@ -47,7 +47,8 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics: list[dict], path: Path, title: str = "") -> Path:
+def plot_losses(metrics: list[dict], path: Path, title: str = "",
+                ylabel: str = "cross-entropy per answer token") -> Path:
     """Training loss (and held-out loss, if any) against the optimizer step."""
     import matplotlib
 
@@ -62,7 +63,7 @@ def plot_losses(metrics: list[dict], path: Path, title: str = "") -> Path:
     if heldout:
         ax.plot(*zip(*heldout), label="held-out loss", color="tab:orange", marker="o", linewidth=1.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per answer token")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -130,10 +131,11 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         f"- Optimizer steps: {summary['steps']} (batch {config['batch_size']} x accumulation "
         f"{config['grad_accum']}{_processes(summary)}), epochs: {summary['epochs']:.2f}",
         f"- Learning rate: {config['learning_rate']:g}, warm-up then cosine decay",
-        f"- Answer tokens trained on: {summary['loss_tokens']:,}; tokens of the examples: {summary['tokens']:,}",
+        *_amount_rows(summary),
         f"- Training time: {summary['train_seconds']:.0f} s ({summary['tokens_per_second']:.0f} tokens/s)",
         f"- Final training loss: {_fmt(summary.get('final_loss'))}; held-out loss: "
         f"{_fmt(summary.get('heldout_before'))} before, {_fmt(summary.get('heldout_after'))} after",
+        *_preference_rows(summary),
         "",
         "## Task score",
         *_score_rows(score_before, score_after),
@@ -149,6 +151,28 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         lines.append("")
     Path(path).write_text("\n".join(lines))
     return Path(path)
+
+
+def _amount_rows(summary: dict) -> list[str]:
+    if summary.get("method") in ("dpo", "orpo"):
+        return [f"- Preference pairs trained on: {summary['loss_tokens']:,}; tokens of their prompt + chosen and "
+                f"prompt + rejected sequences: {summary['tokens']:,}"]
+    return [f"- Answer tokens trained on: {summary['loss_tokens']:,}; tokens of the examples: {summary['tokens']:,}"]
+
+
+def _preference_rows(summary: dict) -> list[str]:
+    """A DPO / ORPO run's held-out rewards, before and after (`lorakit.train.preference`)."""
+    before, after = summary.get("heldout_before_metrics") or {}, summary.get("heldout_after_metrics") or {}
+    if "eval_reward_accuracy" not in (after or before):
+        return []
+    def pct(d, key):  # noqa: E306
+        return f"{d[key]:.1%}" if key in d else "n/a"
+    return ["", "## Preferences (held-out pairs)", "| | before | after |", "|---|---|---|",
+            f"| reward accuracy (chosen rewarded above rejected) | {pct(before, 'eval_reward_accuracy')} | "
+            f"{pct(after, 'eval_reward_accuracy')} |",
+            *(f"| {label} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |" for key, label in (
+                ("eval_reward_margin", "reward margin"), ("eval_rewards_chosen", "reward of chosen"),
+                ("eval_rewards_rejected", "reward of rejected")))]
 
 
 def _fmt(value: float | None) -> str:

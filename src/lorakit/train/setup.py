@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from typing import Any, Callable
 import torch
 
 from lorakit import io
-from lorakit.data import Collator, PackingCollator, load_data, supports_packing, supports_varlen
+from lorakit.data import (Collator, PackingCollator, PairCollator, PairStreamCollator, load_data, load_preferences,
+                          supports_packing, supports_varlen)
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.evaluation import line_breaks_for, scorer_for
 from lorakit.model import PeftModel, get_peft_model
@@ -27,9 +29,11 @@ from lorakit.models.speedup import autocast_for, resolve_precision
 from lorakit.plugins import method_for
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TRAIN_METHODS, TrainConfig
 from lorakit.train.distributed import World
 from lorakit.train.fast import make_optimizer, speed_up
+from lorakit.train.objectives import objective_for
+from lorakit.train.preference import REFERENCE_ADAPTER
 from lorakit.train.report import MetricsLog
 from lorakit.train.schedule import warmup_steps
 from lorakit.variants import inits
@@ -59,6 +63,8 @@ class TrainState:
     """The untuned model's task score (a fresh run that measured it)."""
     heldout_before: float | None = None
     """The untuned model's held-out loss."""
+    heldout_before_metrics: dict | None = None
+    """All the untuned model's held-out metrics (a preference run's rewards and reward accuracy)."""
     processes: int = 1
     """How many processes trained (each micro-step took batch_size examples on each): a run resumes
     on as many, for the same batches in the same order."""
@@ -123,6 +129,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     params: list
     """The trainable parameters (clipped together)."""
+    objective: Any
+    """What a step minimises (`lorakit.train.objectives`): SFT's token loss, or DPO / ORPO on pairs."""
     data: RunData
     schedule: Schedule
     metrics: MetricsLog
@@ -162,9 +170,13 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     if resume and problem:
         raise CheckpointError(f"resuming is not supported for {method_for(config.peft_type).name} runs: "
                               f"{problem}; start a new run")
-    if world.distributed and config.method != "lora":
+    preference = TRAIN_METHODS[config.method].preference
+    if world.distributed and config.method == "adalora":
         raise ConfigError(f"method={config.method}: trains in one process for now (its rank allocation reads "
                           "every gradient of the step); run it without torchrun / --nproc, or use method lora")
+    if world.distributed and config.strategy == "fsdp" and preference:
+        raise ConfigError(f"method={config.method} with --strategy fsdp: not supported yet (the reference forward "
+                          "runs inside the sharded model's forward); use --strategy ddp")
     if world.distributed and config.strategy == "fsdp" and config.quantize:
         raise ConfigError(f"--quantize {config.quantize} with --strategy fsdp: FSDP2 does not shard bitsandbytes' "
                           "quantized weights; use --strategy ddp (each process holds the whole 4-/8-bit base, "
@@ -194,20 +206,25 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     model, tokenizer = load_model(config.model, device=torch.device("cpu") if sharded else device,
                                   dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                                   quantize=config.quantize)
-    splits = load_data(config.data, tokenizer=tokenizer, val=config.val_file, val_fraction=config.val_fraction,
-                       seed=config.seed, max_length=config.max_length, overlong=config.overlong,
-                       skip_bad_records=config.skip_bad_records)
+    reader = load_preferences if preference else load_data
+    splits = reader(config.data, tokenizer=tokenizer, val=config.val_file, val_fraction=config.val_fraction,
+                    seed=config.seed, max_length=config.max_length, overlong=config.overlong,
+                    skip_bad_records=config.skip_bad_records)
     examples = list(splits.train.examples)
     if config.train_examples is not None and config.train_examples < len(examples):
         picked = sorted(random.Random(config.seed).sample(range(len(examples)), config.train_examples))
         examples = [examples[i] for i in picked]
     heldout = list(splits.val.examples) if splits.val is not None else []
     score_set, scorer = heldout[: config.score_examples], scorer_for(config.data)
+    if preference:  # scored on the prompt and chosen answer of each held-out pair
+        score_set = [pair.scored for pair in score_set]
 
     # the batch of one micro-step is batch_size examples on each rank: batch_size x ranks in all
     steps_per_epoch = math.ceil(math.ceil(len(examples) / (config.batch_size * world.size)) / config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     peft_model = get_peft_model(model, config.adapter_config(total_steps))
+    if config.init_adapter:
+        _start_from(peft_model, config)
     if inits.uses_base_weight(config.lora.init_lora_weights) and not (run_dir / INITIAL_ADAPTER).is_dir():
         # PiSSA / OLoRA made the base weights a residual: keep the adapter as initialised, to save
         # the trained one as a plain LoRA adapter for the original base model (see loop._save_final)
@@ -218,7 +235,9 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
                          gradient_checkpointing=config.gradient_checkpointing, compile=config.compile):
         print(note, flush=True)
     resume_from = _load_latest_adapter(peft_model, run_dir) if resume else None
-    trained = distributed.wrap(peft_model, world, config.strategy)  # FSDP2 shards the parameters: optimizer after
+    objective = objective_for(config)
+    # FSDP2 shards the parameters: the optimizer comes after
+    trained = distributed.wrap(peft_model, world, config.strategy, objective)
     if world.distributed:
         print(f"{world.size} processes ({config.strategy}), batch {config.batch_size} each: "
               f"{config.batch_size * world.size} examples per micro-step; frozen weights held by each process: "
@@ -226,9 +245,14 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                model=peft_model, loraplus_ratio=config.loraplus_ratio)
-    collate = Collator(tokenizer.pad_token_id)
+    collate = PairCollator(tokenizer.pad_token_id) if preference else Collator(tokenizer.pad_token_id)
     train_collate = collate
-    if config.packing and supports_packing(peft_model):
+    if preference:
+        # lorakit's attention: each pair's prompt computed once for both answers, and no padding;
+        # otherwise (or with LoRA dropout, whose masks the answers would share) padded rows, as TRL's
+        if config.packing and supports_varlen(peft_model) and not peft_model.peft_config["default"].lora_dropout:
+            train_collate = PairStreamCollator()
+    elif config.packing and supports_packing(peft_model):
         # with lorakit's attention all examples in one row, attended one by one (no padding at all),
         # and without LoRA dropout the tokens they all start with computed once; otherwise rows no
         # longer than the longest example
@@ -242,6 +266,7 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
         config=config, run_dir=run_dir,
         compute=Compute(device=device, precision=precision, autocast=autocast_for(precision, device)),
         model=peft_model, trained=trained, world=world, resume_from=resume_from, optimizer=optimizer, params=params,
+        objective=objective,
         data=RunData(tokenizer=tokenizer, splits=splits, examples=examples,
                      eval_set=heldout[: config.eval_examples] if config.eval_examples else heldout,
                      score_set=score_set, scorer=scorer,
@@ -251,6 +276,29 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
                           warmup=warmup_steps(total_steps, config.warmup_ratio)),
         metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main),
     )
+
+
+def _start_from(peft_model: PeftModel, config: TrainConfig) -> None:
+    """Load ``config.init_adapter`` into the adapter to train; DPO (with a reference) also keeps
+    it, frozen, as the adapter named ``ref``: its reference model is where it started."""
+    path = Path(config.init_adapter)
+    start, tensors = io.read_adapter(path)
+    lora = peft_model.peft_config["default"]
+    shape = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
+             "modules_to_save", "layers_to_transform", "bias")
+    different = [k for k in shape if _normalised(getattr(start, k, None)) != _normalised(getattr(lora, k, None))]
+    if different:
+        raise ConfigError(f"init_adapter={path}: its {', '.join(different)} differ from the run's adapter settings; "
+                          f"start from it without adapter options (they come from its adapter_config.json)")
+    io.load_adapter_tensors(peft_model.get_base_model(), "default", lora, tensors, path)
+    if config.method == "dpo" and not config.reference_free:
+        peft_model.add_adapter(REFERENCE_ADAPTER, dataclasses.replace(lora, inference_mode=True))
+        io.load_adapter_tensors(peft_model.get_base_model(), REFERENCE_ADAPTER, lora, tensors, path)
+        peft_model.set_adapter("default")
+
+
+def _normalised(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
 
 
 def _load_latest_adapter(peft_model: PeftModel, run_dir: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The built-in ``task-api`` dataset (to-do requests -> task JSON) and its scorer."""
+"""The built-in ``task-api`` dataset (to-do requests -> task JSON), its scorer and its preference pairs."""
 
 from .generate import (
     SEED,
@@ -10,9 +10,20 @@ from .generate import (
     generate,
     prompt_messages,
 )
+from .preferences import (
+    PREFERENCE_KINDS,
+    PREFS_SEED,
+    PreferencePair,
+    generate_preferences,
+    preference_pairs,
+    rejected_answer,
+)
 from .score import TaskScore, parse_answer, score
 
 __all__ = [
+    "PREFERENCE_KINDS",
+    "PREFS_SEED",
+    "PreferencePair",
     "SEED",
     "SYSTEM",
     "TaskApiSplits",
@@ -21,7 +32,10 @@ __all__ = [
     "export_jsonl",
     "format_task",
     "generate",
+    "generate_preferences",
     "parse_answer",
+    "preference_pairs",
     "prompt_messages",
+    "rejected_answer",
     "score",
 ]

@@ -15,14 +15,14 @@ import sys
 
 import torch
 
-import lorakit.train.distributed as distributed
+import lorakit.train.objectives as objectives
 from lorakit.data import IGNORE_INDEX
 from lorakit.train import TrainConfig, train
 
 
 def main() -> None:
     largest = {"batch_size": 0, "seq_len": 0, "label_positions": 0}
-    loss_sum = distributed.loss_sum  # the trainer's step calls it through distributed.LossModule
+    loss_sum = objectives.loss_sum  # the trainer's step calls it (SupervisedObjective, in distributed.LossModule)
 
     def recording(model, batch):
         if torch.is_grad_enabled():  # a training step, not a held-out evaluation
@@ -37,7 +37,7 @@ def main() -> None:
             largest["label_positions"] = max(labels, largest["label_positions"])
         return loss_sum(model, batch)
 
-    distributed.loss_sum = recording
+    objectives.loss_sum = recording
     result = train(TrainConfig.from_settings(**json.loads(sys.argv[1])), progress=False)
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f)

@@ -122,17 +122,19 @@ sys.path.insert(0, sys.argv[1])
 from core.tiny import tiny_llama
 from lorakit import LoraConfig, get_peft_model
 from lorakit.train import distributed
+from lorakit.train.objectives import SupervisedObjective
 
 world = distributed.join_world()
 torch.manual_seed(0)
-trained = distributed.wrap(get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"])), world, "ddp")
+trained = distributed.wrap(get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"])), world, "ddp",
+                           SupervisedObjective())
 reductions = []
 trained.register_comm_hook(None, lambda group, bucket: reductions.append(bucket.index()) or allreduce_hook(group, bucket))
 ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(world.rank))
 seen = []
 for micro in range(3):  # one optimizer step of 3 micro-batches
     with distributed.micro_step(trained, last=micro == 2):
-        loss, _ = trained({"input_ids": ids, "labels": ids})
+        loss, _, _ = trained({"input_ids": ids, "labels": ids})
         loss.backward()
     seen.append(len(reductions))
 grads = [p.grad.clone() for p in trained.parameters() if p.requires_grad]

@@ -74,7 +74,9 @@ def _tensors(adapter_dir):
 
 @pytest.mark.parametrize("settings,message", [
     (dict(method="dpo", loss_type="kto"), "loss_type='kto'"),
-    (dict(method="orpo", loss_type="ipo"), "applies to method dpo only"),
+    (dict(method="dpo", loss_type=["sigmoid", "sigmoid"]), "or a list of different ones"),
+    (dict(method="dpo", loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "one number >= 0 per loss_type"),
+    (dict(method="orpo", loss_type="ipo"), "apply to method dpo only"),
     (dict(method="dpo", label_smoothing=0.1), "used by loss_type robust only"),
     (dict(method="dpo", loss_type="robust", label_smoothing=0.5), r"label_smoothing=0.5: must be a number in \[0, 0.5\)"),
     (dict(method="dpo", beta=0), "beta=0: must be a positive number"),
@@ -103,3 +105,15 @@ def test_dpo_on_supervised_data_names_the_preference_set(tiny_config):
 
     with pytest.raises(ConfigError, match="task-api-prefs"):
         train(tiny_config(method="dpo", data="task-api"), progress=False)
+
+
+def test_dpo_on_a_4bit_base_takes_the_quantized_model_without_its_adapter_as_reference(tiny_config):
+    pytest.importorskip("bitsandbytes")
+    config = tiny_config(method="dpo", data="task-api-prefs", quantize="nf4", max_steps=3, score_examples=0,
+                         target_modules=["q_proj", "v_proj"])
+    result = train(config, progress=False)
+    metrics = read_metrics(f"{result.run_dir}/metrics.jsonl")
+    first = next(m for m in metrics if m["kind"] == "eval")
+    assert first["eval_loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference at step 0
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == [1, 2, 3]
+    assert "nf4" in (result.run_dir / "report.md").read_text()

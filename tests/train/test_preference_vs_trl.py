@@ -90,11 +90,12 @@ def _collator(kind, model):
 
 
 @pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0),
-                                                       ("robust", 0.1)])
+                                                       ("robust", 0.1), (("sigmoid", "sft"), 0.0)])
 def test_dpo_loss_rewards_and_gradients_equal_trls(tmp_path, collate, loss_type, label_smoothing):
     theirs, ours = _models(tmp_path)
     pairs = _pairs()
-    want = trl_dpo(theirs, pairs, beta=0.1, loss_type=loss_type, label_smoothing=label_smoothing)
+    want = trl_dpo(theirs, pairs, beta=0.1, loss_type=list(loss_type) if isinstance(loss_type, tuple) else loss_type,
+                   label_smoothing=label_smoothing)
     objective = PreferenceObjective("dpo", beta=0.1, loss_type=loss_type, label_smoothing=label_smoothing)
     loss, stats, grads, _ = _ours(ours, pairs, objective, _collator(collate, ours))
     assert loss == pytest.approx(want["loss"], abs=1e-6, rel=1e-5)

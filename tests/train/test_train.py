@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lorakit.train.distributed as distributed
+import lorakit.train.objectives as objectives
 from lorakit import PeftModel, TrainingError
 from lorakit.train import train
 from lorakit.train.report import read_metrics
@@ -51,7 +51,7 @@ def test_the_trained_adapter_loads_in_peft_with_identical_outputs(tiny_config, t
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
-    real = distributed.loss_sum  # what the training step calls (through distributed.LossModule)
+    real = objectives.loss_sum  # what the training step calls (SupervisedObjective, through distributed.LossModule)
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -59,7 +59,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
         loss, count = real(model, batch)
         return (loss * float("nan"), count) if calls["n"] == 4 else (loss, count)
 
-    monkeypatch.setattr(distributed, "loss_sum", poisoned)
+    monkeypatch.setattr(objectives, "loss_sum", poisoned)
     config = tiny_config(eval_examples=None, eval_every=0, score_examples=0)
     with pytest.raises(TrainingError, match="step 4") as err:
         train(config, progress=False)

@@ -10,7 +10,7 @@ from ..errors import ConfigError, DataError
 from .encode import Example, encode_record
 from .records import Record, RecordError, reject
 
-__all__ = ["OVERLONG_POLICIES", "TokenizedDataset", "tokenize_records"]
+__all__ = ["OVERLONG_POLICIES", "TokenizedDataset", "check_length_policy", "tokenize_records"]
 
 # What to do with an example longer than max_length tokens.
 OVERLONG_POLICIES = ("truncate", "drop", "error")
@@ -29,6 +29,7 @@ class TokenizedDataset:
     skipped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     name: str = ""
+    unit = "examples"  # what the summary counts
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -51,13 +52,21 @@ class TokenizedDataset:
 
     def summary(self) -> str:
         """One line: ``name: 2,000 examples, 151,234 tokens; skipped 2 (invalid_json 1, ...)``."""
-        line = f"{self.name or 'data'}: {len(self):,} examples, {self.num_tokens:,} tokens"
+        line = f"{self.name or 'data'}: {len(self):,} {self.unit}, {self.num_tokens:,} tokens"
         if self.skipped:
             parts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
             line += f"; skipped {sum(self.skipped.values()):,} ({parts})"
         if self.truncated:
             line += f"; truncated {self.truncated:,} to max_length"
         return line
+
+
+def check_length_policy(max_length: int | None, overlong: str) -> None:
+    """ConfigError for an unknown ``overlong`` policy or a ``max_length`` below 2."""
+    if overlong not in OVERLONG_POLICIES:
+        raise ConfigError(f"overlong={overlong!r} is not a policy; use one of {', '.join(OVERLONG_POLICIES)}")
+    if max_length is not None and max_length < 2:
+        raise ConfigError(f"max_length={max_length} is too small; use at least 2 (a typical value is 1024)")
 
 
 def tokenize_records(
@@ -78,10 +87,7 @@ def tokenize_records(
     is always left out and counted as ``no_loss_tokens``, so a batch can never give a NaN loss.
     ``skipped`` carries counts from reading (``read_jsonl``) into the result.
     """
-    if overlong not in OVERLONG_POLICIES:
-        raise ConfigError(f"overlong={overlong!r} is not a policy; use one of {', '.join(OVERLONG_POLICIES)}")
-    if max_length is not None and max_length < 2:
-        raise ConfigError(f"max_length={max_length} is too small; use at least 2 (a typical value is 1024)")
+    check_length_policy(max_length, overlong)
     skipped = Counter(skipped or {})
     count_into = skipped if skip_bad_records else None
     examples, truncated = [], 0

@@ -12,9 +12,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import task_api
 from .dataset import TokenizedDataset, tokenize_records
-from .preference import (PreferenceDataset, preference_records_from_dicts, read_preferences, split_pairs,
-                         tokenize_preferences)
-from .records import Record, read_jsonl, records_from_dicts
+from .preference import PreferenceDataset, preference_records_from_dicts, read_preferences, tokenize_preferences
+from .records import read_jsonl, records_from_dicts
 
 __all__ = ["BUILTIN_DATASETS", "BUILTIN_PREFERENCES", "DataSplits", "PreferenceSplits", "split_records", "load_data",
            "load_preferences"]
@@ -46,9 +45,7 @@ class DataSplits:
     val: TokenizedDataset | None
 
 
-def split_records(
-    records: list[Record], val_fraction: float, seed: int = 0
-) -> tuple[list[Record], list[Record]]:
+def split_records(records: list, val_fraction: float, seed: int = 0) -> tuple[list, list]:
     """(train, held-out): a seeded shuffle picks ``round(len * val_fraction)`` records (at least 1).
 
     The same records, fraction and seed always give the same split; each part keeps file order.
@@ -67,10 +64,55 @@ def split_records(
     return train, val
 
 
-def _read(source: str | os.PathLike, skip: bool) -> tuple[list[Record], Counter, str]:
-    path = Path(source)
-    records, skipped = read_jsonl(path, skip_bad_records=skip)
-    return records, skipped, path.name
+@dataclass(frozen=True)
+class _Kind:
+    """How one kind of data is read and tokenized: supervised records or preference pairs."""
+
+    builtins: dict[str, Callable[[], tuple[list[dict], list[dict]]]]
+    read: Callable  # (path, skip_bad_records=) -> (records, skipped counts)
+    from_dicts: Callable  # (dicts, name) -> records
+    tokenize: Callable  # (records, tokenizer, skipped=, name=, max_length=, overlong=, skip_bad_records=)
+    other: dict  # the other kind's built-ins: named in the error when one is given here
+    advice: str
+
+
+def _load(kind: _Kind, train, tokenizer, val, val_fraction, seed, options) -> tuple:
+    """(training set, held-out set or None): see `load_data`."""
+    if val is not None and val_fraction:
+        raise ConfigError("pass either val (a held-out file) or val_fraction, not both")
+    name = str(train)
+    if name in kind.other:
+        raise ConfigError(f"{name}: {kind.advice}")
+    if name in kind.builtins:
+        if val_fraction:
+            raise ConfigError(f"{name} has a fixed held-out split; drop val_fraction (or pass val=FILE)")
+        train_dicts, val_dicts = kind.builtins[name]()
+        train_records, train_skipped = kind.from_dicts(train_dicts, f"{name}:train"), Counter()
+        val_records, val_skipped = kind.from_dicts(val_dicts, f"{name}:val"), Counter()
+        val_name = f"{name} (held-out)"
+    else:
+        path = Path(train)
+        train_records, train_skipped = kind.read(path, skip_bad_records=options["skip_bad_records"])
+        name, val_records, val_skipped = path.name, None, Counter()
+        val_name = f"{name} (held-out {val_fraction:g})"
+        if val_fraction:
+            train_records, val_records = split_records(train_records, val_fraction, seed)
+    if val is not None:
+        val_records, val_skipped = kind.read(Path(val), skip_bad_records=options["skip_bad_records"])
+        val_name = Path(val).name
+    train_set = kind.tokenize(train_records, tokenizer, skipped=train_skipped, name=name, **options)
+    val_set = None
+    if val_records is not None:
+        val_set = kind.tokenize(val_records, tokenizer, skipped=val_skipped, name=val_name, **options)
+    return train_set, val_set
+
+
+_SUPERVISED = _Kind(BUILTIN_DATASETS, read_jsonl, records_from_dicts, tokenize_records, BUILTIN_PREFERENCES,
+                    "holds preference pairs, for --method dpo or orpo; supervised training takes "
+                    f"{', '.join(BUILTIN_DATASETS)} or a JSONL file of text, prompt/completion or messages records")
+_PREFERENCES = _Kind(BUILTIN_PREFERENCES, read_preferences, preference_records_from_dicts, tokenize_preferences,
+                     BUILTIN_DATASETS, "holds supervised examples, not preference pairs; for DPO or ORPO use "
+                     f"{', '.join(BUILTIN_PREFERENCES)} or a JSONL file of prompt/chosen/rejected records")
 
 
 def load_data(
@@ -92,31 +134,8 @@ def load_data(
     ``skip_bad_records`` are as in ``tokenize_records`` and ``read_jsonl``; what was skipped is
     on each result's ``skipped`` counts.
     """
-    if val is not None and val_fraction:
-        raise ConfigError("pass either val (a held-out file) or val_fraction, not both")
     options = dict(max_length=max_length, overlong=overlong, skip_bad_records=skip_bad_records)
-
-    name = str(train)
-    if name in BUILTIN_DATASETS:
-        if val_fraction:
-            raise ConfigError(f"{name} has a fixed held-out split; drop val_fraction (or pass val=FILE)")
-        train_dicts, val_dicts = BUILTIN_DATASETS[name]()
-        train_records, train_skipped = records_from_dicts(train_dicts, f"{name}:train"), Counter()
-        val_records, val_skipped = records_from_dicts(val_dicts, f"{name}:val"), Counter()
-        val_name = f"{name} (held-out)"
-    else:
-        train_records, train_skipped, name = _read(train, skip_bad_records)
-        val_records, val_skipped, val_name = None, Counter(), f"{name} (held-out {val_fraction:g})"
-        if val_fraction:
-            train_records, val_records = split_records(train_records, val_fraction, seed)
-    if val is not None:
-        val_records, val_skipped, val_name = _read(val, skip_bad_records)
-
-    train_set = tokenize_records(train_records, tokenizer, skipped=train_skipped, name=name, **options)
-    val_set = None
-    if val_records is not None:
-        val_set = tokenize_records(val_records, tokenizer, skipped=val_skipped, name=val_name, **options)
-    return DataSplits(train_set, val_set)
+    return DataSplits(*_load(_SUPERVISED, train, tokenizer, val, val_fraction, seed, options))
 
 
 @dataclass
@@ -141,34 +160,5 @@ def load_preferences(
     """Read, check and tokenize preference pairs (`lorakit.data.preference`) and their held-out
     part, as `load_data` does for supervised records: a built-in set (``"task-api-prefs"``, with
     its fixed held-out split) or a JSONL file, held out by ``val``, else ``val_fraction``."""
-    if val is not None and val_fraction:
-        raise ConfigError("pass either val (a held-out file) or val_fraction, not both")
     options = dict(max_length=max_length, overlong=overlong, skip_bad_records=skip_bad_records)
-    name = str(train)
-    if name in BUILTIN_DATASETS:
-        raise ConfigError(f"{name} holds supervised examples, not preference pairs; for DPO or ORPO use "
-                          f"{', '.join(BUILTIN_PREFERENCES)} or a JSONL file of prompt/chosen/rejected records")
-    if name in BUILTIN_PREFERENCES:
-        if val_fraction:
-            raise ConfigError(f"{name} has a fixed held-out split; drop val_fraction (or pass val=FILE)")
-        train_dicts, val_dicts = BUILTIN_PREFERENCES[name]()
-        train_records, train_skipped = preference_records_from_dicts(train_dicts, f"{name}:train"), Counter()
-        val_records, val_skipped = preference_records_from_dicts(val_dicts, f"{name}:val"), Counter()
-        val_name = f"{name} (held-out)"
-    else:
-        path = Path(train)
-        train_records, train_skipped = read_preferences(path, skip_bad_records=skip_bad_records)
-        name, val_records, val_skipped = path.name, None, Counter()
-        val_name = f"{name} (held-out {val_fraction:g})"
-        if val_fraction:
-            if not 0.0 < val_fraction < 1.0:
-                raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (for example 0.1)")
-            train_records, val_records = split_pairs(train_records, val_fraction, seed)
-    if val is not None:
-        val_records, val_skipped = read_preferences(Path(val), skip_bad_records=skip_bad_records)
-        val_name = Path(val).name
-    train_set = tokenize_preferences(train_records, tokenizer, skipped=train_skipped, name=name, **options)
-    val_set = None
-    if val_records is not None:
-        val_set = tokenize_preferences(val_records, tokenizer, skipped=val_skipped, name=val_name, **options)
-    return PreferenceSplits(train_set, val_set)
+    return PreferenceSplits(*_load(_PREFERENCES, train, tokenizer, val, val_fraction, seed, options))

@@ -19,20 +19,19 @@ A tokenized pair (`PreferenceExample`) keeps the prompt's tokens and each answer
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from .chat import ChatTemplateError, render_chat
-from .dataset import OVERLONG_POLICIES
+from .dataset import TokenizedDataset, check_length_policy
 from .encode import Example, encode_record
-from .records import REASONS, ROLES, RecordError, _decode, _json_type, _lines, _string, parse_record
+from .records import REASONS, RecordError, _json_type, _string, messages_of, parse_record, read_jsonl, reject
 
 __all__ = ["PREFERENCE_REASONS", "PreferenceRecord", "PreferenceExample", "PreferenceDataset", "parse_preference",
-           "read_preferences", "tokenize_preferences", "preference_records_from_dicts", "split_pairs"]
+           "read_preferences", "tokenize_preferences", "preference_records_from_dicts"]
 
 PREFERENCE_REASONS: dict[str, str] = REASONS | {
     "missing_field": 'a preference record needs "chosen" and "rejected" answers and a "prompt" (text, or a list of '
@@ -43,9 +42,6 @@ PREFERENCE_REASONS: dict[str, str] = REASONS | {
     "same_answers": "chosen and rejected are the same text, so the pair prefers nothing; fix or remove it",
     "no_loss_tokens": "the prompt fills max_length, leaving no answer tokens; raise max_length or shorten it",
 }
-
-_SKIP_HINT = "pass skip_bad_records=True (--skip-bad-records) to skip and count bad records"
-
 
 @dataclass(frozen=True)
 class PreferenceRecord:
@@ -89,19 +85,7 @@ def _answer(obj: Mapping, key: str, chat: bool) -> str:
 
 
 def _prompt_messages(value: object, key: str) -> tuple[dict[str, str], ...]:
-    if not isinstance(value, list):
-        raise RecordError("wrong_type", f'field "{key}" is {_json_type(value)}, not an array')
-    if not value:
-        raise RecordError("empty_messages", f'field "{key}" is an empty array')
-    out = []
-    for i, message in enumerate(value):
-        where = f" of {key}[{i}]"
-        if not isinstance(message, dict):
-            raise RecordError("wrong_type", f"{key}[{i}] is {_json_type(message)}, not an object")
-        role, content = _string(message, "role", where), _string(message, "content", where)
-        if role not in ROLES:
-            raise RecordError("unknown_role", f"{key}[{i}] has role {role!r}")
-        out.append({"role": role, "content": content})
+    out = messages_of(value, key)
     if out[-1]["role"] == "assistant":
         raise RecordError("wrong_type", f'the last message of "{key}" is an assistant turn; the prompt ends with the '
                                         "turn the answers reply to")
@@ -132,33 +116,9 @@ def parse_preference(obj: object, source: str) -> PreferenceRecord:
     return record
 
 
-def _reject(error: RecordError, source: str, skipped: Counter | None) -> None:
-    if skipped is None:
-        raise DataError(f"{source}: {error.detail}; {PREFERENCE_REASONS[error.reason]}; or {_SKIP_HINT}") from None
-    skipped[error.reason] += 1
-
-
 def read_preferences(path: str | Path, *, skip_bad_records: bool = False) -> tuple[list[PreferenceRecord], Counter]:
     """Read a JSONL file of preference pairs, and the counts of skipped records by reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} not found; pass the path of a .jsonl file of prompt/chosen/rejected records")
-    skipped: Counter = Counter()
-    records = []
-    with path.open("rb") as f:
-        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
-            raise DataError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
-                            f"save it as UTF-8 (for example: iconv -f utf-16 -t utf-8 in.jsonl > out.jsonl)")
-        f.seek(0)
-        for lineno, line in _lines(f):
-            if not line.strip():
-                continue
-            source = f"{path}:{lineno}"
-            try:
-                records.append(parse_preference(_decode(line), source))
-            except RecordError as error:
-                _reject(error, source, skipped if skip_bad_records else None)
-    return records, skipped
+    return read_jsonl(path, skip_bad_records=skip_bad_records, parse=parse_preference, reasons=PREFERENCE_REASONS)
 
 
 def preference_records_from_dicts(dicts: Sequence[object], name: str) -> list[PreferenceRecord]:
@@ -168,7 +128,7 @@ def preference_records_from_dicts(dicts: Sequence[object], name: str) -> list[Pr
         try:
             out.append(parse_preference(obj, f"{name}:{i}"))
         except RecordError as error:
-            _reject(error, f"{name}:{i}", None)
+            reject(error, f"{name}:{i}", None, PREFERENCE_REASONS)
     return out
 
 
@@ -194,32 +154,16 @@ class PreferenceExample:
 
 
 @dataclass
-class PreferenceDataset:
-    """Tokenized pairs and what was left out on the way, by reason (as `TokenizedDataset`)."""
+class PreferenceDataset(TokenizedDataset):
+    """Tokenized pairs and what was left out on the way, by reason, as `TokenizedDataset`; its
+    ``num_tokens`` counts the tokens of both sequences of each pair (each prompt twice)."""
 
     examples: list[PreferenceExample]
-    skipped: dict[str, int] = field(default_factory=dict)
-    truncated: int = 0
-    name: str = ""
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> PreferenceExample:
-        return self.examples[index]
+    unit = "preference pairs"
 
     @property
     def num_tokens(self) -> int:
         return sum(e.tokens for e in self.examples)
-
-    def summary(self) -> str:
-        line = f"{self.name or 'data'}: {len(self):,} preference pairs, {self.num_tokens:,} tokens"
-        if self.skipped:
-            parts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
-            line += f"; skipped {sum(self.skipped.values()):,} ({parts})"
-        if self.truncated:
-            line += f"; truncated {self.truncated:,} to max_length"
-        return line
 
 
 def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
@@ -260,10 +204,7 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], tokenizer, *, max_
     truncated (each answer cut to fit after the prompt, as TRL keeps the start), dropped
     (``too_long``) or an error, per ``overlong``. A prompt that leaves no room for an answer
     token is always left out (``no_loss_tokens``)."""
-    if overlong not in OVERLONG_POLICIES:
-        raise ConfigError(f"overlong={overlong!r} is not a policy; use one of {', '.join(OVERLONG_POLICIES)}")
-    if max_length is not None and max_length < 2:
-        raise ConfigError(f"max_length={max_length} is too small; use at least 2 (a typical value is 1024)")
+    check_length_policy(max_length, overlong)
     skipped = Counter(skipped or {})
     count_into = skipped if skip_bad_records else None
     examples, truncated = [], 0
@@ -271,7 +212,7 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], tokenizer, *, max_
         try:
             example = _encode(record, tokenizer)
         except RecordError as error:
-            _reject(error, record.source, count_into)
+            reject(error, record.source, count_into, PREFERENCE_REASONS)
             continue
         longest = len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
         if max_length is not None and longest > max_length:
@@ -280,7 +221,7 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], tokenizer, *, max_
                 continue
             if overlong == "error":
                 detail = f"{longest} tokens (prompt and longer answer), more than max_length={max_length}"
-                _reject(RecordError("too_long", detail), record.source, count_into)
+                reject(RecordError("too_long", detail), record.source, count_into, PREFERENCE_REASONS)
                 continue
             room = max_length - len(example.prompt_ids)
             if room < 1:
@@ -294,13 +235,3 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], tokenizer, *, max_
         counts = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) or "no records"
         raise DataError(f"{name or 'data'}: no usable preference pairs ({counts}); fix the records or the max_length")
     return PreferenceDataset(examples, dict(skipped), truncated, name)
-
-
-def split_pairs(records: list, val_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """(train, held-out) as `split_records` splits supervised records."""
-    n_val = max(1, round(len(records) * val_fraction))
-    if n_val >= len(records):
-        raise ConfigError(f"val_fraction={val_fraction} of {len(records)} pairs leaves nothing to train on; "
-                          "use a smaller fraction or more pairs")
-    picked = set(random.Random(seed).sample(range(len(records)), n_val))
-    return ([r for i, r in enumerate(records) if i not in picked], [r for i, r in enumerate(records) if i in picked])

@@ -24,15 +24,16 @@ import itertools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
 
 __all__ = [
     "MAX_DEPTH", "MAX_LINE_BYTES", "ROLES", "REASONS", "Record", "RecordError", "parse_record", "read_jsonl",
-    "records_from_dicts", "reject",
+    "records_from_dicts", "reject", "messages_of",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -118,20 +119,27 @@ def _string(obj: Mapping, key: str, where: str = "") -> str:
     return value
 
 
-def _messages(value: object) -> tuple[dict[str, str], ...]:
+def messages_of(value: object, key: str = "messages") -> tuple[dict[str, str], ...]:
+    """The chat messages of field ``key``: a non-empty array of objects with a known role and
+    string content each; RecordError naming the first that is not."""
     if not isinstance(value, list):
-        raise RecordError("wrong_type", f'field "messages" is {_json_type(value)}, not an array')
+        raise RecordError("wrong_type", f'field "{key}" is {_json_type(value)}, not an array')
     if not value:
-        raise RecordError("empty_messages", 'field "messages" is an empty array')
+        raise RecordError("empty_messages", f'field "{key}" is an empty array')
     out = []
     for i, message in enumerate(value):
-        where = f" of messages[{i}]"
+        where = f" of {key}[{i}]"
         if not isinstance(message, dict):
-            raise RecordError("wrong_type", f"messages[{i}] is {_json_type(message)}, not an object")
+            raise RecordError("wrong_type", f"{key}[{i}] is {_json_type(message)}, not an object")
         role, content = _string(message, "role", where), _string(message, "content", where)
         if role not in ROLES:
-            raise RecordError("unknown_role", f"messages[{i}] has role {role!r}")
+            raise RecordError("unknown_role", f"{key}[{i}] has role {role!r}")
         out.append({"role": role, "content": content})
+    return tuple(out)
+
+
+def _messages(value: object) -> tuple[dict[str, str], ...]:
+    out = messages_of(value)
     if not any(m["role"] == "assistant" for m in out):
         raise RecordError("no_assistant_turn", "no message has role 'assistant'")
     return tuple(out)
@@ -157,10 +165,11 @@ def parse_record(obj: object, source: str) -> Record:
     raise RecordError("missing_field", f'no "text", "prompt"/"completion" or "messages" field (keys: {keys})')
 
 
-def reject(error: RecordError, source: str, skipped: Counter | None) -> None:
-    """Count ``error`` in ``skipped`` when skipping bad records, else raise it as a DataError."""
+def reject(error: RecordError, source: str, skipped: Counter | None, reasons: Mapping[str, str] = REASONS) -> None:
+    """Count ``error`` in ``skipped`` when skipping bad records, else raise it as a DataError
+    with the fix ``reasons`` gives for its reason."""
     if skipped is None:
-        raise DataError(f"{source}: {error.detail}; {REASONS[error.reason]}; or {_SKIP_HINT}") from None
+        raise DataError(f"{source}: {error.detail}; {reasons[error.reason]}; or {_SKIP_HINT}") from None
     skipped[error.reason] += 1
 
 
@@ -229,11 +238,15 @@ def _lines(f) -> Iterator[tuple[int, bytes]]:
         yield lineno, line.rstrip(b"\n").removesuffix(b"\r")
 
 
-def read_jsonl(path: str | Path, *, skip_bad_records: bool = False) -> tuple[list[Record], Counter]:
+def read_jsonl(path: str | Path, *, skip_bad_records: bool = False, parse: Callable[[object, str], Any] = None,
+               reasons: Mapping[str, str] = REASONS) -> tuple[list, Counter]:
     """Read a JSONL file into Records, and the counts of skipped records by reason.
 
     Without ``skip_bad_records`` the first bad record raises DataError naming ``file:line``.
+    ``parse`` (``parse_record`` unless given) checks each decoded line, and ``reasons`` holds the
+    fix each error names (preference pairs: `lorakit.data.preference`).
     """
+    parse = parse or parse_record
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} not found; pass the path of a .jsonl file")
@@ -249,9 +262,9 @@ def read_jsonl(path: str | Path, *, skip_bad_records: bool = False) -> tuple[lis
                 continue
             source = f"{path}:{lineno}"
             try:
-                records.append(parse_record(_decode(line), source))
+                records.append(parse(_decode(line), source))
             except RecordError as error:
-                reject(error, source, skipped if skip_bad_records else None)
+                reject(error, source, skipped if skip_bad_records else None, reasons)
     return records, skipped
 
 

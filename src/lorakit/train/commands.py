@@ -62,8 +62,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs = {"dest": f.name, "default": None, "help": text}
         if f.type in ("bool",):
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-        elif f.name == "target_modules":
+        elif f.name in ("target_modules", "loss_type"):
             group.add_argument(*flags, nargs="+", metavar="NAME", **kwargs)
+        elif f.name == "loss_weights":
+            group.add_argument(*flags, nargs="+", type=float, metavar="W", **kwargs)
         else:
             kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
             group.add_argument(*flags, type=kind, **kwargs)
@@ -84,6 +86,9 @@ def _train(args) -> int:
             _check_started(Path(args.resume), overrides)
         config_file = config_file or str(Path(args.resume) / "config.yaml")
         overrides["run_dir"] = args.resume
+    losses = overrides.get("loss_type")
+    if losses and len(losses) == 1:
+        overrides["loss_type"] = losses[0]  # one loss: a name, as config.yaml writes it
     targets = overrides.get("target_modules")
     if targets and len(targets) == 1 and targets[0] == "all-linear":
         overrides["target_modules"] = "all-linear"
@@ -95,7 +100,8 @@ def _train(args) -> int:
     if result.score_after:
         before = result.score_before["exact"] if result.score_before else None
         shown = "not measured" if before is None else f"{before:.1%}"
-        print(f"held-out exact match: {shown} untuned -> {result.score_after['exact']:.1%} with the adapter")
+        start = "with the starting adapter" if config.init_adapter else "untuned"
+        print(f"held-out exact match: {shown} {start} -> {result.score_after['exact']:.1%} with the adapter")
     return 0
 
 

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -70,8 +70,11 @@ class TrainConfig:
     beta: float = 0.1
     """DPO: how far the policy may move from the reference (higher: less); ORPO: the weight of
     the odds-ratio term. TRL's default."""
-    loss_type: str = "sigmoid"
-    """DPO's loss: sigmoid (DPO), ipo, hinge or robust (with label_smoothing)."""
+    loss_type: Union[str, list[str]] = "sigmoid"
+    """DPO's loss: sigmoid (DPO), ipo, hinge, robust (with label_smoothing) or sft (the NLL of the
+    chosen answers); several (e.g. sigmoid sft: DPO with an NLL term, RPO) are summed, as in TRL."""
+    loss_weights: Optional[list[float]] = None
+    """The weight of each loss_type when there are several; unset: 1 each."""
     label_smoothing: float = 0.0
     """loss_type robust: the assumed probability that a pair's preference is flipped, in [0, 0.5)."""
     reference_free: bool = False
@@ -256,14 +259,22 @@ class TrainConfig:
     def _preference_problems(self, method: TrainMethod):
         if not (is_number(self.beta) and math.isfinite(self.beta) and self.beta > 0):
             yield f"beta={shown(self.beta)}: must be a positive number (TRL's default is 0.1)"
-        if not isinstance(self.loss_type, str) or self.loss_type not in LOSS_TYPES:
-            yield f"loss_type={shown(self.loss_type)}: must be one of {', '.join(LOSS_TYPES)}"
-        elif self.loss_type != "sigmoid" and self.method != "dpo":
-            yield f"loss_type={self.loss_type}: a DPO loss; it applies to method dpo only"
+        losses = loss_types(self.loss_type)
+        if losses is None:
+            yield (f"loss_type={shown(self.loss_type)}: must be one of {', '.join(LOSS_TYPES)}, or a list of "
+                   "different ones")
+            losses = []
+        elif losses != ["sigmoid"] and self.method != "dpo":
+            yield f"loss_type={self.loss_type}: DPO's losses; they apply to method dpo only"
+        weights = self.loss_weights
+        if weights is not None and not (isinstance(weights, list) and len(weights) == len(losses) and
+                                        all(is_number(w) and math.isfinite(w) and w >= 0 for w in weights)):
+            yield (f"loss_weights={shown(weights)}: must be one number >= 0 per loss_type "
+                   f"({len(losses)}: {', '.join(losses) or 'none'}), or unset")
         smoothing = self.label_smoothing
         if not (is_number(smoothing) and 0 <= smoothing < 0.5):
             yield f"label_smoothing={shown(smoothing)}: must be a number in [0, 0.5)"
-        elif smoothing and self.loss_type != "robust":
+        elif smoothing and "robust" not in losses:
             yield (f"label_smoothing={smoothing:g}: it is used by loss_type robust only (as in TRL); set "
                    f"loss_type robust, or leave label_smoothing 0")
         if self.reference_free is True and self.method != "dpo":
@@ -317,6 +328,15 @@ def variant_summary(config: TrainConfig) -> str:
     if config.loraplus_ratio is not None:
         parts.append(f"LoRA+ ratio {config.loraplus_ratio:g}")
     return ", ".join(parts) or "LoRA"
+
+
+def loss_types(value: Any) -> list[str] | None:
+    """``loss_type`` as a list of distinct known losses, or None when it is not one."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in LOSS_TYPES for n in names) \
+            or len(set(names)) < len(names):
+        return None
+    return list(names)
 
 
 def setting_names() -> list[str]:

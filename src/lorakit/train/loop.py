@@ -98,9 +98,10 @@ def _measure_before(run: Run, progress: bool) -> TrainState:
         state.heldout_before, state.heldout_before_metrics = held["eval_loss"], held
         run.metrics.write("eval", step=0, **held)
     if data.score_set and run.config.score_before:
-        # PiSSA / OLoRA: the base is a residual; the fresh adapter on it is the untuned model
-        untuned = contextlib.nullcontext() if inits.uses_base_weight(run.config.lora.init_lora_weights) \
-            else run.model.disable_adapter()
+        # PiSSA / OLoRA: the base is a residual; the fresh adapter on it is the untuned model. A run
+        # from an existing adapter (--init-adapter) starts from that adapter: it is the "before"
+        as_started = inits.uses_base_weight(run.config.lora.init_lora_weights) or run.config.init_adapter
+        untuned = contextlib.nullcontext() if as_started else run.model.disable_adapter()
         with untuned:
             result = distributed.evaluate(run.trained, lambda model: score_examples(
                 model, data.tokenizer, data.score_set, scorer=data.scorer, max_new_tokens=run.config.max_new_tokens,
@@ -108,7 +109,8 @@ def _measure_before(run: Run, progress: bool) -> TrainState:
         state.score_before = result.as_dict()
         run.metrics.write("score", step=0, phase="before", exact=result.exact, **result.fields)
         if progress:
-            print(f"untuned model: {result.summary()}", flush=True)
+            print(f"{'the starting adapter' if run.config.init_adapter else 'untuned model'}: {result.summary()}",
+                  flush=True)
     return state
 
 
@@ -332,7 +334,8 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
     if not run.world.is_main:  # rank 0 writes the plot and the report
         return RunResult(run_dir, adapter_dir, state.step, state.score_before, score_after, {})
     records = read_metrics(run_dir / "metrics.jsonl")
-    ylabel = {"dpo": f"DPO loss ({config.loss_type}) per pair", "orpo": "ORPO loss per pair"}.get(
+    losses = config.loss_type if isinstance(config.loss_type, str) else " + ".join(config.loss_type)
+    ylabel = {"dpo": f"DPO loss ({losses}) per pair", "orpo": "ORPO loss per pair"}.get(
         config.method, "cross-entropy per answer token")
     plot_losses(records, run_dir / "loss.png", title=f"{config.name}: {config.model} on {config.data}", ylabel=ylabel)
     train_losses = [m["loss"] for m in records if m["kind"] == "train"]

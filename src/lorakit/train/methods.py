@@ -12,8 +12,9 @@ from lorakit.methods.adalora import AdaLoraConfig
 
 __all__ = ["TrainMethod", "TRAIN_METHODS", "LOSS_TYPES"]
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-"""DPO's losses, by TRL's names: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing)."""
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sft")
+"""DPO's losses, by TRL's names: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing),
+and sft (the NLL of the chosen answers; with sigmoid: RPO). Several are summed, with loss_weights."""
 
 
 def _adalora(lora: LoraConfig, total_steps: int) -> LoraConfig:

@@ -38,7 +38,9 @@ class SupervisedObjective:
 
 def objective_for(config: TrainConfig) -> SupervisedObjective | PreferenceObjective:
     if config.method in ("dpo", "orpo"):
-        return PreferenceObjective(config.method, beta=config.beta, loss_type=config.loss_type,
+        losses = config.loss_type if isinstance(config.loss_type, str) else tuple(config.loss_type)
+        weights = tuple(config.loss_weights) if config.loss_weights is not None else None
+        return PreferenceObjective(config.method, beta=config.beta, loss_type=losses, loss_weights=weights,
                                    label_smoothing=config.label_smoothing, reference_free=config.reference_free)
     return SupervisedObjective()
 

@@ -7,6 +7,7 @@ log-probabilities of the policy (the model with the adapter being trained) and o
     chosen_reward   = beta * (logp(chosen)   - ref_logp(chosen))
     rejected_reward = beta * (logp(rejected) - ref_logp(rejected))
     sigmoid: loss = -log sigmoid(chosen_reward - rejected_reward)
+    sft:     loss = the chosen answers' NLL per token (with sigmoid: DPO plus an NLL term, RPO)
     hinge:   loss = relu(1 - (chosen_reward - rejected_reward))
     ipo:     loss = (log-ratio per chosen token - log-ratio per rejected token - 1 / (2 beta))^2
     robust:  loss = ((1 - e) (-log sigmoid(m)) + e log sigmoid(-m)) / (1 - 2e),  m = reward margin, e = label_smoothing
@@ -39,13 +40,12 @@ from lorakit.evaluation.preference import AnswerLogProbs, answer_log_probs
 from lorakit.inject import logical_modules
 from lorakit.layer import LoraLayer
 from lorakit.model import PeftModel
+from lorakit.train.methods import LOSS_TYPES
 
 __all__ = ["LOSS_TYPES", "PREFERENCE_METHODS", "REFERENCE_ADAPTER", "PreferenceObjective", "dpo_losses",
            "orpo_loss", "heldout_preferences", "reference_adapter"]
 
 PREFERENCE_METHODS = ("dpo", "orpo")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-"""DPO's losses, TRL's names: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing)."""
 REFERENCE_ADAPTER = "ref"
 """The frozen adapter a run that starts from an existing adapter keeps as its reference (TRL's name)."""
 
@@ -55,26 +55,39 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def dpo_losses(policy: AnswerLogProbs, reference: AnswerLogProbs | None, *, beta: float, loss_type: str = "sigmoid",
+def _pair_losses(policy: AnswerLogProbs, chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, *, beta: float,
+                 loss_type: str, label_smoothing: float) -> torch.Tensor:
+    """One loss type's per-pair losses (N,)."""
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * delta)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if loss_type == "ipo":  # per-token log-ratios (TRL's normalisation, confirmed with the IPO authors)
+        per_token = chosen_ratio / policy.tokens[0::2].clamp(min=1) - rejected_ratio / policy.tokens[1::2].clamp(min=1)
+        return (per_token - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":
+        return (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+                + label_smoothing * F.logsigmoid(-beta * delta)) / (1 - 2 * label_smoothing)
+    if loss_type == "sft":  # the chosen answers' NLL per token over the batch, as TRL's (each pair's share)
+        nll = -policy.chosen.sum() / policy.tokens[0::2].sum().clamp(min=1)
+        return nll.expand(len(chosen_ratio))
+    raise ConfigError(f"loss_type={loss_type!r}: must be one of {', '.join(LOSS_TYPES)}")
+
+
+def dpo_losses(policy: AnswerLogProbs, reference: AnswerLogProbs | None, *, beta: float,
+               loss_type: str | Sequence[str] = "sigmoid", loss_weights: Sequence[float] | None = None,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair losses (N,), chosen rewards (N,), rejected rewards (N,)); ``reference`` None:
-    reference-free (its log-probabilities 0). Rewards are detached."""
+    reference-free (its log-probabilities 0). Several loss types are summed with ``loss_weights``
+    (1 each by default), as TRL sums them. Rewards are detached."""
     chosen_ratio, rejected_ratio = policy.chosen, policy.rejected
     if reference is not None:
         chosen_ratio, rejected_ratio = chosen_ratio - reference.chosen, rejected_ratio - reference.rejected
-    delta = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * delta)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif loss_type == "ipo":  # per-token log-ratios (TRL's normalisation, confirmed with the IPO authors)
-        per_token = chosen_ratio / policy.tokens[0::2].clamp(min=1) - rejected_ratio / policy.tokens[1::2].clamp(min=1)
-        losses = (per_token - 1 / (2 * beta)) ** 2
-    elif loss_type == "robust":
-        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
-                  + label_smoothing * F.logsigmoid(-beta * delta)) / (1 - 2 * label_smoothing)
-    else:
-        raise ConfigError(f"loss_type={loss_type!r}: must be one of {', '.join(LOSS_TYPES)}")
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(types)
+    losses = sum(w * _pair_losses(policy, chosen_ratio, rejected_ratio, beta=beta, loss_type=t,
+                                  label_smoothing=label_smoothing) for t, w in zip(types, weights, strict=True))
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
@@ -115,7 +128,8 @@ class PreferenceObjective:
 
     method: str
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
     reference_free: bool = False
 
@@ -133,7 +147,7 @@ class PreferenceObjective:
                     reference = answer_log_probs(peft_model, batch)
             policy = answer_log_probs(peft_model, batch)
             losses, chosen, rejected = dpo_losses(policy, reference, beta=self.beta, loss_type=self.loss_type,
-                                                  label_smoothing=self.label_smoothing)
+                                                  loss_weights=self.loss_weights, label_smoothing=self.label_smoothing)
             loss, extra = losses.sum(), {}
         stats = {"rewards_chosen": chosen.sum(), "rewards_rejected": rejected.sum(),
                  "reward_margin": (chosen - rejected).sum(), "reward_accuracy": (chosen > rejected).float().sum(),

@@ -73,11 +73,12 @@ def plot_losses(metrics: list[dict], path: Path, title: str = "",
     return Path(path)
 
 
-def _score_rows(before: dict | None, after: dict | None) -> list[str]:
+def _score_rows(before: dict | None, after: dict | None, started_from: str | None = None) -> list[str]:
     if not after and not before:
         return ["Task score: not measured (score_examples=0)."]
     keys = list((after or before)["fields"])
-    rows = ["| | untuned model | with the adapter |", "|---|---|---|"]
+    first = f"starting adapter (`{started_from}`)" if started_from else "untuned model"
+    rows = [f"| | {first} | with the adapter |", "|---|---|---|"]
 
     def cell(result, key=None):
         if not result:
@@ -138,7 +139,7 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         *_preference_rows(summary),
         "",
         "## Task score",
-        *_score_rows(score_before, score_after),
+        *_score_rows(score_before, score_after, config.get("init_adapter")),
         "",
         "![loss](loss.png)",
         "",

@@ -27,7 +27,19 @@ def test_a_preference_run_writes_a_normal_adapter_and_its_reward_metrics(tiny_co
     config_json = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config_json["peft_type"] == "LORA" and not (result.adapter_dir / "ref").exists()
     report = (result.run_dir / "report.md").read_text()
-    assert method.upper() in report
+    assert method.upper() in report and "reward accuracy" in report
+    # a normal PEFT adapter: PEFT loads it and computes lorakit's logits
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000]])
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config.model),
+                                            str(result.adapter_dir)).eval()
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config.model), str(result.adapter_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+        with ours.disable_adapter():
+            assert not torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
 
 def test_a_dpo_run_interrupted_then_resumed_equals_an_uninterrupted_one(tiny_config, tmp_path, monkeypatch):

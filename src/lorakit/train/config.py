@@ -322,6 +322,11 @@ class TrainConfig:
 def variant_summary(config: TrainConfig) -> str:
     """The LoRA variant a run trains, in words: "LoRA", or e.g. "DoRA, rsLoRA, init pissa, LoRA+ ratio 16"."""
     lora, label = config.lora, TRAIN_METHODS[config.method].label
+    if config.method == "dpo":  # e.g. "DPO (sigmoid + sft, beta 0.1)"
+        losses = " + ".join(loss_types(config.loss_type) or [str(config.loss_type)])
+        label = f"DPO ({losses}{', reference-free' if config.reference_free else ''}, beta {config.beta:g})"
+    elif config.method == "orpo":
+        label = f"ORPO (beta {config.beta:g})"
     parts = ([label] if label else []) + (["DoRA"] if lora.use_dora else []) + (["rsLoRA"] if lora.use_rslora else [])
     if lora.init_lora_weights is not True:
         parts.append(f"init {str(lora.init_lora_weights).lower()}")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from lorakit.data.preference import PreferenceExample
 from lorakit.errors import ConfigError
 from lorakit.evaluation.preference import AnswerLogProbs, answer_log_probs
-from lorakit.inject import logical_modules
+from lorakit.inject import ModulesToSave, logical_modules
 from lorakit.layer import LoraLayer
 from lorakit.model import PeftModel
 from lorakit.train.methods import LOSS_TYPES
@@ -110,15 +110,21 @@ def reference_adapter(peft_model: PeftModel):
         with peft_model.disable_adapter():
             yield
         return
-    layers = [m for _, m in logical_modules(peft_model.get_base_model()) if isinstance(m, LoraLayer)]
-    active = [list(m.active_adapters) for m in layers]
+    modules = [m for _, m in logical_modules(peft_model.get_base_model()) if isinstance(m, (LoraLayer, ModulesToSave))]
+    layers = [m for m in modules if isinstance(m, LoraLayer)]
+    copies = [m for m in modules if isinstance(m, ModulesToSave)]  # modules_to_save: the reference's copy
+    active = [list(m.active_adapters) for m in layers], [m.active_adapter for m in copies]
     for m in layers:
         m.active_adapters = [REFERENCE_ADAPTER]
+    for m in copies:
+        m.active_adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in m.modules_to_save else None
     try:
         yield
     finally:
-        for m, names in zip(layers, active):
+        for m, names in zip(layers, active[0]):
             m.active_adapters = names
+        for m, name in zip(copies, active[1]):
+            m.active_adapter = name
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit.train.loop as loop
+import lorakit.train.objectives as objectives
 from lorakit import TrainingInterrupted
 from lorakit.train import train
 from lorakit.train.checkpoint import latest_checkpoint
@@ -109,7 +110,7 @@ def test_a_signal_during_the_final_evaluation_stops_at_once_and_keeps_the_adapte
                                                                                  monkeypatch, signum):
     """After the last step the adapter is written first; a signal then stops the evaluation at
     once (a typed interruption saying so, exit 130 on the command line), not the default action."""
-    real, calls = loop.heldout_loss, []
+    real, calls = objectives.heldout_loss, []  # the held-out loss of a supervised run
 
     def heldout_loss(*args, **kwargs):
         calls.append(1)
@@ -117,7 +118,7 @@ def test_a_signal_during_the_final_evaluation_stops_at_once_and_keeps_the_adapte
             os.kill(os.getpid(), signum)  # the handler raises here, inside the final evaluation
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "heldout_loss", heldout_loss)
+    monkeypatch.setattr(objectives, "heldout_loss", heldout_loss)
     config = tiny_config(run_dir=str(tmp_path / "run"), max_steps=4, save_every=2, score_examples=0, eval_every=0)
     with pytest.raises(TrainingInterrupted, match=r"after the last step \(4\).*adapter is saved.*step-000002"):
         train(config, progress=False)

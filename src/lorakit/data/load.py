@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import random
 from collections import Counter
@@ -13,7 +15,7 @@ from ..errors import ConfigError
 from . import task_api
 from .dataset import TokenizedDataset, tokenize_records
 from .preference import PreferenceDataset, preference_records_from_dicts, read_preferences, tokenize_preferences
-from .records import read_jsonl, records_from_dicts
+from .records import parse_record, read_jsonl, records_from_dicts
 
 __all__ = ["BUILTIN_DATASETS", "BUILTIN_PREFERENCES", "DataSplits", "PreferenceSplits", "split_records", "load_data",
            "load_preferences"]
@@ -125,6 +127,8 @@ def load_data(
     max_length: int | None = 1024,
     overlong: str = "truncate",
     skip_bad_records: bool = False,
+    record_format: str | None = None,
+    fields: dict[str, str] | None = None,
 ) -> DataSplits:
     """Read, check and tokenize training data, and its held-out part.
 
@@ -132,10 +136,18 @@ def load_data(
     JSONL file. The held-out set is the file ``val``, else a seeded ``val_fraction`` of the
     training file, else the built-in split, else None. ``max_length``, ``overlong`` and
     ``skip_bad_records`` are as in ``tokenize_records`` and ``read_jsonl``; what was skipped is
-    on each result's ``skipped`` counts.
+    on each result's ``skipped`` counts. ``record_format`` reads every record as that shape
+    (`records.SHAPES`: text, completion, chat, alpaca, sharegpt) instead of detecting it;
+    ``fields`` maps record fields to the file's column names (``{"prompt": "question"}``).
     """
     options = dict(max_length=max_length, overlong=overlong, skip_bad_records=skip_bad_records)
-    return DataSplits(*_load(_SUPERVISED, train, tokenizer, val, val_fraction, seed, options))
+    kind = _SUPERVISED
+    if record_format is not None or fields:
+        if str(train) in BUILTIN_DATASETS:
+            raise ConfigError(f"{train} is built in; record_format and fields (--format, --field) describe a file's records")
+        parse = functools.partial(parse_record, record_format=record_format, fields=dict(fields or {}))
+        kind = dataclasses.replace(kind, read=functools.partial(read_jsonl, parse=parse))
+    return DataSplits(*_load(kind, train, tokenizer, val, val_fraction, seed, options))
 
 
 @dataclass

@@ -33,7 +33,7 @@ from ..errors import DataError
 
 __all__ = [
     "MAX_DEPTH", "MAX_LINE_BYTES", "ROLES", "REASONS", "Record", "RecordError", "parse_record", "read_jsonl",
-    "records_from_dicts", "reject", "messages_of",
+    "records_from_dicts", "reject", "messages_of", "SHAPES", "RECORD_FIELDS", "data_field_map",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -51,7 +51,9 @@ REASONS: dict[str, str] = {
     "duplicate_key": "each key may appear only once in an object (which value was meant is unclear)",
     "wrong_type": "text, prompt, completion and content must be strings, messages an array of objects",
     "missing_field": 'a record needs "text", or "prompt" and "completion", or "messages" '
-    '(each message with "role" and "content")',
+    '(each message with "role" and "content"), or Alpaca\'s "instruction"/"output", or ShareGPT\'s '
+    '"conversations"; map other column names with --field FIELD=COLUMN',
+    "ambiguous_shape": "give --format SHAPE (text, completion, chat, alpaca or sharegpt) to say which it is",
     "empty_text": "text and completion must not be empty",
     "empty_messages": "a chat record needs at least one user and one assistant message",
     "unknown_role": f"a message role must be one of {', '.join(ROLES)}",
@@ -145,24 +147,118 @@ def _messages(value: object) -> tuple[dict[str, str], ...]:
     return tuple(out)
 
 
-def parse_record(obj: object, source: str) -> Record:
-    """Check one decoded JSON value and return it as a Record; raise RecordError if unusable."""
+SHAPES: dict[str, tuple[str, ...]] = {
+    "text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",),
+    "alpaca": ("instruction", "input", "output"), "sharegpt": ("conversations",),
+}
+"""The record shapes and the fields that mark each: a record is read as the one shape whose fields
+it has (``record_format`` chooses when it has several)."""
+RECORD_FIELDS = sorted({name for fields in SHAPES.values() for name in fields} | {"system"})
+"""The record fields a column can be mapped to (`data_field_map`, ``--field``)."""
+
+
+def data_field_map(pairs: Any) -> dict[str, str] | None:
+    """``data_fields`` (["prompt=question", ...]) as {field: column}, or None when malformed."""
+    if not isinstance(pairs, list):
+        return None
+    out: dict[str, str] = {}
+    for pair in pairs:
+        field_name, sep, column = pair.partition("=") if isinstance(pair, str) else ("", "", "")
+        if not sep or field_name not in RECORD_FIELDS or not column or field_name in out:
+            return None
+        out[field_name] = column
+    return out
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _shapes_text() -> str:
+    return "; ".join(f"{name} ({'/'.join(fields)})" for name, fields in SHAPES.items())
+
+
+def _text_record(obj: Mapping, source: str) -> Record:
+    text = _string(obj, "text")
+    if not text.strip():
+        raise RecordError("empty_text", 'field "text" is empty')
+    return Record(source, text=text)
+
+
+def _completion_record(obj: Mapping, source: str) -> Record:
+    prompt, completion = _string(obj, "prompt"), _string(obj, "completion")
+    if not completion.strip():
+        raise RecordError("empty_text", 'field "completion" is empty')
+    return Record(source, prompt=prompt, completion=completion)
+
+
+def _alpaca_record(obj: Mapping, source: str) -> Record:
+    """Alpaca: the instruction (and its input, after a blank line) as the user's turn, the output as
+    the assistant's, an optional ``system`` first; rendered with the model's chat template."""
+    instruction, output = _string(obj, "instruction"), _string(obj, "output")
+    extra = _string(obj, "input") if obj.get("input") is not None else ""
+    if not output.strip():
+        raise RecordError("empty_text", 'field "output" is empty')
+    system = [{"role": "system", "content": _string(obj, "system")}] if obj.get("system") else []
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    messages = system + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return Record(source, messages=tuple(messages))
+
+
+def _sharegpt_record(obj: Mapping, source: str) -> Record:
+    """ShareGPT: ``conversations`` of ``{"from": human|gpt|system, "value": ...}``, read as messages."""
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        raise RecordError("wrong_type", f'field "conversations" is {_json_type(turns)}, not an array')
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError("wrong_type", f"conversations[{i}] is {_json_type(turn)}, not an object")
+        who = _string(turn, "from", f" of conversations[{i}]")
+        if who not in SHAREGPT_ROLES:
+            raise RecordError("unknown_role", f"conversations[{i}] is from {who!r}; ShareGPT turns are from "
+                                              f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[who], "content": _string(turn, "value", f" of conversations[{i}]")})
+    return Record(source, messages=_messages(messages))
+
+
+_READERS = {"text": _text_record, "completion": _completion_record, "alpaca": _alpaca_record,
+            "sharegpt": _sharegpt_record, "chat": lambda obj, source: Record(source, messages=_messages(obj["messages"]))}
+
+
+def _mapped(obj: dict, fields: Mapping[str, str]) -> dict:
+    """``obj`` with each column named in ``fields`` (record field -> column) read as that field."""
+    out = {k: v for k, v in obj.items() if k not in fields.values()}
+    for field_name, column in fields.items():
+        if column not in obj:
+            keys = ", ".join(sorted(map(str, obj))) or "none"
+            raise RecordError("missing_field", f'no column "{column}" for field "{field_name}" (keys: {keys})')
+        out[field_name] = obj[column]
+    return out
+
+
+def parse_record(obj: object, source: str, record_format: str | None = None,
+                 fields: Mapping[str, str] | None = None) -> Record:
+    """Check one decoded JSON value and return it as a Record; raise RecordError if unusable.
+
+    The shape is the one whose fields the record has (`SHAPES`), or ``record_format``; ``fields``
+    maps record fields to the columns that hold them (``{"prompt": "question"}``)."""
     if not isinstance(obj, dict):
         raise RecordError("wrong_type", f"the line is {_json_type(obj)}, not an object")
-    if "messages" in obj:
-        return Record(source, messages=_messages(obj["messages"]))
-    if "prompt" in obj or "completion" in obj:
-        prompt, completion = _string(obj, "prompt"), _string(obj, "completion")
-        if not completion.strip():
-            raise RecordError("empty_text", 'field "completion" is empty')
-        return Record(source, prompt=prompt, completion=completion)
-    if "text" in obj:
-        text = _string(obj, "text")
-        if not text.strip():
-            raise RecordError("empty_text", 'field "text" is empty')
-        return Record(source, text=text)
-    keys = ", ".join(sorted(map(str, obj))) or "none"
-    raise RecordError("missing_field", f'no "text", "prompt"/"completion" or "messages" field (keys: {keys})')
+    if fields:
+        obj = _mapped(obj, fields)
+    shape = record_format
+    if shape is None:
+        found = [name for name, marks in SHAPES.items() if any(k in obj for k in marks)]
+        keys = ", ".join(sorted(map(str, obj))) or "none"
+        if not found:
+            raise RecordError("missing_field", f'no "text", "prompt"/"completion", "messages", Alpaca "instruction"/'
+                                               f'"output" or ShareGPT "conversations" field (keys: {keys})')
+        if len(found) > 1 and not (found == ["text", "chat"] or found == ["completion", "chat"]):
+            raise RecordError("ambiguous_shape", f"the fields {keys} fit the shapes {' and '.join(found)}")
+        shape = "chat" if "chat" in found else found[0]
+    if shape not in _READERS:
+        raise RecordError("missing_field", f"record_format={shape!r} is not a shape; the shapes: {_shapes_text()}")
+    return _READERS[shape](obj, source)
 
 
 def reject(error: RecordError, source: str, skipped: Counter | None, reasons: Mapping[str, str] = REASONS) -> None:

@@ -18,7 +18,7 @@ from lorakit.train.setup import restart_command
 __all__ = ["register"]
 
 # Flags with a shorter name than their TrainConfig field.
-ALIASES = {"learning_rate": "--lr"}
+ALIASES = {"learning_rate": "--lr", "data_format": "--format", "data_fields": "--field"}
 # Second names: torchrun's own parser reads "--r" as an abbreviation of its options (--rdzv-*,
 # --role, ...) even after "-m lorakit train", so under torchrun the rank is given as --rank.
 SECOND_NAMES = {"r": ("--rank",)}
@@ -64,6 +64,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name in ("target_modules", "loss_type"):
             group.add_argument(*flags, nargs="+", metavar="NAME", **kwargs)
+        elif f.name == "data_fields":
+            group.add_argument(*flags, action="append", metavar="FIELD=COLUMN", **kwargs)
         elif f.name == "loss_weights":
             group.add_argument(*flags, nargs="+", type=float, metavar="W", **kwargs)
         else:

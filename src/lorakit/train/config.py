@@ -22,11 +22,12 @@ import yaml
 
 from lorakit.checks import QUANTIZATIONS, STRATEGIES, is_int, is_number, shown
 from lorakit.config import LoraConfig
+from lorakit.data.records import RECORD_FIELDS, SHAPES, data_field_map
 from lorakit.errors import ConfigError
 from lorakit.models.load import DEFAULT_MODEL
 from lorakit.train.fast import ATTENTION_CHOICES
 from lorakit.train.adapter_settings import AdapterSettings, adapter_from, starting_adapter
-from lorakit.train.methods import LOSS_TYPES, TRAIN_METHODS, TrainMethod
+from lorakit.train.methods import LOSS_TYPES, TRAIN_METHODS, TrainMethod, loss_types
 from lorakit.variants import inits
 
 __all__ = ["TrainConfig", "AdapterSettings", "TrainMethod", "TRAIN_METHODS", "load_train_config",
@@ -53,6 +54,12 @@ class TrainConfig:
     overlong: str = "truncate"
     skip_bad_records: bool = False
     """Skip and count bad records instead of stopping at the first one."""
+    data_format: Optional[str] = None
+    """Read every record as this shape: text, completion, chat, alpaca or sharegpt; unset: each
+    record's shape from its fields."""
+    data_fields: Optional[list[str]] = None
+    """FIELD=COLUMN pairs: read the file's column COLUMN as the record field FIELD (e.g.
+    prompt=question completion=answer)."""
 
     # --- the adapter
     lora: LoraConfig = field(default_factory=lambda: AdapterSettings().lora_config())
@@ -234,6 +241,13 @@ class TrainConfig:
                 yield f"{name}={shown(value)}: must be one of {', '.join(choices)}"
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             yield f"quantize={shown(self.quantize)}: must be one of {', '.join(QUANTIZATIONS)}, or unset"
+        if self.data_format is not None and self.data_format not in SHAPES:
+            yield f"data_format={shown(self.data_format)}: must be one of {', '.join(SHAPES)}, or unset"
+        if self.data_fields is not None and data_field_map(self.data_fields) is None:
+            yield (f"data_fields={shown(self.data_fields)}: must be FIELD=COLUMN pairs with FIELD one of "
+                   f"{', '.join(RECORD_FIELDS)}, each field once (e.g. prompt=question completion=answer)")
+        if (self.data_format or self.data_fields) and TRAIN_METHODS.get(self.method, TRAIN_METHODS["lora"]).preference:
+            yield f"data_format / data_fields: describe supervised records; method {self.method} reads preference pairs"
         if self.val_file and is_number(self.val_fraction) and self.val_fraction:
             yield "val_file and val_fraction: give one way to get held-out data, not both"
         ratio = self.loraplus_ratio
@@ -333,15 +347,6 @@ def variant_summary(config: TrainConfig) -> str:
     if config.loraplus_ratio is not None:
         parts.append(f"LoRA+ ratio {config.loraplus_ratio:g}")
     return ", ".join(parts) or "LoRA"
-
-
-def loss_types(value: Any) -> list[str] | None:
-    """``loss_type`` as a list of distinct known losses, or None when it is not one."""
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in LOSS_TYPES for n in names) \
-            or len(set(names)) < len(names):
-        return None
-    return list(names)
 
 
 def setting_names() -> list[str]:

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from lorakit.config import LoraConfig
 from lorakit.methods.adalora import AdaLoraConfig
 
-__all__ = ["TrainMethod", "TRAIN_METHODS", "LOSS_TYPES"]
+__all__ = ["TrainMethod", "TRAIN_METHODS", "LOSS_TYPES", "loss_types"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sft")
 """DPO's losses, by TRL's names: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing),
@@ -55,3 +55,12 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
     "orpo": TrainMethod("LORA", lambda lora, total_steps: lora, label="ORPO", loraplus=True, preference=True),
 }
 """``TrainConfig.method`` -> how the trainer builds its adapter."""
+
+
+def loss_types(value: object) -> list[str] | None:
+    """``loss_type`` as a list of distinct known losses, or None when it is not one."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in LOSS_TYPES for n in names) \
+            or len(set(names)) < len(names):
+        return None
+    return list(names)

@@ -21,6 +21,7 @@ import torch
 from lorakit import io
 from lorakit.data import (Collator, PackingCollator, PairCollator, PairStreamCollator, load_data, load_preferences,
                           supports_packing, supports_varlen)
+from lorakit.data.records import data_field_map
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.evaluation import line_breaks_for, scorer_for
 from lorakit.model import PeftModel, get_peft_model
@@ -206,10 +207,12 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     model, tokenizer = load_model(config.model, device=torch.device("cpu") if sharded else device,
                                   dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                                   quantize=config.quantize)
+    shapes = {} if preference else {"record_format": config.data_format,
+                                    "fields": data_field_map(config.data_fields or [])}
     reader = load_preferences if preference else load_data
     splits = reader(config.data, tokenizer=tokenizer, val=config.val_file, val_fraction=config.val_fraction,
                     seed=config.seed, max_length=config.max_length, overlong=config.overlong,
-                    skip_bad_records=config.skip_bad_records)
+                    skip_bad_records=config.skip_bad_records, **shapes)
     examples = list(splits.train.examples)
     if config.train_examples is not None and config.train_examples < len(examples):
         picked = sorted(random.Random(config.seed).sample(range(len(examples)), config.train_examples))

@@ -12,7 +12,7 @@ from .config_fuzz import DELIBERATE, campaign
 
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
-    return campaign(seed=16, config_cases=240, file_cases=50, yaml_cases=120, compare_every=2,
+    return campaign(seed=16, config_cases=240, file_cases=50, yaml_cases=160, compare_every=2,
                     workdir=tmp_path_factory.mktemp("fuzz"))
 
 

@@ -241,7 +241,7 @@ class TrainConfig:
                 yield f"{name}={shown(value)}: must be one of {', '.join(choices)}"
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             yield f"quantize={shown(self.quantize)}: must be one of {', '.join(QUANTIZATIONS)}, or unset"
-        if self.data_format is not None and self.data_format not in SHAPES:
+        if self.data_format is not None and (not isinstance(self.data_format, str) or self.data_format not in SHAPES):
             yield f"data_format={shown(self.data_format)}: must be one of {', '.join(SHAPES)}, or unset"
         if self.data_fields is not None and data_field_map(self.data_fields) is None:
             yield (f"data_fields={shown(self.data_fields)}: must be FIELD=COLUMN pairs with FIELD one of "

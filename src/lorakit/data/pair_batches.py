@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -70,6 +71,9 @@ class PairStreamCollator:
     as its own while the prompt is computed once. Same ``labels``, ``nll_labels``, ``sequence`` and
     per-answer log-probabilities as `PairCollator`'s batch; ``example_tokens`` counts the tokens of
     the 2N sequences (each prompt twice), as the padded batch holds them."""
+
+    varlen: ClassVar[bool] = True  # one row, no padding (as PackingCollator(varlen=True))
+    share_prefix: ClassVar[bool] = True  # each prompt computed once for its two answers
 
     def __call__(self, pairs: Sequence[PreferenceExample]) -> dict[str, torch.Tensor]:
         ids: list[int] = []

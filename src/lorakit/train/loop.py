@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lorakit import io
-from lorakit.data import PackingCollator, PairStreamCollator, length_grouped_batches, real_token_count
+from lorakit.data import PackingCollator, length_grouped_batches, real_token_count
 from lorakit.errors import CheckpointError, DiskFullError, TrainingError, TrainingInterrupted
 from lorakit.evaluation import score_examples
 from lorakit.train import checkpoint as ckpt
@@ -170,8 +170,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
                             loss, _, stats = trained(batch)
                         (loss * (weight * world.size / step_tokens)).backward()
                     step_loss += loss.item() * weight
-                    for key, value in stats.items():
-                        step_stats[key] = step_stats.get(key, 0.0) + float(value) * weight
+                    if stats:  # a preference run's rewards: read back in one transfer
+                        for key, value in zip(stats, torch.stack(list(stats.values())).tolist()):
+                            step_stats[key] = step_stats.get(key, 0.0) + value * weight
                 auxiliary = model.base_model.auxiliary_loss()  # the method's own term, once per step
                 if auxiliary is not None:
                     auxiliary.backward()
@@ -349,8 +350,7 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
         "target_modules": sorted(lora.target_modules), "trainable": trainable, "total": total,
         "precision": run.compute.precision, "quantize": config.quantize, "packing": isinstance(data.train_collate, PackingCollator),
         "varlen": getattr(data.train_collate, "varlen", False),
-        "shared_prefix": getattr(data.train_collate, "share_prefix", False) or isinstance(data.train_collate,
-                                                                                           PairStreamCollator),
+        "shared_prefix": getattr(data.train_collate, "share_prefix", False),
         "attention": peft_model.get_base_model().config._attn_implementation,
         "steps": state.step, "epochs": state.step / run.schedule.steps_per_epoch,
         "tokens": state.tokens, "loss_tokens": state.loss_tokens, "train_seconds": state.train_seconds,
@@ -358,7 +358,7 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
         "final_loss": train_losses[-1] if train_losses else None,
         "heldout_before": state.heldout_before, "heldout_after": heldout_after,
         "heldout_before_metrics": state.heldout_before_metrics, "heldout_after_metrics": heldout_after_metrics,
-        "method": config.method,
+        "method": config.method, "preference": TRAIN_METHODS[config.method].preference,
         "adapter_note": adapter_note, "processes": run.world.size,
         "strategy": config.strategy if run.world.distributed else None,
     }

@@ -19,7 +19,7 @@ import torch
 
 from lorakit.data import IGNORE_INDEX
 from lorakit.evaluation import heldout_loss, loss_sum
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TRAIN_METHODS, TrainConfig
 from lorakit.train.preference import PreferenceObjective, heldout_preferences
 
 __all__ = ["SupervisedObjective", "PreferenceObjective", "objective_for", "heldout_metrics"]
@@ -37,7 +37,7 @@ class SupervisedObjective:
 
 
 def objective_for(config: TrainConfig) -> SupervisedObjective | PreferenceObjective:
-    if config.method in ("dpo", "orpo"):
+    if TRAIN_METHODS[config.method].preference:
         losses = config.loss_type if isinstance(config.loss_type, str) else tuple(config.loss_type)
         weights = tuple(config.loss_weights) if config.loss_weights is not None else None
         return PreferenceObjective(config.method, beta=config.beta, loss_type=losses, loss_weights=weights,

@@ -42,10 +42,9 @@ from lorakit.layer import LoraLayer
 from lorakit.model import PeftModel
 from lorakit.train.methods import LOSS_TYPES
 
-__all__ = ["LOSS_TYPES", "PREFERENCE_METHODS", "REFERENCE_ADAPTER", "PreferenceObjective", "dpo_losses",
+__all__ = ["LOSS_TYPES", "REFERENCE_ADAPTER", "PreferenceObjective", "dpo_losses",
            "orpo_loss", "heldout_preferences", "reference_adapter"]
 
-PREFERENCE_METHODS = ("dpo", "orpo")
 REFERENCE_ADAPTER = "ref"
 """The frozen adapter a run that starts from an existing adapter keeps as its reference (TRL's name)."""
 
@@ -149,7 +148,7 @@ class PreferenceObjective:
         else:
             reference = None
             if not self.reference_free:
-                with torch.no_grad(), reference_adapter(unwrap_peft(peft_model)):
+                with torch.no_grad(), reference_adapter(peft_model):
                     reference = answer_log_probs(peft_model, batch)
             policy = answer_log_probs(peft_model, batch)
             losses, chosen, rejected = dpo_losses(policy, reference, beta=self.beta, loss_type=self.loss_type,
@@ -163,11 +162,6 @@ class PreferenceObjective:
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """What a step's loss is averaged over: pairs."""
         return int(batch["pairs"])
-
-
-def unwrap_peft(model) -> PeftModel:
-    """The PeftModel inside ``model`` (itself, or under a wrapper with ``.peft_model``)."""
-    return model if isinstance(model, PeftModel) else getattr(model, "peft_model", model)
 
 
 @torch.no_grad()

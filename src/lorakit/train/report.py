@@ -155,7 +155,7 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
 
 
 def _amount_rows(summary: dict) -> list[str]:
-    if summary.get("method") in ("dpo", "orpo"):
+    if summary.get("preference"):
         return [f"- Preference pairs trained on: {summary['loss_tokens']:,}; tokens of their prompt + chosen and "
                 f"prompt + rejected sequences: {summary['tokens']:,}"]
     return [f"- Answer tokens trained on: {summary['loss_tokens']:,}; tokens of the examples: {summary['tokens']:,}"]

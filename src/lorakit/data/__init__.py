@@ -21,10 +21,18 @@ from .pair_batches import PairCollator, PairStreamCollator
 from .preference import PreferenceDataset, PreferenceExample, PreferenceRecord, read_preferences, tokenize_preferences
 from .packing import PackingCollator, real_token_count, supports_packing, supports_varlen
 from .records import REASONS, ROLES, Record, parse_record, read_jsonl, records_from_dicts
+from .sources import read_rows, rows
+from .store import ExampleStore, ExampleView, lengths_of, subset
 
 __all__ = [
     "BUILTIN_DATASETS",
     "BUILTIN_PREFERENCES",
+    "ExampleStore",
+    "ExampleView",
+    "lengths_of",
+    "subset",
+    "read_rows",
+    "rows",
     "PairCollator",
     "PairStreamCollator",
     "PreferenceDataset",

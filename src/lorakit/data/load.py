@@ -1,4 +1,4 @@
-"""``load_data``: a training set and a held-out set from a JSONL file or a built-in dataset."""
+"""``load_data``: a training set and a held-out set from a built-in dataset or any source `sources.rows` reads."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import task_api
 from .dataset import TokenizedDataset, tokenize_records
-from .preference import PreferenceDataset, preference_records_from_dicts, read_preferences, tokenize_preferences
-from .records import parse_record, read_jsonl, records_from_dicts
+from .preference import (PREFERENCE_REASONS, PreferenceDataset, parse_preference, preference_records_from_dicts,
+                         tokenize_preferences)
+from .records import parse_record, records_from_dicts
+from .sources import read_rows
 
 __all__ = ["BUILTIN_DATASETS", "BUILTIN_PREFERENCES", "DataSplits", "PreferenceSplits", "split_records", "load_data",
            "load_preferences"]
@@ -52,18 +54,23 @@ def split_records(records: list, val_fraction: float, seed: int = 0) -> tuple[li
 
     The same records, fraction and seed always give the same split; each part keeps file order.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (for example 0.1)")
-    n_val = max(1, round(len(records) * val_fraction))
-    if n_val >= len(records):
-        raise ConfigError(
-            f"val_fraction={val_fraction} of {len(records)} records leaves nothing to train on; "
-            "use a smaller fraction or more records"
-        )
-    picked = set(random.Random(seed).sample(range(len(records)), n_val))
+    picked = _held_out(len(records), val_fraction, seed)
     train = [r for i, r in enumerate(records) if i not in picked]
     val = [r for i, r in enumerate(records) if i in picked]
     return train, val
+
+
+def _held_out(n: int, val_fraction: float, seed: int) -> set[int]:
+    """The indices `split_records` holds out of ``n`` records."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (for example 0.1)")
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise ConfigError(
+            f"val_fraction={val_fraction} of {n} records leaves nothing to train on; "
+            "use a smaller fraction or more records"
+        )
+    return set(random.Random(seed).sample(range(n), n_val))
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class _Kind:
     """How one kind of data is read and tokenized: supervised records or preference pairs."""
 
     builtins: dict[str, Callable[[], tuple[list[dict], list[dict]]]]
-    read: Callable  # (path, skip_bad_records=) -> (records, skipped counts)
+    read: Callable  # (source, skipped=Counter or None, heldout=) -> records, one at a time (`sources.read_rows`)
     from_dicts: Callable  # (dicts, name) -> records
     tokenize: Callable  # (records, tokenizer, skipped=, name=, max_length=, overlong=, skip_bad_records=)
     other: dict  # the other kind's built-ins: named in the error when one is given here
@@ -93,15 +100,22 @@ def _load(kind: _Kind, train, tokenizer, val, val_fraction, seed, options) -> tu
         val_records, val_skipped = kind.from_dicts(val_dicts, f"{name}:val"), Counter()
         val_name = f"{name} (held-out)"
     else:
-        path = Path(train)
-        train_records, train_skipped = kind.read(path, skip_bad_records=options["skip_bad_records"])
-        name, val_records, val_skipped = path.name, None, Counter()
+        skip = options["skip_bad_records"]
+        name, val_records, val_skipped = _display_name(train), None, Counter()
+        train_skipped = Counter()
+        train_records = kind.read(train, skipped=train_skipped if skip else None)
         val_name = f"{name} (held-out {val_fraction:g})"
         if val_fraction:
-            train_records, val_records = split_records(train_records, val_fraction, seed)
+            # read three times, one record at a time: count, then each part (nothing held in memory)
+            picked = _held_out(sum(1 for _ in kind.read(train, skipped=Counter() if skip else None)),
+                               val_fraction, seed)
+            train_records = (r for i, r in enumerate(train_records) if i not in picked)
+            val_records = (r for i, r in enumerate(kind.read(train, skipped=Counter() if skip else None))
+                           if i in picked)
     if val is not None:
-        val_records, val_skipped = kind.read(Path(val), skip_bad_records=options["skip_bad_records"])
-        val_name = Path(val).name
+        val_skipped = Counter()
+        val_records = kind.read(val, skipped=val_skipped if options["skip_bad_records"] else None, heldout=True)
+        val_name = _display_name(val)
     train_set = kind.tokenize(train_records, tokenizer, skipped=train_skipped, name=name, **options)
     val_set = None
     if val_records is not None:
@@ -109,12 +123,20 @@ def _load(kind: _Kind, train, tokenizer, val, val_fraction, seed, options) -> tu
     return train_set, val_set
 
 
-_SUPERVISED = _Kind(BUILTIN_DATASETS, read_jsonl, records_from_dicts, tokenize_records, BUILTIN_PREFERENCES,
+def _display_name(source) -> str:
+    """A file's name, or the directory / dataset name as given."""
+    path = Path(source)
+    return path.name if path.is_file() else str(source)
+
+
+_SUPERVISED = _Kind(BUILTIN_DATASETS, read_rows, records_from_dicts, tokenize_records, BUILTIN_PREFERENCES,
                     "holds preference pairs, for --method dpo or orpo; supervised training takes "
-                    f"{', '.join(BUILTIN_DATASETS)} or a JSONL file of text, prompt/completion or messages records")
-_PREFERENCES = _Kind(BUILTIN_PREFERENCES, read_preferences, preference_records_from_dicts, tokenize_preferences,
+                    f"{', '.join(BUILTIN_DATASETS)} or a file of text, prompt/completion, messages, Alpaca or ShareGPT records")
+_PREFERENCES = _Kind(BUILTIN_PREFERENCES, functools.partial(read_rows, parse=parse_preference,
+                                                             reasons=PREFERENCE_REASONS),
+                     preference_records_from_dicts, tokenize_preferences,
                      BUILTIN_DATASETS, "holds supervised examples, not preference pairs; for DPO or ORPO use "
-                     f"{', '.join(BUILTIN_PREFERENCES)} or a JSONL file of prompt/chosen/rejected records")
+                     f"{', '.join(BUILTIN_PREFERENCES)} or a file of prompt/chosen/rejected records")
 
 
 def load_data(
@@ -132,9 +154,12 @@ def load_data(
 ) -> DataSplits:
     """Read, check and tokenize training data, and its held-out part.
 
-    ``train`` is a built-in dataset name (``"task-api"``, which has a fixed held-out split) or a
-    JSONL file. The held-out set is the file ``val``, else a seeded ``val_fraction`` of the
-    training file, else the built-in split, else None. ``max_length``, ``overlong`` and
+    ``train`` is a built-in dataset name (``"task-api"``, which has a fixed held-out split), a
+    data file (.jsonl, .json, .csv, .tsv, .parquet), a ``datasets`` directory or a dataset in the
+    ``datasets`` cache (`sources.rows`), read one record at a time; the examples are kept on disk
+    (`store.ExampleStore`). The held-out set is ``val`` (a dataset with splits: its validation or
+    test split), else a seeded ``val_fraction`` of the training data, else the built-in split,
+    else None. ``max_length``, ``overlong`` and
     ``skip_bad_records`` are as in ``tokenize_records`` and ``read_jsonl``; what was skipped is
     on each result's ``skipped`` counts. ``record_format`` reads every record as that shape
     (`records.SHAPES`: text, completion, chat, alpaca, sharegpt) instead of detecting it;
@@ -146,7 +171,7 @@ def load_data(
         if str(train) in BUILTIN_DATASETS:
             raise ConfigError(f"{train} is built in; record_format and fields (--format, --field) describe a file's records")
         parse = functools.partial(parse_record, record_format=record_format, fields=dict(fields or {}))
-        kind = dataclasses.replace(kind, read=functools.partial(read_jsonl, parse=parse))
+        kind = dataclasses.replace(kind, read=functools.partial(read_rows, parse=parse, fields=dict(fields or {})))
     return DataSplits(*_load(kind, train, tokenizer, val, val_fraction, seed, options))
 
 

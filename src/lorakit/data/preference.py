@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .chat import ChatTemplateError, render_chat
-from .dataset import TokenizedDataset, check_length_policy
+from .dataset import TokenizedDataset, check_length_policy, length_profile
 from .encode import Example, encode_record
 from .records import REASONS, RecordError, _json_type, _string, messages_of, parse_record, read_jsonl, reject
 
@@ -205,15 +205,18 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], tokenizer, *, max_
     (``too_long``) or an error, per ``overlong``. A prompt that leaves no room for an answer
     token is always left out (``no_loss_tokens``)."""
     check_length_policy(max_length, overlong)
-    skipped = Counter(skipped or {})
+    # the reader may still be counting into ``skipped`` as records stream in: the same counter
+    skipped = skipped if isinstance(skipped, Counter) else Counter(skipped or {})
     count_into = skipped if skip_bad_records else None
-    examples, truncated = [], 0
+    examples, truncated, shapes, full_lengths = [], 0, Counter(), []
     for record in records:
+        shapes[record.kind] += 1
         try:
             example = _encode(record, tokenizer)
         except RecordError as error:
             reject(error, record.source, count_into, PREFERENCE_REASONS)
             continue
+        full_lengths.append(len(example))
         longest = len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
         if max_length is not None and longest > max_length:
             if overlong == "drop":
@@ -234,4 +237,6 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], tokenizer, *, max_
     if not examples:
         counts = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) or "no records"
         raise DataError(f"{name or 'data'}: no usable preference pairs ({counts}); fix the records or the max_length")
-    return PreferenceDataset(examples, dict(skipped), truncated, name)
+    profile = {"shapes": dict(shapes), "lengths": length_profile(full_lengths), "max_length": max_length,
+               "label_tokens": sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)}
+    return PreferenceDataset(examples, dict(skipped), truncated, name, profile)

@@ -20,6 +20,7 @@ of the file is passed over. A line may nest arrays and objects ``MAX_DEPTH`` dee
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -33,7 +34,7 @@ from ..errors import DataError
 
 __all__ = [
     "MAX_DEPTH", "MAX_LINE_BYTES", "ROLES", "REASONS", "Record", "RecordError", "parse_record", "read_jsonl",
-    "records_from_dicts", "reject", "messages_of", "SHAPES", "RECORD_FIELDS", "data_field_map",
+    "records_from_dicts", "reject", "messages_of", "SHAPES", "RECORD_FIELDS", "data_field_map", "jsonl_rows", "parsed",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -88,6 +89,7 @@ class Record:
     prompt: str | None = None
     completion: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    shape: str = ""  # the shape it was read as (`SHAPES`: alpaca and sharegpt are read as chat)
 
     @property
     def kind(self) -> str:
@@ -258,7 +260,7 @@ def parse_record(obj: object, source: str, record_format: str | None = None,
         shape = "chat" if "chat" in found else found[0]
     if shape not in _READERS:
         raise RecordError("missing_field", f"record_format={shape!r} is not a shape; the shapes: {_shapes_text()}")
-    return _READERS[shape](obj, source)
+    return dataclasses.replace(_READERS[shape](obj, source), shape=shape)
 
 
 def reject(error: RecordError, source: str, skipped: Counter | None, reasons: Mapping[str, str] = REASONS) -> None:
@@ -334,20 +336,12 @@ def _lines(f) -> Iterator[tuple[int, bytes]]:
         yield lineno, line.rstrip(b"\n").removesuffix(b"\r")
 
 
-def read_jsonl(path: str | Path, *, skip_bad_records: bool = False, parse: Callable[[object, str], Any] = None,
-               reasons: Mapping[str, str] = REASONS) -> tuple[list, Counter]:
-    """Read a JSONL file into Records, and the counts of skipped records by reason.
-
-    Without ``skip_bad_records`` the first bad record raises DataError naming ``file:line``.
-    ``parse`` (``parse_record`` unless given) checks each decoded line, and ``reasons`` holds the
-    fix each error names (preference pairs: `lorakit.data.preference`).
-    """
-    parse = parse or parse_record
+def jsonl_rows(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(``file:line``, the line's JSON value or the RecordError that says why it is not one) for
+    each non-blank line of a JSONL file, read one line at a time."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} not found; pass the path of a .jsonl file")
-    skipped: Counter = Counter()
-    records = []
     with path.open("rb") as f:
         if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
             raise DataError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
@@ -358,9 +352,37 @@ def read_jsonl(path: str | Path, *, skip_bad_records: bool = False, parse: Calla
                 continue
             source = f"{path}:{lineno}"
             try:
-                records.append(parse(_decode(line), source))
+                yield source, _decode(line)
             except RecordError as error:
-                reject(error, source, skipped if skip_bad_records else None, reasons)
+                yield source, error
+
+
+def parsed(rows: Iterable[tuple[str, object]], *, skipped: Counter | None, parse: Callable[[object, str], Any] = None,
+           reasons: Mapping[str, str] = REASONS) -> Iterator:
+    """The records of ``rows`` (source, value or RecordError) as ``parse`` (``parse_record``)
+    reads them; a bad one raises DataError naming its source, or with a ``skipped`` counter is
+    counted there under its reason."""
+    parse = parse or parse_record
+    for source, value in rows:
+        try:
+            if isinstance(value, RecordError):
+                raise value
+            yield parse(value, source)
+        except RecordError as error:
+            reject(error, source, skipped, reasons)
+
+
+def read_jsonl(path: str | Path, *, skip_bad_records: bool = False, parse: Callable[[object, str], Any] = None,
+               reasons: Mapping[str, str] = REASONS) -> tuple[list, Counter]:
+    """Read a JSONL file into Records, and the counts of skipped records by reason.
+
+    Without ``skip_bad_records`` the first bad record raises DataError naming ``file:line``.
+    ``parse`` (``parse_record`` unless given) checks each decoded line, and ``reasons`` holds the
+    fix each error names (preference pairs: `lorakit.data.preference`).
+    """
+    skipped: Counter = Counter()
+    records = list(parsed(jsonl_rows(path), skipped=skipped if skip_bad_records else None, parse=parse,
+                          reasons=reasons))
     return records, skipped
 
 

@@ -84,5 +84,5 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, *, model: str | None = None
     peft_model, tokenizer = load_adapted(adapter_dir, model=model)
     splits = load_data(data, tokenizer=tokenizer, max_length=None)
     heldout = splits.val if splits.val is not None else splits.train
-    return score_examples(peft_model, tokenizer, list(heldout.examples)[:examples], scorer=scorer_for(data),
+    return score_examples(peft_model, tokenizer, list(heldout.examples[:examples]), scorer=scorer_for(data),
                           max_new_tokens=max_new_tokens, batch_size=batch_size)

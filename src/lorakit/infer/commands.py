@@ -43,7 +43,7 @@ def register(subparsers) -> None:
                    help="an adapter to compare, named (repeat for each)")
     p.add_argument("--include-base", action="store_true", help="score the base model without adapters too")
     p.add_argument("--model", help="the base model (default: the adapters' base_model_name_or_path)")
-    p.add_argument("--data", default="task-api", help="task-api (its held-out split) or a JSONL file")
+    p.add_argument("--data", default="task-api", help="task-api (its held-out split), or a data file or dataset as lorakit train --data takes")
     p.add_argument("--examples", type=int, default=200, help="how many examples to score")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--show", type=int, default=3, help="how many disagreements to print")

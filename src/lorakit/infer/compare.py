@@ -143,7 +143,7 @@ def compare_adapters(adapters: Adapters, *, include_base: bool = False, model: s
     peft_model, tokenizer = load_adapted(pairs, model=base_name, reserved=reserved)
 
     splits = load_data(data, tokenizer=tokenizer, max_length=None)
-    heldout = list((splits.val if splits.val is not None else splits.train).examples)[:examples]
+    heldout = list((splits.val if splits.val is not None else splits.train).examples[:examples])
     scorer = scorer_for(data)
     collate = Collator(tokenizer.pad_token_id)
     columns = ([BASE] if include_base else []) + [name for name, _ in pairs]

@@ -39,6 +39,7 @@ FIRST_STEPS = """\
 first steps:
   lorakit train                 fine-tune the embedded SmolLM2-135M on the built-in task-api data
   lorakit diagnose runs/<run>   read that run's loss curves: healthy, or what to change
+  lorakit runs                  every run so far: how far, how well, how it ended; --compare A B
 
 `lorakit COMMAND --help` shows a command's options with their defaults."""
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (a command that starts workers passes it on)
     if not getattr(args, "func", None):
-        # A bare `lorakit`: the commands and the first two steps, not an error.
+        # A bare `lorakit`: the commands and the first steps, not an error.
         parser.print_help()
         return 0
     try:

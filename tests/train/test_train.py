@@ -15,8 +15,9 @@ from lorakit.train import train
 from lorakit.train.report import read_metrics
 
 
-def test_loss_falls_and_the_run_directory_is_complete(tiny_config):
+def test_loss_falls_and_the_run_directory_is_complete(tiny_config, capsys):
     result = train(tiny_config(max_steps=12, train_examples=96), progress=False)
+    printed = capsys.readouterr().out
     run = result.run_dir
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "report.md", "adapter/adapter_model.safetensors"):
         assert (run / name).is_file(), name
@@ -29,6 +30,10 @@ def test_loss_falls_and_the_run_directory_is_complete(tiny_config):
     assert [m["phase"] for m in metrics if m["kind"] == "score"] == ["before", "after"]
     report = (run / "report.md").read_text()
     assert "untuned model" in report and "Trainable parameters" in report and "task-api" in report
+    # the data summary, printed before the first step and kept in the report
+    summary = "task-api: 2,000 records read (chat 2,000), 2,000 examples kept"
+    assert summary in printed and summary in report
+    assert "task-api (held-out): 200 records read (chat 200), 200 examples kept" in report
     assert result.summary["steps"] == 12
 
 

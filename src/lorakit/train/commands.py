@@ -1,4 +1,4 @@
-"""`lorakit train` and `lorakit eval`: parse, call the library, print."""
+"""`lorakit train`, `lorakit eval` and `lorakit runs`: parse, call the library, print."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import argparse
 import dataclasses
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.evaluation import evaluate_adapter
 from lorakit.train import distributed
+from lorakit.train.compare import compare_runs, default_plot_path, find_run, format_comparison, plot_comparison
 from lorakit.train.config import AdapterSettings, TrainConfig, field_docs, load_train_config, setting_names
 from lorakit.train.loop import train
+from lorakit.train.runs import DEFAULT_SORT, SORT_COLUMNS, format_table, list_runs, sort_runs
 from lorakit.train.setup import restart_command
 
 __all__ = ["register"]
@@ -40,11 +43,29 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="score an adapter on held-out data")
     p.add_argument("--adapter", required=True, help="an adapter directory")
     p.add_argument("--model", help="the base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--data", default="task-api", help="task-api (its held-out split) or a JSONL file")
+    p.add_argument("--data", default="task-api", help="task-api (its held-out split), or a data file or dataset as lorakit train --data takes")
     p.add_argument("--examples", type=int, default=200, help="how many examples to score")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser("runs", help="list the training runs and compare two of them",
+                              description="A table of the runs under --dir: what was trained, how far, how well, "
+                                          "and how each ended (finished, running, interrupted, killed, failed). "
+                                          "--compare A B shows two side by side and plots their loss curves. "
+                                          "See docs/RUNS.md.")
+    p.add_argument("--dir", default="runs", help="the directory lorakit train wrote the runs in (its --output-dir)")
+    p.add_argument("--sort", default=DEFAULT_SORT, choices=list(SORT_COLUMNS), metavar="COLUMN",
+                   help=f"order by one of: {', '.join(SORT_COLUMNS)}; loss and score by their value after "
+                        f"training, runs without the value last (default: {DEFAULT_SORT}, oldest first)")
+    p.add_argument("--reverse", action="store_true", help="the other way round (--sort date: newest first)")
+    p.add_argument("--json", action="store_true", help="print the runs as a JSON list of objects")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="compare two runs (run directories, or names of runs under --dir): the settings that "
+                        "differ, their results, and their loss curves in one plot")
+    p.add_argument("--plot", metavar="FILE",
+                   help="where --compare draws the curves (default: DIR/compare-A-B.png, DIR being --dir)")
+    p.set_defaults(func=_runs)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +89,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, action="append", metavar="FIELD=COLUMN", **kwargs)
         elif f.name == "loss_weights":
             group.add_argument(*flags, nargs="+", type=float, metavar="W", **kwargs)
+        elif f.name == "report_to":  # one value, comma-separated (so $LORAKIT_REPORT_TO sets it too)
+            kwargs["help"] = kwargs["help"].replace("(default: [])", "(default: none)")
+            group.add_argument(*flags, metavar="NAME[,NAME]", **kwargs)
         else:
             kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
             group.add_argument(*flags, type=kind, **kwargs)
@@ -156,4 +180,29 @@ def _eval(args) -> int:
     result = evaluate_adapter(args.adapter, model=args.model, data=args.data, examples=args.examples,
                               max_new_tokens=args.max_new_tokens)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def _runs(args) -> int:
+    if args.compare:
+        comparison = compare_runs(*(find_run(name, args.dir) for name in args.compare))
+        if args.json:
+            print(json.dumps({"a": comparison.a.as_dict(), "b": comparison.b.as_dict(),
+                              "differences": [{"setting": k, "a": a, "b": b} for k, a, b in comparison.differences]},
+                             indent=2, default=str))
+        else:
+            print(format_comparison(comparison))
+        plot = plot_comparison(comparison, args.plot or default_plot_path(comparison, args.dir))
+        print(f"plot: {plot}", file=sys.stderr if args.json else sys.stdout)
+        return 0
+    if args.plot:
+        raise ConfigError("--plot FILE: draws the curves of --compare A B; give both, or leave --plot out")
+    rows = sort_runs(list_runs(args.dir), args.sort, args.reverse)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    elif not rows:
+        print(f"no runs under {args.dir} (lorakit train writes them under its --output-dir, default runs/; "
+              f"--dir DIR lists another directory)")
+    else:
+        print(format_table(rows))
     return 0

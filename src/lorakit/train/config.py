@@ -27,7 +27,8 @@ from lorakit.errors import ConfigError
 from lorakit.models.load import DEFAULT_MODEL
 from lorakit.train.fast import ATTENTION_CHOICES
 from lorakit.train.adapter_settings import AdapterSettings, adapter_from, starting_adapter
-from lorakit.train.methods import LOSS_TYPES, TRAIN_METHODS, TrainMethod, loss_types
+from lorakit.train.methods import LOSS_TYPES, TRAIN_METHODS, TrainMethod, loss_types, variant_summary
+from lorakit.train.tracking import report_targets, report_to_problem
 from lorakit.variants import inits
 
 __all__ = ["TrainConfig", "AdapterSettings", "TrainMethod", "TRAIN_METHODS", "load_train_config",
@@ -42,10 +43,13 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     """An embedded model name, a local HF model directory, or a .gguf file."""
     data: str = "task-api"
-    """A built-in dataset name or a JSONL file (text, prompt/completion or messages records; for
-    dpo and orpo: task-api-prefs or prompt/chosen/rejected records)."""
+    """A built-in dataset; a .jsonl, .json, .csv, .tsv or .parquet file; a datasets save_to_disk
+    directory (DIR:SPLIT for one split); or a dataset in the local datasets cache by name (offline).
+    Records: text, prompt/completion, messages, Alpaca or ShareGPT (for dpo and orpo: task-api-prefs
+    or prompt/chosen/rejected records)."""
     val_file: Optional[str] = None
-    """Held-out JSONL file; else val_fraction of the training file; else the built-in split."""
+    """Held-out data, in any form --data takes (a dataset with splits: its validation or test
+    split); else val_fraction of the training data; else the built-in split."""
     val_fraction: float = 0.0
     train_examples: Optional[int] = None
     """Use only the first N training examples (after the seeded shuffle); None: all."""
@@ -147,11 +151,17 @@ class TrainConfig:
     name: str = "lora"
     run_dir: Optional[str] = None
     """The run directory; default output_dir/<timestamp>-<name>."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also record the run: tensorboard, mlflow, trackio; several
+    comma-separated (tensorboard,mlflow); none: no tracker. See docs/TRACKING.md."""
+    tracking_uri: Optional[str] = None
+    """report_to mlflow: the tracking server (e.g. http://127.0.0.1:5000); unset: run_dir/mlruns."""
 
     extra: dict = field(default_factory=dict)
     """Free-form notes carried into the report (e.g. the command that started the run)."""
 
     def __post_init__(self) -> None:
+        self.report_to = report_targets(self.report_to)  # e.g. "tensorboard,mlflow" from the command line
         problems = list(self._problems())
         if problems:
             raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(problems))
@@ -199,6 +209,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 yield f"{name}={shown(value)}: must be a path (a non-empty string) or unset"
+        if problem := report_to_problem(self.report_to):
+            yield f"report_to={shown(self.report_to)}: {problem}"
+        if self.tracking_uri is not None and (not isinstance(self.tracking_uri, str) or not self.tracking_uri):
+            yield f"tracking_uri={shown(self.tracking_uri)}: must be an MLflow tracking URI (a string) or unset"
+        elif self.tracking_uri and isinstance(self.report_to, list) and "mlflow" not in self.report_to:
+            yield f"tracking_uri={self.tracking_uri}: MLflow's server; add mlflow to report_to (--report-to mlflow)"
         if not isinstance(self.extra, dict):
             yield f"extra={shown(self.extra)}: must be a mapping of notes"
         positive = ("batch_size", "grad_accum", "max_length", "log_every", "max_new_tokens")
@@ -331,22 +347,6 @@ class TrainConfig:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def variant_summary(config: TrainConfig) -> str:
-    """The LoRA variant a run trains, in words: "LoRA", or e.g. "DoRA, rsLoRA, init pissa, LoRA+ ratio 16"."""
-    lora, label = config.lora, TRAIN_METHODS[config.method].label
-    if config.method == "dpo":  # e.g. "DPO (sigmoid + sft, beta 0.1)"
-        losses = " + ".join(loss_types(config.loss_type) or [str(config.loss_type)])
-        label = f"DPO ({losses}{', reference-free' if config.reference_free else ''}, beta {config.beta:g})"
-    elif config.method == "orpo":
-        label = f"ORPO (beta {config.beta:g})"
-    parts = ([label] if label else []) + (["DoRA"] if lora.use_dora else []) + (["rsLoRA"] if lora.use_rslora else [])
-    if lora.init_lora_weights is not True:
-        parts.append(f"init {str(lora.init_lora_weights).lower()}")
-    if config.loraplus_ratio is not None:
-        parts.append(f"LoRA+ ratio {config.loraplus_ratio:g}")
-    return ", ".join(parts) or "LoRA"
 
 
 def setting_names() -> list[str]:

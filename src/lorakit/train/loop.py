@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lorakit import io
-from lorakit.data import PackingCollator, length_grouped_batches, real_token_count
+from lorakit.data import PackingCollator, length_grouped_batches, lengths_of, real_token_count
 from lorakit.errors import CheckpointError, DiskFullError, TrainingError, TrainingInterrupted
 from lorakit.evaluation import score_examples
 from lorakit.train import checkpoint as ckpt
@@ -33,6 +33,7 @@ from lorakit.train.objectives import heldout_metrics
 from lorakit.train.report import plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at
 from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, prepare, restart_command
+from lorakit.train.status import StatusRecorder
 from lorakit.variants import inits
 
 __all__ = ["train", "RunResult"]
@@ -121,26 +122,35 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     manifest verifies, with the optimizer, schedule, random state and data position it saved.
     A full disk raises `DiskFullError` naming the file and the space it needed.
     """
-    try:
-        result = _train(config, resume, progress)
-        distributed.leave_world()  # several processes: all have finished; the group is closed cleanly
-        return result
-    except (OSError, SafetensorError) as err:
-        if not ckpt.is_disk_full(err):
-            raise
-        where = getattr(err, "filename", None) or config.run_dir or config.output_dir
-        raise DiskFullError(f"no space left on the device to write {where}: free some space, or write runs to "
-                            f"another disk (--output-dir DIR, or --run-dir DIR)") from err
+    with StatusRecorder() as status:  # <run_dir>/status.json: running, then finished, interrupted or failed
+        try:
+            result = _train(config, resume, progress, status)
+            distributed.leave_world()  # several processes: all have finished; the group is closed cleanly
+            return result
+        except (OSError, SafetensorError) as err:
+            if not ckpt.is_disk_full(err):
+                raise
+            where = getattr(err, "filename", None) or config.run_dir or config.output_dir
+            raise DiskFullError(f"no space left on the device to write {where}: free some space, or write runs to "
+                                f"another disk (--output-dir DIR, or --run-dir DIR)") from err
 
 
-def _train(config: TrainConfig, resume: bool, progress: bool) -> RunResult:
+def _train(config: TrainConfig, resume: bool, progress: bool, status: StatusRecorder) -> RunResult:
     world = distributed.join_world()
     run = prepare(config, resume, world)
+    status.start(run.run_dir, run.schedule.total_steps, enabled=world.is_main)
+    with run.metrics.trackers.closed_on_exit():  # an error or a signal ends the tracker runs as failed / killed
+        return _steps(run, resume, progress)
+
+
+def _steps(run: Run, resume: bool, progress: bool) -> RunResult:
+    """From the starting state (fresh, or the checkpoint's) through the steps to `_finish`."""
+    config, world = run.config, run.world
     model, optimizer, params, metrics = run.model, run.optimizer, run.params, run.metrics
     data, total_steps, trained = run.data, run.schedule.total_steps, run.trained
     state = _resume(run) if resume else _measure_before(run, progress)
     state.processes = world.size
-    lengths = [len(e) for e in data.examples]
+    lengths = lengths_of(data.examples)
 
     model.train()
     stopper = _StopOnSignal()
@@ -365,7 +375,10 @@ def _finish(run: Run, state: TrainState, progress: bool, stopper: _StopOnSignal)
     splits = data.splits
     described = {"train": f"{splits.train.summary()} ({len(data.examples):,} used)",
                  "val": splits.val.summary() if splits.val else "none",
-                 "train_skipped": splits.train.skipped, "val_skipped": splits.val.skipped if splits.val else {}}
+                 "train_skipped": splits.train.skipped, "val_skipped": splits.val.skipped if splits.val else {},
+                 "summary": [line for part in (splits.train, splits.val) if part for line in part.describe()]}
     write_report(run_dir / "report.md", config=config.to_dict(), summary=summary, data=described,
                  score_before=state.score_before, score_after=score_after)
+    metrics.trackers.log_artifacts([run_dir / "report.md", run_dir / "loss.png"])
+    metrics.trackers.close("finished")
     return RunResult(run_dir, adapter_dir, state.step, state.score_before, score_after, summary)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from lorakit.config import LoraConfig
 from lorakit.methods.adalora import AdaLoraConfig
 
-__all__ = ["TrainMethod", "TRAIN_METHODS", "LOSS_TYPES", "loss_types"]
+if TYPE_CHECKING:
+    from lorakit.train.config import TrainConfig
+
+__all__ = ["TrainMethod", "TRAIN_METHODS", "LOSS_TYPES", "loss_types", "variant_summary"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sft")
 """DPO's losses, by TRL's names: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing),
@@ -64,3 +67,19 @@ def loss_types(value: object) -> list[str] | None:
             or len(set(names)) < len(names):
         return None
     return list(names)
+
+
+def variant_summary(config: TrainConfig) -> str:
+    """The LoRA variant a run trains, in words: "LoRA", or e.g. "DoRA, rsLoRA, init pissa, LoRA+ ratio 16"."""
+    lora, label = config.lora, TRAIN_METHODS[config.method].label
+    if config.method == "dpo":  # e.g. "DPO (sigmoid + sft, beta 0.1)"
+        losses = " + ".join(loss_types(config.loss_type) or [str(config.loss_type)])
+        label = f"DPO ({losses}{', reference-free' if config.reference_free else ''}, beta {config.beta:g})"
+    elif config.method == "orpo":
+        label = f"ORPO (beta {config.beta:g})"
+    parts = ([label] if label else []) + (["DoRA"] if lora.use_dora else []) + (["rsLoRA"] if lora.use_rslora else [])
+    if lora.init_lora_weights is not True:
+        parts.append(f"init {str(lora.init_lora_weights).lower()}")
+    if config.loraplus_ratio is not None:
+        parts.append(f"LoRA+ ratio {config.loraplus_ratio:g}")
+    return ", ".join(parts) or "LoRA"

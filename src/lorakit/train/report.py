@@ -12,12 +12,15 @@ __all__ = ["MetricsLog", "read_metrics", "plot_losses", "write_report"]
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` and flushes it, so that an
-    interrupted run keeps every line it logged."""
+    interrupted run keeps every line it logged; every line also goes to the run's experiment
+    trackers (`lorakit.train.tracking.Trackers`), if any."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, trackers: Any = None):
         self.path = Path(path)
         self.enabled = enabled
         """False on every rank but the first of a run on several processes: only rank 0 writes."""
+        self.trackers = trackers
+        """`Trackers` (--report-to): TensorBoard, MLflow, trackio; None: none."""
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -27,9 +30,13 @@ class MetricsLog:
         record = {"kind": kind, **{k: _finite_or_none(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(kind, record.get("step", 0), record)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
+        if self.enabled and self.trackers is not None:
+            self.trackers.truncate_after(step)
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
@@ -126,6 +133,8 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         if counts:
             parts = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
             lines.append(f"- Left out of the {label} data: {parts}")
+    if data.get("summary"):
+        lines += ["", "Data summary (before training):", "", "```text", *data["summary"], "```"]
     lines += [
         "",
         "## Training",

@@ -20,7 +20,7 @@ import torch
 
 from lorakit import io
 from lorakit.data import (Collator, PackingCollator, PairCollator, PairStreamCollator, load_data, load_preferences,
-                          supports_packing, supports_varlen)
+                          supports_packing, supports_varlen, subset)
 from lorakit.data.records import data_field_map
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.evaluation import line_breaks_for, scorer_for
@@ -29,7 +29,7 @@ from lorakit.models import load_model
 from lorakit.models.speedup import autocast_for, resolve_precision
 from lorakit.plugins import method_for
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import distributed
+from lorakit.train import distributed, tracking
 from lorakit.train.config import TRAIN_METHODS, TrainConfig
 from lorakit.train.distributed import World
 from lorakit.train.fast import make_optimizer, speed_up
@@ -166,6 +166,7 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     With several processes (``world``) rank 0 names and writes the run directory; every rank builds
     the model and data alike, and the model is wrapped for ``config.strategy``."""
     world = world or World.single()
+    tracking.require(config.report_to)  # a tracker's library missing: said before anything is loaded
     run_dir = Path(distributed.broadcast_text(str(_new_run_dir(config)), world))
     problem = method_for(config.peft_type).resume_problem
     if resume and problem:
@@ -213,11 +214,15 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
     splits = reader(config.data, tokenizer=tokenizer, val=config.val_file, val_fraction=config.val_fraction,
                     seed=config.seed, max_length=config.max_length, overlong=config.overlong,
                     skip_bad_records=config.skip_bad_records, **shapes)
-    examples = list(splits.train.examples)
+    if world.is_main:  # the data summary, before anything trains (report.md keeps it)
+        for part in (splits.train, splits.val):
+            if part is not None:
+                print("\n".join(part.describe()), flush=True)
+    examples = splits.train.examples  # a view of examples kept on disk, or a list (preference pairs)
     if config.train_examples is not None and config.train_examples < len(examples):
         picked = sorted(random.Random(config.seed).sample(range(len(examples)), config.train_examples))
-        examples = [examples[i] for i in picked]
-    heldout = list(splits.val.examples) if splits.val is not None else []
+        examples = subset(examples, picked)
+    heldout = splits.val.examples if splits.val is not None else []
     score_set, scorer = heldout[: config.score_examples], scorer_for(config.data)
     if preference:  # scored on the prompt and chosen answer of each held-out pair
         score_set = [pair.scored for pair in score_set]
@@ -277,7 +282,9 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
                      collate=collate, train_collate=train_collate),
         schedule=Schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                           warmup=warmup_steps(total_steps, config.warmup_ratio)),
-        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main),
+        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main, trackers=tracking.open_trackers(
+            config.report_to if world.is_main else [], run_dir, config=config.to_dict(), resume=resume,
+            tracking_uri=config.tracking_uri)),
     )
 
 

@@ -24,6 +24,7 @@ from lorakit.errors import LorakitError, TrainingError, TrainingInterrupted
 COMMAND_MODULES = (
     "lorakit.train.commands",
     "lorakit.infer.commands",
+    "lorakit.playground.commands",
     "lorakit.plan.commands",
     "lorakit.export.commands",
 )

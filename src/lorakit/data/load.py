@@ -7,7 +7,7 @@ import functools
 import os
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from .records import parse_record, records_from_dicts
 from .sources import read_rows
 
 __all__ = ["BUILTIN_DATASETS", "BUILTIN_PREFERENCES", "DataSplits", "PreferenceSplits", "split_records", "load_data",
-           "load_preferences"]
+           "load_preferences", "heldout_records"]
 
 
 def _task_api() -> tuple[list[dict], list[dict]]:
@@ -166,13 +166,48 @@ def load_data(
     ``fields`` maps record fields to the file's column names (``{"prompt": "question"}``).
     """
     options = dict(max_length=max_length, overlong=overlong, skip_bad_records=skip_bad_records)
-    kind = _SUPERVISED
-    if record_format is not None or fields:
-        if str(train) in BUILTIN_DATASETS:
-            raise ConfigError(f"{train} is built in; record_format and fields (--format, --field) describe a file's records")
-        parse = functools.partial(parse_record, record_format=record_format, fields=dict(fields or {}))
-        kind = dataclasses.replace(kind, read=functools.partial(read_rows, parse=parse, fields=dict(fields or {})))
+    kind = _supervised(train, record_format, fields)
     return DataSplits(*_load(kind, train, tokenizer, val, val_fraction, seed, options))
+
+
+def _supervised(train, record_format: str | None, fields: dict[str, str] | None) -> _Kind:
+    """How supervised records are read: each in its detected shape, or as ``record_format`` and ``fields`` say."""
+    if record_format is None and not fields:
+        return _SUPERVISED
+    if str(train) in BUILTIN_DATASETS:
+        raise ConfigError(f"{train} is built in; record_format and fields (--format, --field) describe a file's records")
+    parse = functools.partial(parse_record, record_format=record_format, fields=dict(fields or {}))
+    return dataclasses.replace(_SUPERVISED, read=functools.partial(read_rows, parse=parse, fields=dict(fields or {})))
+
+
+def heldout_records(train: str | os.PathLike = "task-api", *, val: str | os.PathLike | None = None,
+                    val_fraction: float = 0.0, seed: int = 0, skip_bad_records: bool = False,
+                    record_format: str | None = None, fields: dict[str, str] | None = None,
+                    preference: bool = False) -> Iterator | None:
+    """The held-out records `load_data` (``preference``: `load_preferences`) keeps with the same
+    arguments, in the same order, as read (`records.Record`, or `preference.PreferenceRecord`):
+    one at a time and never tokenized. ``val``, else the seeded ``val_fraction`` of ``train``,
+    else a built-in set's fixed split; None when there is no held-out data."""
+    if val is not None and val_fraction:
+        raise ConfigError("pass either val (a held-out file) or val_fraction, not both")
+    kind = _PREFERENCES if preference else _supervised(train, record_format, fields)
+    name = str(train)
+    if name in kind.other:
+        raise ConfigError(f"{name}: {kind.advice}")
+
+    def read(source, **more):
+        return kind.read(source, skipped=Counter() if skip_bad_records else None, **more)
+
+    if val is not None:
+        return read(val, heldout=True)
+    if name in kind.builtins:
+        if val_fraction:
+            raise ConfigError(f"{name} has a fixed held-out split; drop val_fraction (or pass val=FILE)")
+        return iter(kind.from_dicts(kind.builtins[name]()[1], f"{name}:val"))
+    if not val_fraction:
+        return None
+    picked = _held_out(sum(1 for _ in read(train)), val_fraction, seed)  # as `_load` counts and picks
+    return (r for i, r in enumerate(read(train)) if i in picked)
 
 
 @dataclass

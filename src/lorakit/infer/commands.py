@@ -1,18 +1,15 @@
-"""`lorakit merge`, `lorakit compare`, `lorakit generate` and `lorakit serve`: parse, call the
-library, print."""
+"""`lorakit merge`, `lorakit compare` and `lorakit generate`: parse, call the library, print
+(`lorakit serve` is `lorakit.playground.commands`', which adds the playground's page to it)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 
 from lorakit.generation.engine import Sampling
 from lorakit.infer.compare import compare_adapters, parse_adapter_specs
 from lorakit.infer.merge import merge_adapter
 from lorakit.infer.prompting import RESERVED, assign_prompts, complete_prompts, parse_adapters
-from lorakit.infer.server import load_server
 from lorakit.models.adapters import load_adapted
 from lorakit.models.load import DEFAULT_MODEL
 
@@ -72,59 +69,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-stream", action="store_true", help="print a lone completion when it is done, not as it grows")
     p.add_argument("--json", action="store_true", help="print one JSON object with every completion")
     p.set_defaults(func=_generate)
-
-    p = subparsers.add_parser("serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
-                              description="Serve /v1/completions, /v1/chat/completions and /v1/models (OpenAI's "
-                                          "API; a request's model picks the base model or an adapter) until "
-                                          "Ctrl-C. Concurrent requests run together in one batch, each with its "
-                                          "own adapter. See docs/SERVING.md.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the base model (default: {DEFAULT_MODEL})")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="an adapter to serve under NAME (repeatable); with --adapter-dir, clients add more by name")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="the address to listen on (0.0.0.0: every interface; beyond loopback it needs --api-key)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="the most rows (prompts) one batch runs together")
-    p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens a request may ask for")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="the temperature of requests that give none (OpenAI's default, 1; 0 = greedy)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16 runs the forward passes under bf16 autocast")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
-    p.add_argument("--api-key", metavar="KEY",
-                   help="clients must send 'Authorization: Bearer KEY' (every endpoint but /health); prefer "
-                        "$LORAKIT_API_KEY, which other users cannot read in the process list")
-    p.add_argument("--insecure-no-auth", action="store_true",
-                   help="allow a --host beyond this machine without --api-key (anyone who reaches it may use it)")
-    p.add_argument("--adapter-dir", metavar="DIR",
-                   help="let clients load the adapters in DIR by name with POST /v1/adapters (off when unset)")
-    p.add_argument("--idle-timeout", type=float, default=30.0,
-                   help="close a connection that sends nothing for this many seconds")
-    p.add_argument("--max-connections", type=int, default=64,
-                   help="the most open connections; at the limit the oldest idle one is closed, and when all "
-                        "are busy a new one gets 503")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM or Ctrl-C, let requests in flight finish for this many seconds, then cancel "
-                        "them (a second signal cancels at once)")
-    p.add_argument("--quiet", action="store_true", help="do not log each batch and request")
-    p.set_defaults(func=_serve)
-
-
-def _serve(args) -> int:
-    server = load_server(args.model, parse_adapter_specs(args.adapter), host=args.host, port=args.port,
-                         max_batch=args.max_batch, max_tokens=args.max_tokens, temperature=args.temperature,
-                         precision=args.precision, max_body_bytes=args.max_body_bytes,
-                         log_requests=not args.quiet, api_key=args.api_key, insecure_no_auth=args.insecure_no_auth,
-                         adapter_dir=args.adapter_dir, idle_timeout=args.idle_timeout,
-                         max_connections=args.max_connections, drain_timeout=args.drain_timeout)
-    models = ", ".join(server.model_ids())
-    print(f"serving {models} on {server.url}/v1 (Ctrl-C stops)", flush=True)
-    if server.serve_forever():
-        print("stopped", flush=True)
-        return 0
-    print("stopped: a forward pass outlasted the drain; exiting without waiting for it", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)  # the worker thread is still inside torch: an ordinary exit would abort in its teardown
 
 
 def _merge(args) -> int:

@@ -13,13 +13,16 @@ the busy connections' answers.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import threading
 import time
 from http.server import ThreadingHTTPServer
 
-__all__ = ["HTTPServer"]
+from lorakit.errors import ConfigError
+
+__all__ = ["HTTPServer", "check_exposure"]
 
 _REFUSERS = 32
 """At most this many refused connections are answered at once; more are closed at once."""
@@ -130,3 +133,20 @@ class HTTPServer(ThreadingHTTPServer):
         except OSError:
             pass
         request.close()
+
+
+def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to listen beyond this machine without an API key, unless told to."""
+    if api_key or insecure_no_auth or _loopback(host):
+        return
+    raise ConfigError(f"--host {host} listens beyond this machine, and without --api-key anyone who reaches the "
+                      "port can use the models; set --api-key KEY (or $LORAKIT_API_KEY), listen on 127.0.0.1, "
+                      "or pass --insecure-no-auth to serve openly on purpose")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host or "0.0.0.0", None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)

@@ -19,7 +19,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.infer import openai_api as api
@@ -30,7 +30,18 @@ from lorakit.io import check_adapter_name
 if TYPE_CHECKING:
     from lorakit.infer.server import Server, _Handler
 
-__all__ = ["ROUTES"]
+__all__ = ["ROUTES", "Route", "find_adapter"]
+
+
+class Route(NamedTuple):
+    """One endpoint: ``endpoint(app, handler, *path parts)`` answers ``method`` on a path that
+    ``pattern`` matches in full (its groups are the path parts, percent-decoded). A ``public``
+    route is open without the API key (a path is public when any route for it is)."""
+
+    method: str
+    pattern: re.Pattern
+    endpoint: Callable[..., None]
+    public: bool = False
 
 
 def _models(app: Server, h: "_Handler") -> None:
@@ -187,12 +198,12 @@ def _change(app: Server, change: AdapterChange, shown: dict[str, str] | None = N
                        code="internal_error")
 
 
-ROUTES = [  # (method, path, endpoint(app, handler, *path parts))
-    ("GET", re.compile(r"/v1/models"), _models),
-    ("GET", re.compile(r"/v1/models/([^/]+)"), _model),
-    ("POST", re.compile(r"/v1/completions"), _completions),
-    ("POST", re.compile(r"/v1/chat/completions"), _chat),
-    ("POST", re.compile(r"/v1/adapters"), _add_adapter),
-    ("DELETE", re.compile(r"/v1/adapters/([^/]+)"), _remove_adapter),
-    ("GET", re.compile(r"/health"), _health),
+ROUTES = [
+    Route("GET", re.compile(r"/v1/models"), _models),
+    Route("GET", re.compile(r"/v1/models/([^/]+)"), _model),
+    Route("POST", re.compile(r"/v1/completions"), _completions),
+    Route("POST", re.compile(r"/v1/chat/completions"), _chat),
+    Route("POST", re.compile(r"/v1/adapters"), _add_adapter),
+    Route("DELETE", re.compile(r"/v1/adapters/([^/]+)"), _remove_adapter),
+    Route("GET", re.compile(r"/health"), _health, public=True),
 ]

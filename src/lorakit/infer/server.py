@@ -8,7 +8,10 @@ Endpoints (`lorakit.infer.endpoints`; JSON in, JSON out in OpenAI's shapes, `lor
     GET    /v1/models/NAME        one of them
     POST   /v1/adapters           {"name": ...}: load an adapter from --adapter-dir (off without it)
     DELETE /v1/adapters/NAME      remove it (off without --adapter-dir)
-    GET    /health                {"status": "ok"}, the one endpoint open without the API key
+    GET    /health                {"status": "ok"}, open without the API key
+
+``routes`` adds endpoints (`lorakit.infer.endpoints.Route`; `lorakit.playground` adds the page
+and its API); a route marked public is open without the API key, as /health is.
 
 A request's ``model`` picks the base model (its name, or "base") or an adapter by name. With
 ``"stream": true`` the answer comes as Server-Sent Events (``data: {chunk}`` lines, ending
@@ -17,7 +20,7 @@ runs all requests waiting together in one batch, each row with its own adapter. 
 HTTP only (``http.server.ThreadingHTTPServer``, `lorakit.infer.connections`); bad requests get
 OpenAI's error object with a 4xx status, and the server keeps serving.
 
-Hardening: with an ``api_key`` every endpoint but /health wants ``Authorization: Bearer KEY``
+Hardening: with an ``api_key`` every endpoint but the public ones wants ``Authorization: Bearer KEY``
 (401 otherwise, compared in constant time), and binding beyond loopback without one is refused
 unless ``insecure_no_auth``; clients name adapters, never paths, and loading one over HTTP needs
 an ``adapter_dir`` (answers never show server paths); idle connections close after
@@ -29,11 +32,9 @@ from __future__ import annotations
 
 import functools
 import hmac
-import ipaddress
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -47,8 +48,8 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.infer import openai_api as api
 from lorakit.infer.openai_api import Limits, RequestError
-from lorakit.infer.connections import HTTPServer
-from lorakit.infer.endpoints import ROUTES
+from lorakit.infer.connections import HTTPServer, check_exposure
+from lorakit.infer.endpoints import ROUTES, Route
 from lorakit.infer.scheduler import Scheduler
 from lorakit.models.adapters import load_adapted
 from lorakit.models.load import DEFAULT_MODEL
@@ -73,9 +74,11 @@ class Server:
                  host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
                  max_body_bytes: int = 1 << 20, log_requests: bool = False, api_key: str | None = None,
                  insecure_no_auth: bool = False, adapter_dir: str | os.PathLike | None = None,
-                 idle_timeout: float = 30.0, max_connections: int = 64, drain_timeout: float = 30.0):
+                 idle_timeout: float = 30.0, max_connections: int = 64, drain_timeout: float = 30.0,
+                 routes: Sequence[Route] = ()):
         check_exposure(host, api_key, insecure_no_auth)
         self.scheduler = scheduler
+        self.routes = [*ROUTES, *routes]  # the endpoints (`lorakit.infer.endpoints`), then the extra ones
         self.tokenizer = scheduler.tokenizer
         self.base_id = base_id
         self.base_names = {base_id, *base_aliases}  # what a request's "model" may call the base model
@@ -195,23 +198,6 @@ class Server:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
 
 
-def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
-    """Refuse to listen beyond this machine without an API key, unless told to."""
-    if api_key or insecure_no_auth or _loopback(host):
-        return
-    raise ConfigError(f"--host {host} listens beyond this machine, and without --api-key anyone who reaches the "
-                      "port can use the models; set --api-key KEY (or $LORAKIT_API_KEY), listen on 127.0.0.1, "
-                      "or pass --insecure-no-auth to serve openly on purpose")
-
-
-def _loopback(host: str) -> bool:
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host or "0.0.0.0", None)}
-    except OSError:
-        return False
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
-
-
 def base_model_id(model: str) -> str:
     """The id /v1/models lists for a base model: an embedded model's name, or the last part of a path."""
     if "/" in model or os.sep in model or Path(model).exists():
@@ -224,9 +210,10 @@ def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | 
                 temperature: float = 1.0, precision: str = "fp32", max_body_bytes: int = 1 << 20,
                 log_requests: bool = False, api_key: str | None = None, insecure_no_auth: bool = False,
                 adapter_dir: str | os.PathLike | None = None, idle_timeout: float = 30.0, max_connections: int = 64,
-                drain_timeout: float = 30.0) -> Server:
+                drain_timeout: float = 30.0, routes: Sequence[Route] = ()) -> Server:
     """Load ``model`` and the named adapter directories on it, and bind (not start) a `Server`
-    (the hardening options are `Server`'s, see the module docstring)."""
+    (the hardening options are `Server`'s, see the module docstring; ``routes``: endpoints served
+    beside OpenAI's, e.g. `lorakit.playground`'s)."""
     check_exposure(host, api_key, insecure_no_auth)
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {adapter_dir}: no such directory; give the directory whose adapters "
@@ -260,7 +247,7 @@ def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | 
     return Server(scheduler, base_id=base_id, base_aliases=(BASE_ALIAS, str(model)), host=host, port=port,
                   limits=limits, max_body_bytes=max_body_bytes, log_requests=log_requests, api_key=api_key,
                   insecure_no_auth=insecure_no_auth, adapter_dir=adapter_dir, idle_timeout=idle_timeout,
-                  max_connections=max_connections, drain_timeout=drain_timeout)
+                  max_connections=max_connections, drain_timeout=drain_timeout, routes=routes)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -301,13 +288,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.body_read = False
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
-            if path != "/health" and not app.authorized(self.headers.get("Authorization")):
+            matches = [(route, match) for route in app.routes if (match := route.pattern.fullmatch(path))]
+            public = any(route.public for route, _ in matches)  # /health, and what extra routes open
+            if not public and not app.authorized(self.headers.get("Authorization")):
                 raise RequestError("missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
                                    "server's --api-key", status=401, code="invalid_api_key")
-            matches = [(m, f, r.fullmatch(path)) for m, r, f in ROUTES if r.fullmatch(path)]
-            found = [(f, match) for m, f, match in matches if m == method]
+            found = [(route.endpoint, match) for route, match in matches if route.method == method]
             if not found:
-                allowed = sorted({m for m, _, _ in matches})
+                allowed = sorted({route.method for route, _ in matches})
                 if allowed:
                     raise RequestError(f"{method} is not allowed on {path}; use {', '.join(allowed)}", status=405,
                                        code="method_not_allowed")
@@ -361,12 +349,21 @@ class _Handler(BaseHTTPRequestHandler):
             remaining -= len(chunk)
 
     def send_json(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
+        self._send(status, "application/json", json.dumps(obj).encode())
+
+    def send_bytes(self, status: int, content_type: str, data: bytes) -> None:
+        """Send ``data`` as it is (a page, a script, an image): to be read as ``content_type`` only
+        (``nosniff``), and checked again before each use (``no-cache``)."""
+        self._send(status, content_type, data, (("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")))
+
+    def _send(self, status: int, content_type: str, data: bytes, headers: tuple[tuple[str, str], ...] = ()) -> None:
         try:
             self._drop_body()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
+            for name, value in headers:
+                self.send_header(name, value)
             if status == 401:
                 self.send_header("WWW-Authenticate", "Bearer")
             if self.close_connection or self.server.app.draining:

@@ -7,7 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "read_metrics", "plot_losses", "write_report"]
+__all__ = ["MetricsLog", "read_metrics", "plot_losses", "write_report", "read_data_summary"]
+
+DATA_SUMMARY_TITLE = "Data summary (before training):"
+"""The line of report.md before the data summary's block (`write_report`, `read_data_summary`)."""
 
 
 class MetricsLog:
@@ -134,7 +137,7 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
             parts = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
             lines.append(f"- Left out of the {label} data: {parts}")
     if data.get("summary"):
-        lines += ["", "Data summary (before training):", "", "```text", *data["summary"], "```"]
+        lines += ["", DATA_SUMMARY_TITLE, "", "```text", *data["summary"], "```"]
     lines += [
         "",
         "## Training",
@@ -161,6 +164,18 @@ def write_report(path: Path, *, config: dict, summary: dict, data: dict,
         lines.append("")
     Path(path).write_text("\n".join(lines))
     return Path(path)
+
+
+def read_data_summary(report: str) -> list[str]:
+    """The data summary's lines that `write_report` kept in a report.md's text ([] when it has none)."""
+    lines = report.splitlines()
+    if DATA_SUMMARY_TITLE not in lines:
+        return []
+    start = lines.index(DATA_SUMMARY_TITLE) + 1
+    while start < len(lines) and not lines[start].startswith("```"):
+        start += 1
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("```")), len(lines))
+    return lines[start + 1:end]
 
 
 def _amount_rows(summary: dict) -> list[str]:

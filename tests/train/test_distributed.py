@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.train import TrainConfig, train
+from lorakit.train import distributed
 from lorakit.train.distributed import World, rank_share
 
 # one thread per process: two processes that each use both cores slow each other tens of times
@@ -306,3 +307,22 @@ def test_dpo_on_two_processes_trains_as_one_and_fsdp_is_refused(tiny_model_dir, 
     done = _lorakit("train", "--nproc", "2", "--strategy", "fsdp", "--no-progress",
                     *_flags(_settings(tiny_model_dir, tmp_path / "fsdp", batch_size=4, **prefs)), check=False)
     assert done.returncode == 2 and "--strategy ddp" in done.stderr
+
+
+def test_the_exit_code_reported_is_the_failing_process_not_a_peer_aborted_as_it_left(monkeypatch, capsys):
+    """Both ranks refuse a bad option (code 2); one is aborted by gloo (SIGABRT) as its peer leaves,
+    and is recorded first: the launcher still reports the refusal's code 2."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    aborted = ProcessFailure(local_rank=1, pid=11, exitcode=-int(signal.SIGABRT), error_file="")
+    refused = ProcessFailure(local_rank=0, pid=10, exitcode=2, error_file="")
+    aborted.timestamp, refused.timestamp = 100, 101
+
+    def launcher(config, entrypoint):
+        def run(*args):
+            raise ChildFailedError("lorakit", {1: aborted, 0: refused})
+        return run
+
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", launcher)
+    assert distributed.launch(2, ["-m", "lorakit", "train"]) == 2
+    assert "rank 0 of 2 exited with code 2" in capsys.readouterr().err

@@ -133,7 +133,10 @@ def launch(nproc: int, argv: list[str]) -> int:
               f"where the checkpoint is)", file=sys.stderr)
         return 130
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        # a process that exited with its error's code is the cause: another killed by a signal while
+        # it went (gloo aborting a peer whose partner left) is not, even if it is recorded first
+        failures = sorted(err.failures.items(), key=lambda item: (item[1].exitcode < 0, item[1].timestamp))
+        rank, failure = failures[0]
         code = failure.exitcode
         if code < 0:
             print(f"error: rank {rank} of {nproc} was killed by {signal.Signals(-code).name}; the other processes "

@@ -35,7 +35,7 @@ except ImportError:
 from lorakit import LoraConfig, get_peft_model
 from lorakit.models import load_model
 from lorakit.playground import load_playground
-from lorakit.train import TrainConfig, train
+from .conftest import train_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "browser-s3cret"
@@ -68,27 +68,11 @@ def artifacts_dir() -> Path:
 
 
 # -- fixtures: runs, the server, the browser
-def ok_records():
-    """Chats answered "ok" three times in four, "no" otherwise: an adapter trained on them says
-    "ok", right on some held-out examples and wrong on the others, where the base model is wrong."""
-    return [{"messages": [{"role": "user", "content": f"request number {i}"},
-                          {"role": "assistant", "content": "ok" if i % 4 else "no"}]} for i in range(48)]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    """runs/ with "tasks" (task-api, 4 steps) and "ok" (the chats above, 20 steps)."""
+    """runs/ with "tasks" (task-api, 4 steps) and "ok" (`conftest.ok_records`, 20 steps)."""
     root = tmp_path_factory.mktemp("browser")
-    data = root / "ok.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ok_records()))
-    common = dict(model=str(tiny_model_dir), batch_size=8, learning_rate=5e-2, r=4,
-                  target_modules=["q_proj", "v_proj", "lm_head"], log_every=1, precision="fp32")
-    train(TrainConfig.from_settings(**common, data="task-api", train_examples=48, max_steps=4, eval_every=2,
-                                    eval_examples=8, score_examples=4, max_new_tokens=6, save_every=4,
-                                    run_dir=str(root / "runs" / "tasks"), name="tasks"), progress=False)
-    train(TrainConfig.from_settings(**common, data=str(data), val_fraction=0.25, max_steps=20, eval_every=10,
-                                    eval_examples=12, score_examples=12, max_new_tokens=4, save_every=20,
-                                    run_dir=str(root / "runs" / "ok"), name="ok"), progress=False)
+    train_runs(root, tiny_model_dir)
     return root / "runs"
 
 

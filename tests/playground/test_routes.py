@@ -22,14 +22,9 @@ from lorakit.playground import STATIC_DIR, load_playground
 from lorakit.train import TrainConfig, train
 from lorakit.train.runs import list_runs, sort_runs
 
+from .conftest import COMMON, ok_records, train_runs
+
 KEY = "s3cret"
-
-
-def ok_records():
-    """A chat whose answer is "ok" three times in four, "no" otherwise: an adapter trained on it says
-    "ok" to all, right on some held-out examples and wrong on the others, where the base model is wrong."""
-    return [{"messages": [{"role": "user", "content": f"request number {i}"},
-                          {"role": "assistant", "content": "ok" if i % 4 else "no"}]} for i in range(48)]
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +32,9 @@ def runs(tiny_model_dir, tmp_path_factory):
     """runs/: "tasks" (task-api, its built-in held-out split), "ok" (a JSONL file, val_fraction 0.25),
     a directory that is no run; and a run outside runs/ that a symlink inside points to."""
     root = tmp_path_factory.mktemp("playground")
-    data = root / "ok.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ok_records()))
-    common = dict(model=str(tiny_model_dir), batch_size=8, learning_rate=5e-2, r=4,
-                  target_modules=["q_proj", "v_proj", "lm_head"], log_every=1, precision="fp32")
-    train(TrainConfig.from_settings(**common, data="task-api", train_examples=48, max_steps=4, eval_every=2,
-                                    eval_examples=8, score_examples=4, max_new_tokens=6, save_every=4,
-                                    run_dir=str(root / "runs" / "tasks"), name="tasks"), progress=False)
-    train(TrainConfig.from_settings(**common, data=str(data), val_fraction=0.25, max_steps=20, eval_every=10,
-                                    eval_examples=12, score_examples=12, max_new_tokens=4, save_every=20,
-                                    run_dir=str(root / "runs" / "ok"), name="ok"), progress=False)
+    train_runs(root, tiny_model_dir)
     (root / "runs" / "notes").mkdir()
-    train(TrainConfig.from_settings(**common, data="task-api", train_examples=8, max_steps=1, eval_every=1,
+    train(TrainConfig.from_settings(model=str(tiny_model_dir), **COMMON, data="task-api", train_examples=8, max_steps=1, eval_every=1,
                                     eval_examples=2, score_examples=0, save_every=1,
                                     run_dir=str(root / "outside"), name="outside"), progress=False)
     os.symlink(root / "outside", root / "runs" / "escape")

@@ -311,18 +311,26 @@ def test_dpo_on_two_processes_trains_as_one_and_fsdp_is_refused(tiny_model_dir, 
 
 def test_the_exit_code_reported_is_the_failing_process_not_a_peer_aborted_as_it_left(monkeypatch, capsys):
     """Both ranks refuse a bad option (code 2); one is aborted by gloo (SIGABRT) as its peer leaves,
-    and is recorded first: the launcher still reports the refusal's code 2."""
+    and is recorded first: the launcher still reports the refusal's code 2. A rank killed first,
+    whose peer then fails on the lost connection (code 1), is reported as killed."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    aborted = ProcessFailure(local_rank=1, pid=11, exitcode=-int(signal.SIGABRT), error_file="")
-    refused = ProcessFailure(local_rank=0, pid=10, exitcode=2, error_file="")
-    aborted.timestamp, refused.timestamp = 100, 101
+    def failure(rank, code, when):
+        done = ProcessFailure(local_rank=rank, pid=10 + rank, exitcode=code, error_file="")
+        done.timestamp = when
+        return done
+
+    failures = {}
 
     def launcher(config, entrypoint):
         def run(*args):
-            raise ChildFailedError("lorakit", {1: aborted, 0: refused})
+            raise ChildFailedError("lorakit", dict(failures))
         return run
 
     monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", launcher)
+    failures.update({1: failure(1, -int(signal.SIGABRT), 100), 0: failure(0, 2, 101)})
     assert distributed.launch(2, ["-m", "lorakit", "train"]) == 2
     assert "rank 0 of 2 exited with code 2" in capsys.readouterr().err
+    failures.update({1: failure(1, -int(signal.SIGKILL), 100), 0: failure(0, 1, 101)})
+    assert distributed.launch(2, ["-m", "lorakit", "train"]) == 1
+    assert "rank 1 of 2 was killed by SIGKILL" in capsys.readouterr().err

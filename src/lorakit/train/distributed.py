@@ -133,9 +133,10 @@ def launch(nproc: int, argv: list[str]) -> int:
               f"where the checkpoint is)", file=sys.stderr)
         return 130
     except ChildFailedError as err:
-        # a process that exited with its error's code is the cause: another killed by a signal while
-        # it went (gloo aborting a peer whose partner left) is not, even if it is recorded first
-        failures = sorted(err.failures.items(), key=lambda item: (item[1].exitcode < 0, item[1].timestamp))
+        # the first to fail, except that a bad-input refusal (code 2, the same on every rank) is the
+        # cause whenever there is one: a peer that gloo aborted as the refusing rank left may be
+        # recorded first. (Code 2 is never a consequence: a lost peer is an exception, code 1.)
+        failures = sorted(err.failures.items(), key=lambda item: (item[1].exitcode != 2, item[1].timestamp))
         rank, failure = failures[0]
         code = failure.exitcode
         if code < 0:

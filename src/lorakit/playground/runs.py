@@ -16,10 +16,10 @@ from typing import Any
 
 from lorakit.infer.endpoints import find_adapter
 from lorakit.infer.openai_api import RequestError
-from lorakit.train.report import read_data_summary
+from lorakit.train.report import loss_curves, read_data_summary
 from lorakit.train.runs import list_runs, looks_like_run, read_metrics_lines, read_run, run_config, sort_runs
 
-__all__ = ["find_run", "has_adapter", "run_rows", "run_detail", "loss_curves"]
+__all__ = ["find_run", "has_adapter", "run_rows", "run_detail"]
 
 
 def find_run(runs_dir: str | os.PathLike, name: str) -> Path:
@@ -67,13 +67,6 @@ def _found(runs_dir: str | os.PathLike, name: str) -> bool:
         return False
 
 
-def loss_curves(records: list[dict]) -> dict[str, list[list[float]]]:
-    """metrics.jsonl's training loss and held-out loss as ``[step, value]`` points."""
-    def points(kind: str, key: str) -> list[list[float]]:
-        return [[m["step"], m[key]] for m in records if m.get("kind") == kind and _finite(m.get(key))]
-    return {"train": points("train", "loss"), "eval": points("eval", "eval_loss")}
-
-
 def run_detail(runs_dir: str | os.PathLike, name: str, served: set[str]) -> dict[str, Any]:
     """One run: its status, config.yaml, report.md, loss curves, scores before and after
     training (metrics.jsonl's last score record of each phase) and data summary."""
@@ -87,15 +80,11 @@ def run_detail(runs_dir: str | os.PathLike, name: str, served: set[str]) -> dict
     scores = {m["phase"]: m for m in records if m.get("kind") == "score" and m.get("phase") in ("before", "after")}
     detail = {
         "name": name, "status": read_run(run_dir).status, "config": run_config(run_dir)[1], "report": report,
-        "curves": loss_curves(records), "score_before": scores.get("before"), "score_after": scores.get("after"),
+        "curves": dict(zip(("train", "eval"), loss_curves(records))), "score_before": scores.get("before"), "score_after": scores.get("after"),
         "data_summary": read_data_summary(report or ""), "loaded": name in served,
         "has_adapter": has_adapter(runs_dir, name),
     }
     return _json_safe(detail)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _json_safe(value: Any) -> Any:

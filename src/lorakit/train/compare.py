@@ -11,6 +11,7 @@ from typing import Any
 
 from lorakit.errors import ConfigError
 from lorakit.train.config import TRAIN_METHODS
+from lorakit.train.report import loss_curves
 from lorakit.train.runs import (RunRow, format_cells, looks_like_run, read_metrics_lines, read_run, run_config,
                                 run_directories)
 
@@ -95,13 +96,7 @@ def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
 
 def _curve(run_dir: Path) -> Curve:
     records, _ = read_metrics_lines(run_dir)
-    train = [(m["step"], m["loss"]) for m in records if m.get("kind") == "train" and _finite(m.get("loss"))]
-    heldout = [(m["step"], m["eval_loss"]) for m in records if m.get("kind") == "eval" and _finite(m.get("eval_loss"))]
-    return Curve(train, heldout)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+    return Curve(*loss_curves(records))
 
 
 def format_comparison(comparison: Comparison, width: int = 40) -> str:

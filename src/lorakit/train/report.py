@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "read_metrics", "plot_losses", "write_report", "read_data_summary"]
+__all__ = ["MetricsLog", "read_metrics", "loss_curves", "plot_losses", "write_report", "read_data_summary"]
 
 DATA_SUMMARY_TITLE = "Data summary (before training):"
 """The line of report.md before the data summary's block (`write_report`, `read_data_summary`)."""
@@ -57,6 +57,18 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def loss_curves(metrics: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(training loss, held-out loss) of metrics.jsonl's records as (step, value) points; a value
+    that is missing or not a finite number (a spoiled file) is left out."""
+    def points(kind: str, key: str) -> list[tuple[int, float]]:
+        return [(m["step"], m[key]) for m in metrics if m.get("kind") == kind and _finite(m.get(key))]
+    return points("train", "loss"), points("eval", "eval_loss")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def plot_losses(metrics: list[dict], path: Path, title: str = "",
                 ylabel: str = "cross-entropy per answer token") -> Path:
     """Training loss (and held-out loss, if any) against the optimizer step."""
@@ -65,8 +77,7 @@ def plot_losses(metrics: list[dict], path: Path, title: str = "",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "train" and m.get("loss") is not None]
-    heldout = [(m["step"], m["eval_loss"]) for m in metrics if m["kind"] == "eval" and m.get("eval_loss") is not None]
+    train, heldout = loss_curves(metrics)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)

@@ -269,6 +269,7 @@ def test_a_short_request_is_answered_while_its_batch_runs_on(server, reference, 
         return real(model, tokenizer, requests, on_token=hold, autocast=autocast)
 
     monkeypatch.setattr(scheduler_module, "generate_batch", held)
+    monkeypatch.setattr(scheduler_module.Scheduler, "continuous", False)  # one generate_batch call a batch
     long_ids = reference.tokenizer(PROMPTS[1])["input_ids"]
     assert len(expected(reference, "b", long_ids, 12)[0]) > 4  # the long row reaches the token it is held at
     results = {}
@@ -411,6 +412,7 @@ def test_an_error_inside_generation_fails_that_batch_only(server, reference, mon
         raise RuntimeError("the accelerator caught fire")
 
     monkeypatch.setattr(scheduler_module, "generate_batch", broken)
+    monkeypatch.setattr(scheduler_module.Scheduler, "continuous", False)  # one generate_batch call a batch
     status, err = call(server, "POST", "/v1/completions", OK)
     assert status == 500 and err["error"]["type"] == "server_error"
     assert "the accelerator caught fire" in err["error"]["message"]

@@ -149,6 +149,7 @@ def test_a_row_that_fails_inside_a_batch_fails_only_its_request(server, referenc
         return real(model, tokenizer, requests, on_token=watch, autocast=autocast)
 
     monkeypatch.setattr(scheduler_module, "generate_batch", failing)
+    monkeypatch.setattr(scheduler_module.Scheduler, "continuous", False)  # one generate_batch call a batch
     ids = reference.tokenizer(GOOD["prompt"])["input_ids"]
     bodies = [{**GOOD, "model": "a", "max_tokens": 10}, {**GOOD, "prompt": "poisoned row"},
               {**GOOD, "model": "b", "max_tokens": 10}, {**GOOD, "model": "base", "max_tokens": 10}]
@@ -337,6 +338,7 @@ def _held_generation(monkeypatch, release):
         return real(model, tokenizer, requests, on_token=hold, autocast=autocast)
 
     monkeypatch.setattr(scheduler_module, "generate_batch", held)
+    monkeypatch.setattr(scheduler_module.Scheduler, "continuous", False)  # one generate_batch call a batch
 
 
 def test_drain_finishes_what_is_in_flight_and_refuses_new_connections(tiny_model_dir, adapter_dirs, reference,

@@ -2,8 +2,12 @@
 
 Request threads put `Job`s (one or more prompts for one model: the base model or an adapter)
 and `AdapterChange`s on a queue. The worker takes the first item and everything else waiting
-behind it, up to ``max_batch`` rows, and runs the rows together with
-`lorakit.generation.engine.generate_batch`, each row with its own adapter and sampling. Each token
+behind it, up to ``max_batch`` rows, and runs the rows together, each row with its own adapter
+and sampling. On a Llama-family model the batch is continuous (`lorakit.generation.batcher` over
+the fast decoder, which the worker keeps between batches with its prefix cache): a job queued
+while the batch runs joins it at the next step when its rows fit, and a row that ends leaves
+at once; the batch ends when its last row does. Other models run
+`lorakit.generation.engine.generate_batch` over the model's own forward. Each token
 is routed back to its job as it is produced (a job's ``events`` queue), so streaming clients
 see text while the batch is still running, and a job is answered as soon as its own rows end
 (at EOS, a stop token or string, or ``max_new_tokens``), not when the batch ends. Adapter
@@ -17,8 +21,9 @@ gets its whole answer (a greedy one the same text; a sampled one draws its rest 
 on until the deadline, and whatever is left then is cancelled with a 503 (a running row ends at its
 next token), so the worker has stopped when it returns.
 
-``batches`` records each batch (how many requests and rows, for which models), so a test or an
-operator can see that concurrent requests were served together. ``pause`` / ``resume`` hold the
+``batches`` records each batch as it starts and each job that joins a running batch (how many
+requests and rows, for which models), so a test or an operator can see that concurrent requests
+were served together. ``pause`` / ``resume`` hold the
 worker before it gathers a batch (for tests that must queue several requests first).
 """
 
@@ -33,6 +38,8 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import LorakitError
+from lorakit.generation.batcher import Batcher
+from lorakit.generation.decoder import Decoder, autocast_dtype, unsupported
 from lorakit.generation.engine import Request, eos_token_ids, finish_reason, generate_batch, row_ended
 from lorakit.infer.openai_api import Call, RequestError
 from lorakit.infer.textstream import TextStream
@@ -95,7 +102,7 @@ class AdapterChange:
 
 @dataclass(frozen=True)
 class Batch:
-    """What one call of the engine held."""
+    """The jobs that started a batch together, or a job that joined a running one."""
 
     requests: int
     rows: int
@@ -104,6 +111,10 @@ class Batch:
 
 class Scheduler:
     """Owns the model; runs queued jobs in batches on one worker thread (see the module docstring)."""
+
+    continuous = True
+    """Run batches continuously on the fast decoder where the model allows; False: one
+    `generate_batch` call a batch (no job joins a running batch)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, autocast: Callable | None = None,
                  adapters: dict[str, str] | None = None):
@@ -128,6 +139,8 @@ class Scheduler:
         self._cancel = False  # drain's deadline passed: running rows end at their next token
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="lorakit-serve-worker", daemon=True)
+        self._batcher: Batcher | None = None  # the continuous batch over the fast decoder, made on first use
+        self._fast: bool | None = None  # whether the model runs on the fast decoder (None: not asked yet)
 
     # -- the request threads' side
     def start(self) -> None:
@@ -214,6 +227,7 @@ class Scheduler:
                     self.model.delete_adapter(name)
                 raise
         self.adapters = {**self.adapters, name: str(Path(path))}  # replaced, never changed: readers see one state
+        self._batcher, self._fast = None, None  # the decoder packs the weights again
 
     def remove_adapter(self, name: str) -> None:
         """Remove an adapter; removing the last one leaves the plain base model."""
@@ -225,6 +239,7 @@ class Scheduler:
         else:
             self.model.delete_adapter(name)
         self.adapters = {n: p for n, p in self.adapters.items() if n != name}
+        self._batcher, self._fast = None, None
 
     # -- the worker
     def _run(self) -> None:
@@ -267,7 +282,7 @@ class Scheduler:
             return jobs[0].fail(_generation_error(failure))
         for job in [job for job in jobs if not job.answered]:
             try:
-                self._run_batch([job])
+                self._run_batch([job], admit=False)
             except Exception as err:  # this job's own failure
                 job.fail(_generation_error(err))
 
@@ -282,45 +297,26 @@ class Scheduler:
         finally:
             change.done.set()
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        """One call of the engine for the jobs' unfinished rows; a row that already has tokens (a
-        batch that failed under it) goes on from them. Raises what the engine raised."""
-        live = []
-        for job in jobs:  # an adapter removed while the job waited
-            if job.adapter is not None and job.adapter not in self.adapters:
-                job.fail(RequestError(f"the model {job.adapter!r} was removed before this request ran; models: "
-                                      f"{', '.join(self.adapters) or '(the base model only)'}", status=404,
-                                      param="model", code="model_not_found"))
-            elif not job.answered:
-                live.append(job)
+    def _run_batch(self, jobs: list[Job], admit: bool = True) -> None:
+        """Run the jobs' unfinished rows; a row that already has tokens (a batch that failed under
+        it) goes on from them. On the fast decoder, jobs queued meanwhile join (``admit``; each
+        is appended to ``jobs``). Raises what the engine raised."""
+        live = self._runnable(jobs)
         if not live:
             return
+        batch = Batch(len(live), sum(1 for job in live for row in job.rows if not row.done),
+                      tuple(job.adapter for job in live))
+        self._record(batch)
+        if self._use_fast():
+            return self._run_continuous(live, jobs, admit)
         rows = [(job, row) for job in live for row in job.rows if not row.done]
         requests = [_resumed(job, row) for job, row in rows]
-        asked = [Request(row.prompt_ids, job.adapter, job.call.sampling) for job, row in rows]  # as the client asked
-        batch = Batch(len(live), len(rows), tuple(job.adapter for job in live))
-        self.batches.append(batch)
-        if self.on_batch is not None:
-            self.on_batch(batch)
-
         eos = eos_token_ids(self.model, self.tokenizer)
         seen = [0] * len(rows)
 
         def on_token(index: int, token_id: int) -> bool:
-            """Route a token to its request; False tells the engine to drop the row (its answer
-            is complete: a stop string, or the client went away, or the server is stopping)."""
-            job, row = rows[index]
-            if self._cancel and not job.answered:
-                job.cancelled = True
-                _refuse(job, "the server stopped before this request finished; send it again to a running server")
-            if row.done or job.cancelled:
-                return False
             seen[index] += 1
-            row.ids.append(token_id)
-            self._send(job, row, row.stream.push(token_id))
-            if row.stream.stopped or row_ended(row.ids, asked[index], eos):  # a stop string, or the engine's end
-                self._finish_row(job, row, eos)
-            return not row.done
+            return self._route(*rows[index], token_id, eos)
 
         outputs = generate_batch(self.model, self.tokenizer, requests, on_token=on_token, autocast=self.autocast)
         for index, ((job, row), ids) in enumerate(zip(rows, outputs)):  # what on_token did not see or end
@@ -329,6 +325,96 @@ class Scheduler:
                     row.ids.append(token_id)
                     self._send(job, row, row.stream.push(token_id))
                 self._finish_row(job, row, eos)
+
+    def _runnable(self, jobs: list[Job]) -> list[Job]:
+        """The jobs still to run; one whose adapter was removed while it waited is answered 404."""
+        live = []
+        for job in jobs:
+            if job.adapter is not None and job.adapter not in self.adapters:
+                job.fail(RequestError(f"the model {job.adapter!r} was removed before this request ran; models: "
+                                      f"{', '.join(self.adapters) or '(the base model only)'}", status=404,
+                                      param="model", code="model_not_found"))
+            elif not job.answered:
+                live.append(job)
+        return live
+
+    def _record(self, batch: Batch) -> None:
+        self.batches.append(batch)
+        if self.on_batch is not None:
+            self.on_batch(batch)
+
+    def _route(self, job: Job, row: Row, token_id: int, eos: set[int]) -> bool:
+        """Route a token to its request; False when the row is over (its answer is complete: the
+        engine's end, a stop string, or the client went away, or the server is stopping)."""
+        if self._cancel and not job.answered:
+            job.cancelled = True
+            _refuse(job, "the server stopped before this request finished; send it again to a running server")
+        if row.done or job.cancelled:
+            return False
+        row.ids.append(token_id)
+        self._send(job, row, row.stream.push(token_id))
+        asked = Request(row.prompt_ids, job.adapter, job.call.sampling)  # as the client asked
+        if row.stream.stopped or row_ended(row.ids, asked, eos):  # a stop string, or the engine's end
+            self._finish_row(job, row, eos)
+        return not row.done
+
+    # -- continuous batching on the fast decoder
+    def _use_fast(self) -> bool:
+        if self._fast is None:
+            self._fast = unsupported(self.model) is None
+        return self.continuous and self._fast
+
+    def _continuous(self) -> Batcher:
+        if self._batcher is None:
+            device = next(self.model.parameters()).device
+            decoder = Decoder(self.model, slots=self.max_batch, dtype=autocast_dtype(self.autocast, device))
+            self._batcher = Batcher(self.model, self.tokenizer, decoder)
+        self._batcher.clear()  # rows a failed batch left
+        return self._batcher
+
+    def _run_continuous(self, live: list[Job], jobs: list[Job], admit: bool) -> None:
+        batcher = self._continuous()
+        eos = eos_token_ids(self.model, self.tokenizer)
+        entries: list[tuple[Job, Row]] = []  # a row's key in the batcher is its index here
+
+        def enter(job: Job) -> None:
+            for row in job.rows:
+                if not row.done:
+                    batcher.add(len(entries), _resumed(job, row))
+                    entries.append((job, row))
+
+        for job in live:
+            enter(job)
+        while len(batcher):
+            for key, token_id, ended in batcher.step():
+                job, row = entries[key]
+                if not self._route(job, row, token_id, eos) and not ended:
+                    batcher.drop(key)
+                elif ended and not row.done and not job.cancelled:
+                    self._finish_row(job, row, eos)
+            if admit:
+                self._admit(batcher, jobs, enter)
+
+    def _admit(self, batcher: Batcher, jobs: list[Job], enter: Callable[[Job], None]) -> None:
+        """Jobs waiting in order join the running batch while their rows fit; the first that does
+        not (or an adapter change, or the stop) waits for the batch to end, and so does all behind it."""
+        while self._gate.is_set() and not self._closing and not self._cancel:
+            from_held = bool(self._held)
+            try:
+                item = self._held.pop(0) if from_held else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if not isinstance(item, Job) or len(item.rows) > batcher.free:
+                if from_held:
+                    self._held.insert(0, item)
+                else:
+                    self._held.append(item)
+                return
+            joining = self._runnable([item])
+            if joining:
+                jobs.append(item)
+                self._record(Batch(1, len(item.rows), (item.adapter,)))
+                enter(item)
 
     def _send(self, job: Job, row: Row, piece: str) -> None:
         if piece and job.stream and not job.cancelled:

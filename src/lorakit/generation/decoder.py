@@ -1,0 +1,327 @@
+"""A decoder built for generation speed: a Llama-family model's forward, hand-fused, over a static KV cache.
+
+transformers' forward spends a small model's decode step on Python and per-operator overhead
+(modules, hooks, masks, a cache that grows by concatenation). This decoder runs the same
+arithmetic with about 20 operators per layer:
+
+    h      = embed[ids]                                     (rows, T, hidden), fp32
+    a      = rms_norm(h) -> dtype;  qkv = a @ Wqkv^T (+ LoRA rows)
+    q, k   = rope(q), rope(k) at each row's positions;  v
+    cache[slot, :, pos] = k, v                              a preallocated (slots, kv heads, capacity, head dim)
+    h     += sdpa(q, cache[:, :, :len]) @ Wo^T              grouped-query attention, masked by each row's length
+    h     += (silu(gate) * up)(rms_norm(h) @ Wgate_up^T) @ Wdown^T
+    logits = rms_norm(h[last]) @ Whead^T
+
+- **Rows are slots**: row i of a step is slot i of the cache. `Decoder.prefill` writes a new
+  row's prompt into its slot in chunks of ``chunk`` tokens (the same kernels; attention within a
+  chunk is causal, and every chunk sees the slot's earlier tokens); `Decoder.step` advances every
+  live slot by one token; `Decoder.move` copies a slot to another (the engine keeps its live rows
+  in slots 0..n-1, so a step reads ``cache[:n]`` without gathering).
+- **Weights** (`lorakit.generation.weights`): frozen, packed, in ``dtype`` (bf16 where the machine
+  multiplies bf16 natively: half the bytes read per token). When every live row uses one adapter,
+  that adapter is merged into a packed copy (the model's weights are never written, so switching
+  is exact); rows with different adapters run the base weights plus each row's adapter from an
+  `AdapterStack` (two batched products per packed weight).
+- **Prefix cache**: a prompt's keys and values are kept (up to ``prefix_cache_bytes``) by adapter
+  and tokens; a later prompt that starts with the same tokens (the same system prompt, a chat's
+  earlier turns) copies them and prefills only the rest.
+
+Residuals, norms and the logits are fp32; in bf16 the products, attention and the cache are bf16.
+In fp32 the decoder gives the model's own logits to rounding (tests/generation/test_decoder.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.errors import ConfigError
+from lorakit.generation.weights import AdapterStack, Packed, RowAdapters, base_model, pack, unsupported
+
+__all__ = ["Decoder", "unsupported", "decode_dtype", "autocast_dtype"]
+
+
+def decode_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 where the hardware multiplies bf16 natively (AVX-512 BF16 or AMX on a CPU, a CUDA GPU
+    with bf16), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
+
+
+def autocast_dtype(autocast, device: torch.device | str) -> torch.dtype:
+    """The dtype that ``autocast`` (a callable giving a context manager, or None) computes in on
+    ``device``: the decoder's dtype for callers that ask for precision by autocast (fp32 without one)."""
+    if autocast is None:
+        return torch.float32
+    kind = torch.device(device).type
+    with autocast():
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
+class Decoder:
+    """See the module docstring. ``slots``: rows at most; ``capacity``: tokens per row to allocate
+    for at first (the cache grows as rows need, up to the model's ``max_position_embeddings``)."""
+
+    def __init__(self, model, *, slots: int = 16, capacity: int = 1024, dtype: torch.dtype | None = None,
+                 chunk: int = 256, prefix_cache_bytes: int = 256 << 20):
+        reason = unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the fast decoder does not run this model: {reason}")
+        self.model = model
+        base = base_model(model)
+        config = base.config
+        self.device = base.model.embed_tokens.weight.device
+        self.dtype = dtype or decode_dtype(self.device)
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self._eps_sum = self.hidden * self.eps
+        self.embed = base.model.embed_tokens.weight  # looked up, never copied
+        self.slots, self.chunk = slots, chunk
+        self.max_positions = getattr(config, "max_position_embeddings", None) or capacity
+        self.capacity = min(capacity, self.max_positions)
+        self._layers = len(base.model.layers)
+        self.keys = self.values = torch.empty(0)
+        self._allocate(self.capacity)
+        self.lengths = [0] * slots  # tokens in each slot's cache
+        self._packed: dict[str | None, Packed] = {}  # None: the base weights; else one merged adapter
+        self._stack: AdapterStack | None = None
+        self._rows: tuple[tuple, RowAdapters] | None = None  # the row adapters gathered for a batch's rows
+        self._prefixes: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._prefix_bytes, self.prefix_cache_bytes = 0, prefix_cache_bytes
+        self.prefix_hits = 0  # prompt tokens taken from the prefix cache, since the start
+
+    def reserve(self, length: int) -> None:
+        """Make room for rows of ``length`` tokens: the cache grows (to twice its size, or to
+        ``length``) up to the model's ``max_position_embeddings``."""
+        if length <= self.capacity:
+            return
+        if length > self.max_positions:
+            raise ConfigError(f"a prompt and its new tokens need {length} positions; the model takes "
+                              f"{self.max_positions} (max_position_embeddings): shorten the prompt or lower "
+                              "max_tokens")
+        self._allocate(min(max(length, 2 * self.capacity), self.max_positions))
+
+    def _allocate(self, capacity: int) -> None:
+        """The cache (layers, slots, kv heads, capacity, head_dim), keeping what it holds, and cos
+        and sin for every position (capacity, head_dim) from the model's own rotary embedding (so
+        its scaling rules apply)."""
+        shape = (self._layers, self.slots, self.kv_heads, capacity, self.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        held = self.keys.shape[3] if self.keys.dim() == 5 else 0
+        if held:
+            keys[:, :, :, :held] = self.keys
+            values[:, :, :, :held] = self.values
+        self.keys, self.values, self.capacity = keys, values, capacity
+        positions = torch.arange(capacity, device=self.device).unsqueeze(0)
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            cos, sin = base_model(self.model).model.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        half = self.head_dim // 2
+        self._rotate_sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.dtype)
+
+    # -- weights
+    def weights(self, adapters: list[str | None]) -> tuple[Packed, RowAdapters | None]:
+        """The packed weights for rows using ``adapters`` (None: the base model), and the rows'
+        adapters when they differ (else None: merged, or the base model)."""
+        names = {a for a in adapters}
+        if len(names) == 1:
+            name = next(iter(names))
+            if name not in self._packed:
+                for key in [k for k in self._packed if k is not None]:  # one merged copy at a time
+                    del self._packed[key]
+                self._packed[name] = pack(self.model, self.dtype, merged=name)
+            return self._packed[name], None
+        if None not in self._packed:
+            self._packed[None] = pack(self.model, self.dtype)
+        if self._stack is None:
+            self._stack = AdapterStack(self.model, self.dtype)
+        key = tuple(adapters)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, self._stack.rows(list(adapters), self.device))
+        return self._packed[None], self._rows[1]
+
+    # -- the forward
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, slot0: int, starts: list[int], weights: Packed,
+                rows: RowAdapters | None, last_only: bool = True) -> torch.Tensor:
+        """Rows ``slot0 .. slot0 + n - 1`` take ``ids`` (n, T) at positions ``starts[i] ..
+        starts[i] + T - 1``; their keys and values are written to the cache and the logits
+        returned, fp32: (n, V) of each row's last token (``last_only``), else (n, T, V)."""
+        n, t = ids.shape
+        heads, kvh, hd = self.heads, self.kv_heads, self.head_dim
+        group = heads // kvh
+        length = max(starts) + t
+        self.reserve(length)
+        start = torch.tensor(starts, device=self.device)
+        positions = start.unsqueeze(1) + torch.arange(t, device=self.device)  # (n, T)
+        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (n, T, 1, hd)
+        mask = self._mask(start, t, length, group)
+        # where each row's new keys go in a layer's cache seen as (slots * kvh * capacity, hd), in k's order (n, T, kvh)
+        slot_index = torch.arange(slot0, slot0 + n, device=self.device).view(n, 1, 1)
+        head_index = torch.arange(kvh, device=self.device).view(1, 1, kvh)
+        write = ((slot_index * kvh + head_index) * self.capacity + positions.unsqueeze(2)).view(-1)
+        h = F.embedding(ids, self.embed).float()  # (n, T, hidden)
+        half = hd // 2
+        sin = sin * self._rotate_sign  # rotate_half(x) = roll(x, half) with the first half negated
+        for index, w in enumerate(weights.layers):
+            a = self._normalized(h)  # the norm's weight is folded into the next products' weights
+            qkv = w.qkv(a)  # (n, T, (heads + 2 kvh) hd)
+            if rows is not None:
+                qkv = rows.add(index, "qkv", a, qkv)
+            qkv = qkv.view(n, t, heads + 2 * kvh, hd)
+            qk = qkv[:, :, :heads + kvh]
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rope: q cos + rotate_half(q) sin
+            keys, values = self.keys[index], self.values[index]
+            keys.view(-1, hd).index_copy_(0, write, qk[:, :, heads:].reshape(-1, hd))
+            values.view(-1, hd).index_copy_(0, write, qkv[:, :, heads + kvh:].reshape(-1, hd))
+            k = keys[slot0:slot0 + n, :, :length]  # (n, kvh, length, hd)
+            v = values[slot0:slot0 + n, :, :length]
+            # the query heads that share a key head are that head's queries: (n, kvh, group * T, hd)
+            q = qk[:, :, :heads]
+            q = q.view(n, kvh, group, hd) if t == 1 else \
+                q.reshape(n, t, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(n, kvh, group * t, hd)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = attn.reshape(n, 1, heads * hd) if t == 1 else \
+                attn.view(n, kvh, group, t, hd).permute(0, 3, 1, 2, 4).reshape(n, t, heads * hd)
+            out = w.o(o)
+            if rows is not None:
+                out = rows.add(index, "o", o, out)
+            h = h + out
+            a = self._normalized(h)
+            gate_up = w.gate_up(a)
+            if rows is not None:
+                gate_up = rows.add(index, "gate_up", a, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            m = F.silu(gate) * up
+            out = w.down(m)
+            if rows is not None:
+                out = rows.add(index, "down", m, out)
+            h = h + out
+        if last_only:
+            h = h[:, -1]
+        h = self._normalized(h)
+        logits = weights.head(h)
+        if rows is not None:
+            flat = h.unsqueeze(1) if last_only else h
+            logits = rows.add(len(weights.layers), "head", flat, logits.unsqueeze(1) if last_only else logits)
+            logits = logits.squeeze(1) if last_only else logits
+        return logits.float()
+
+    def _normalized(self, h: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without its weight, in the decoder's dtype: ``h / sqrt(mean(h^2) + eps)`` is
+        ``sqrt(d) * h / sqrt(|h|^2 + d eps)``, and the weight and ``sqrt(d)`` are folded into the
+        weights of the products after it (`lorakit.generation.weights`)."""
+        scale = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().add_(self._eps_sum).rsqrt_()
+        return torch.mul(h, scale, out=torch.empty(h.shape, dtype=self.dtype, device=h.device))
+
+    def _mask(self, start: torch.Tensor, t: int, length: int, group: int) -> torch.Tensor | None:
+        """(n, 1, group * T, length) True where a query may attend: keys up to its own position (the
+        T queries repeated for each query head of a group). None when no row needs one (one token a
+        row, every row at the full length)."""
+        if t == 1 and bool((start == length - 1).all()):
+            return None
+        keys = torch.arange(length, device=self.device)
+        query = start.unsqueeze(1) + torch.arange(t, device=self.device)  # (n, T)
+        mask = (keys.view(1, 1, length) <= query.unsqueeze(2)).unsqueeze(1)  # (n, 1, T, length)
+        return mask.repeat(1, 1, group, 1)
+
+    # -- rows
+    @torch.no_grad()
+    def prefill(self, slot: int, prompt: list[int], adapter: str | None, *, weights_for: list[str | None] | None = None
+                ) -> torch.Tensor:
+        """Write ``prompt`` into ``slot`` (its earlier content dropped) and return the logits after
+        its last token (V,), fp32. Tokens the prefix cache holds for ``adapter`` are copied, the
+        rest computed in chunks. ``weights_for``: the adapters of the rows that will step together
+        (so the prefill runs the weights the steps will run)."""
+        self.reserve(len(prompt))
+        weights, rows = self.weights(weights_for or [adapter])
+        single = rows if rows is None else self._stack.rows([adapter], self.device)
+        done = self._from_prefix(slot, prompt, (adapter, weights.merged))
+        self.lengths[slot] = done
+        logits = None
+        while done < len(prompt):
+            piece = prompt[done:done + self.chunk]
+            ids = torch.tensor([piece], device=self.device)
+            logits = self.forward(ids, slot, [done], weights, single)[0]
+            done += len(piece)
+        self.lengths[slot] = done
+        self._remember(slot, prompt, (adapter, weights.merged))
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: list[int], adapters: list[str | None]) -> torch.Tensor:
+        """Rows 0..n-1 take one token each; the logits (n, V), fp32."""
+        n = len(tokens)
+        weights, rows = self.weights(adapters)
+        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
+        logits = self.forward(ids, 0, self.lengths[:n], weights, rows)
+        for i in range(n):
+            self.lengths[i] += 1
+        return logits
+
+    def move(self, source: int, target: int) -> None:
+        """Slot ``target`` becomes a copy of slot ``source`` (its cache and length)."""
+        length = self.lengths[source]
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        self.lengths[target] = length
+
+    # -- the prefix cache
+    def _from_prefix(self, slot: int, prompt: list[int], key) -> int:
+        """Copy the longest cached prefix of ``prompt`` (one token short of it at most: the last
+        token is always computed, for its logits) into ``slot``; how many tokens it gave."""
+        best, best_entry = 0, None
+        for (owner, tokens), entry in self._prefixes.items():
+            if owner != key:
+                continue
+            same = _common(tokens, prompt)
+            if same > best:
+                best, best_entry = same, ((owner, tokens), entry)
+        best = min(best, len(prompt) - 1)
+        if best <= 0:
+            return 0
+        (entry_key, (k, v)) = best_entry
+        self._prefixes.move_to_end(entry_key)
+        self.keys[:, slot, :, :best] = k[:, :, :best]
+        self.values[:, slot, :, :best] = v[:, :, :best]
+        self.prefix_hits += best
+        return best
+
+    def _remember(self, slot: int, prompt: list[int], key) -> None:
+        if self.prefix_cache_bytes <= 0:
+            return
+        entry_key = (key, tuple(prompt))
+        if entry_key in self._prefixes:
+            self._prefixes.move_to_end(entry_key)
+            return
+        n = len(prompt)
+        k = self.keys[:, slot, :, :n].clone()
+        v = self.values[:, slot, :, :n].clone()
+        size = 2 * k.numel() * k.element_size()
+        if size > self.prefix_cache_bytes:
+            return
+        self._prefixes[entry_key] = (k, v)
+        self._prefix_bytes += size
+        while self._prefix_bytes > self.prefix_cache_bytes:
+            _, (old_k, old_v) = self._prefixes.popitem(last=False)
+            self._prefix_bytes -= 2 * old_k.numel() * old_k.element_size()
+
+
+def _common(a: tuple[int, ...], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -41,7 +41,7 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapter_dirs):
     server = load_server(str(tiny_model_dir), [("a", adapter_dirs["a"]), ("b", adapter_dirs["b"])], port=0,
-                         max_batch=4, max_tokens=24, max_body_bytes=4096).start()
+                         max_batch=4, max_tokens=24, max_body_bytes=4096, precision="fp32").start()  # fp32 references
     yield server
     server.close()
 
@@ -309,7 +309,7 @@ def test_adapters_are_added_and_removed_through_the_api(tiny_model_dir, adapter_
     shutil.copytree(adapter_dirs["a"], broken)
     config = json.loads((broken / "adapter_config.json").read_text())
     (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    with load_server(str(tiny_model_dir), port=0, max_tokens=8, adapter_dir=shelf).start() as server:
+    with load_server(str(tiny_model_dir), port=0, max_tokens=8, adapter_dir=shelf, precision="fp32").start() as server:
         assert [m["id"] for m in call(server, "GET", "/v1/models")[1]["data"]] == [tiny_model_dir.name]
         status, err = call(server, "POST", "/v1/adapters", {"name": "broken"})
         assert status == 400 and err["error"]["code"] == "adapter_invalid", err

@@ -94,7 +94,7 @@ def adapters(tiny_model_dir, tmp_path_factory):
 def server(tiny_model_dir, runs, adapters):
     """Adapters a, b and the "ok" run's; the "tasks" run's can be added from the page."""
     with load_playground(str(tiny_model_dir), [*adapters, ("ok", runs / "ok" / "adapter")], runs_dir=runs,
-                         adapter_dir=runs, port=0, max_batch=8, max_tokens=32).start() as server:
+                         adapter_dir=runs, port=0, max_batch=8, max_tokens=32, precision="fp32").start() as server:
         yield server
 
 

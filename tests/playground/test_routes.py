@@ -56,7 +56,7 @@ def adapter_a(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, runs, adapter_a):
     server = load_playground(str(tiny_model_dir), [("a", adapter_a)], runs_dir=runs, adapter_dir=runs, port=0,
-                             max_batch=8, max_tokens=16).start()
+                             max_batch=8, max_tokens=16, precision="fp32").start()  # fp32: train's own scores
     yield server
     server.close()
 

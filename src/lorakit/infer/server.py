@@ -50,6 +50,7 @@ from lorakit.infer import openai_api as api
 from lorakit.infer.openai_api import Limits, RequestError
 from lorakit.infer.connections import HTTPServer, check_exposure
 from lorakit.infer.endpoints import ROUTES, Route
+from lorakit.generation.decoder import decode_dtype
 from lorakit.infer.scheduler import Scheduler
 from lorakit.models.adapters import load_adapted
 from lorakit.models.load import DEFAULT_MODEL
@@ -207,7 +208,7 @@ def base_model_id(model: str) -> str:
 
 def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | os.PathLike]] = (), *,
                 host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_tokens: int = 512,
-                temperature: float = 1.0, precision: str = "fp32", max_body_bytes: int = 1 << 20,
+                temperature: float = 1.0, precision: str = "auto", max_body_bytes: int = 1 << 20,
                 log_requests: bool = False, api_key: str | None = None, insecure_no_auth: bool = False,
                 adapter_dir: str | os.PathLike | None = None, idle_timeout: float = 30.0, max_connections: int = 64,
                 drain_timeout: float = 30.0, routes: Sequence[Route] = ()) -> Server:
@@ -221,8 +222,8 @@ def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | 
     if idle_timeout <= 0 or max_connections < 1 or drain_timeout < 0:
         raise ConfigError(f"--idle-timeout ({idle_timeout}) must be above 0, --max-connections ({max_connections}) "
                           f"at least 1 and --drain-timeout ({drain_timeout}) at least 0")
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision {precision!r}: use fp32 or bf16")
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ConfigError(f"--precision {precision!r}: use auto, fp32 or bf16")
     if max_batch < 1 or max_tokens < 1:
         raise ConfigError(f"--max-batch ({max_batch}) and --max-tokens ({max_tokens}) must be at least 1")
     base_id = base_model_id(str(model))
@@ -239,6 +240,8 @@ def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | 
         raise ConfigError("--adapter: " + "; ".join(problems))
     loaded, tokenizer = load_adapted(list(adapters), model)
     device = next(loaded.parameters()).device
+    if precision == "auto":  # bf16 where the machine multiplies bf16 natively (the decoder reads half the bytes)
+        precision = "bf16" if decode_dtype(device) == torch.bfloat16 else "fp32"
     bf16 = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)  # bf16 autocast, per batch
     scheduler = Scheduler(loaded, tokenizer, max_batch=max_batch, autocast=bf16 if precision == "bf16" else None,
                           adapters={name: str(Path(directory)) for name, directory in adapters})

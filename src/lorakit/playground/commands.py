@@ -54,8 +54,9 @@ def _server_options(p, adapter_dir: str) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens a request may ask for")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="the temperature of requests that give none (OpenAI's default, 1; 0 = greedy)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16 runs the forward passes under bf16 autocast")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16: frozen weights and the KV cache in bf16, the forward under bf16 autocast; "
+                        "auto: bf16 where the machine multiplies bf16 natively, else fp32")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
     p.add_argument("--api-key", metavar="KEY",
                    help="clients must send 'Authorization: Bearer KEY' (every endpoint but /health and the "

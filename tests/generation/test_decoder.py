@@ -1,0 +1,176 @@
+"""The fast decoder (`lorakit.generation.decoder`) against the model's own forward, in fp32.
+
+Tiny Llama (grouped-query attention) and Qwen2 (q, k, v biases) models with two random, non-zero
+adapters on every projection and the LM head: every logit the decoder gives (a chunked prefill,
+one step, rows with different adapters in one step, a prompt taken partly from the prefix cache,
+a row moved to another slot, a cache that grew) equals the model's logits on the same tokens.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.errors import ConfigError
+from lorakit.generation.batcher import Batcher
+from lorakit.generation.decoder import Decoder, unsupported
+from lorakit.generation.engine import Request, Sampling, generate_batch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+VOCAB = 96
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=True,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**shape, rope_theta=10000.0)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**shape, rope_theta=10000.0, use_sliding_window=False)).eval()
+
+
+def adapted(kind: str):
+    """The model with adapters "a" (r 4) and "b" (r 2, other targets), random A and B."""
+    model = get_peft_model(tiny(kind), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                  init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    return adapted(request.param)
+
+
+def reference(model, ids: list[int], adapter: str | None) -> torch.Tensor:
+    """The model's logits after ``ids`` with ``adapter`` alone (None: the base model), (V,)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                return model(input_ids=x).logits[0, -1]
+        previous = model.active_adapters
+        model.set_adapter(adapter)
+        try:
+            return model(input_ids=x).logits[0, -1]
+        finally:
+            model.set_adapter(previous)
+
+
+def ids(length: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("adapter", [None, "a", "b"])
+@pytest.mark.parametrize("chunk", [256, 3])
+def test_a_chunked_prefill_and_its_steps_equal_the_model(model, adapter, chunk):
+    decoder = Decoder(model, slots=2, capacity=16, dtype=torch.float32, chunk=chunk)
+    prompt = ids(11, 1)
+    close(decoder.prefill(0, prompt, adapter), reference(model, prompt, adapter))
+    for token in (5, 17, 40):
+        prompt = prompt + [token]
+        close(decoder.step([token], [adapter])[0], reference(model, prompt, adapter))
+    assert decoder.capacity >= 14 and decoder.lengths[0] == 14
+
+
+def test_rows_with_different_adapters_in_one_step_equal_each_alone(model):
+    decoder = Decoder(model, slots=3, dtype=torch.float32)
+    adapters, prompts = ["a", None, "b"], [ids(7, 2), ids(3, 3), ids(12, 4)]
+    for slot, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+        close(decoder.prefill(slot, prompt, adapter, weights_for=adapters), reference(model, prompt, adapter))
+    for token in (9, 33):
+        logits = decoder.step([token] * 3, adapters)
+        prompts = [p + [token] for p in prompts]
+        for row, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+            close(logits[row], reference(model, prompt, adapter))
+
+
+def test_a_cached_prefix_gives_the_same_logits(model):
+    decoder = Decoder(model, slots=2, dtype=torch.float32)
+    system = ids(9, 5)
+    decoder.prefill(0, system + ids(4, 6), "a")
+    assert decoder.prefix_hits == 0
+    second = system + ids(5, 7)
+    close(decoder.prefill(1, second, "a"), reference(model, second, "a"))
+    assert decoder.prefix_hits == 9  # the shared system prompt was copied, not computed
+    close(decoder.step([8, 8], ["a", "a"])[1], reference(model, second + [8], "a"))
+    decoder.prefill(1, system + ids(2, 8), "b")  # another adapter's keys differ: nothing is taken
+    assert decoder.prefix_hits == 9
+    again = list(second)
+    close(decoder.prefill(0, again, "a"), reference(model, again, "a"))  # all but the last token cached
+    assert decoder.prefix_hits == 9 + len(again) - 1
+
+
+def test_a_moved_row_goes_on_as_itself(model):
+    decoder = Decoder(model, slots=3, dtype=torch.float32)
+    prompt = ids(6, 9)
+    decoder.prefill(2, prompt, "a")
+    decoder.move(2, 0)
+    close(decoder.step([4], ["a"])[0], reference(model, prompt + [4], "a"))
+
+
+def test_the_cache_grows_to_the_model_limit_and_refuses_beyond_it(model):
+    decoder = Decoder(model, slots=1, capacity=4, dtype=torch.float32)
+    prompt = ids(20, 10)
+    close(decoder.prefill(0, prompt, None), reference(model, prompt, None))
+    assert decoder.capacity >= 20
+    with pytest.raises(ConfigError, match="64 \\(max_position_embeddings\\)"):
+        decoder.prefill(0, ids(65, 11), None)
+
+
+def test_models_the_decoder_cannot_run_are_named_and_generate_batch_runs_them_as_before():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=VOCAB)).eval()
+    assert "gpt2" in unsupported(gpt2)
+    dora = get_peft_model(tiny("llama"), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert "DoRA" in unsupported(dora)
+    embedding = get_peft_model(tiny("llama"), LoraConfig(r=2, target_modules=["embed_tokens"]))
+    assert "embed_tokens" in unsupported(embedding)
+    saved = get_peft_model(tiny("llama"), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert "modules_to_save" in unsupported(saved)
+    with pytest.raises(ValueError, match="DoRA"):
+        Decoder(dora)
+    request = Request(ids(5, 12), None, Sampling(max_new_tokens=4))
+    assert generate_batch(dora, None, [request]) == generate_batch(dora, None, [request], fast=False)
+
+
+# -- continuous batching
+def test_rows_that_join_a_running_batch_give_what_they_give_alone(model):
+    """Row 0 runs two steps alone; rows 1 and 2 (other adapters, one sampled with a seed) join;
+    row 1 leaves early (its max), row 0 is dropped by its caller: each row's tokens equal
+    `generate_batch` on the model's own forward with that request alone."""
+    requests = [Request(ids(5, 13), "a", Sampling(max_new_tokens=12)),
+                Request(ids(9, 14), None, Sampling(max_new_tokens=3)),
+                Request(ids(4, 15), "b", Sampling(max_new_tokens=8, temperature=0.8, top_k=20, seed=3))]
+    alone = [generate_batch(model, None, [r], fast=False)[0] for r in requests]
+    batcher = Batcher(model, None, Decoder(model, slots=3, dtype=torch.float32))
+    got = {0: [], 1: [], 2: []}
+    batcher.add(0, requests[0])
+    steps, dropped = 0, False
+    while len(batcher):
+        for key, token, ended in batcher.step():
+            got[key].append(token)
+            assert ended == (len(got[key]) == requests[key].sampling.max_new_tokens or token == 2)
+        steps += 1
+        if steps == 2:
+            batcher.add(1, requests[1])
+            batcher.add(2, requests[2])
+            assert batcher.free == 0
+            with pytest.raises(ValueError, match="full"):
+                batcher.add(3, requests[0])
+        if len(got[0]) == 9 and not dropped:
+            assert batcher.drop(0) and not batcher.drop(0)
+            dropped = True
+    assert got[1] == alone[1] and got[2] == alone[2]
+    assert dropped and got[0] == alone[0][:9]

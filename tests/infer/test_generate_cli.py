@@ -35,7 +35,7 @@ def reference(adapter_dir, model_dir, prompt, system=None, max_new_tokens=5):
 
 def test_one_prompt_streams_the_adapters_completion(tiny_model_dir, tiny_adapter, capsys):
     code = main(["generate", "--adapter", str(tiny_adapter), "--system", "Be brief.", "--prompt", "hello there",
-                 "--max-new-tokens", "5"])
+                 "--max-new-tokens", "5", "--precision", "fp32"])  # fp32: the reference's precision
     assert code == 0
     expected = reference(tiny_adapter, tiny_model_dir, "hello there", system="Be brief.")
     assert capsys.readouterr().out.strip() == expected
@@ -44,7 +44,7 @@ def test_one_prompt_streams_the_adapters_completion(tiny_model_dir, tiny_adapter
 def test_prompts_with_their_adapters_are_labelled(tiny_model_dir, tiny_adapter, adapter_b, capsys):
     code = main(["generate", "--adapter", f"a={tiny_adapter}", "--adapter", f"b={adapter_b}",
                  "--prompt-for", "b", "remind me to call mom", "--prompt-for", "base", "hi",
-                 "--prompt", "hello", "--max-new-tokens", "5"])
+                 "--prompt", "hello", "--max-new-tokens", "5", "--precision", "fp32"])
     assert code == 0
     out = capsys.readouterr().out
     expected = [("b", adapter_b, "remind me to call mom"), ("base", None, "hi"),
@@ -57,7 +57,7 @@ def test_prompts_with_their_adapters_are_labelled(tiny_model_dir, tiny_adapter, 
 def test_json_with_seeded_sampling(tiny_model_dir, tiny_adapter, capsys):
     argv = ["generate", "--adapter", f"a={tiny_adapter}", "--prompt", "hello", "--prompt-for", "base", "hello",
             "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--seed", "5", "--max-new-tokens", "4",
-            "--json"]
+            "--json", "--precision", "fp32"]
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(argv) == 0

@@ -83,7 +83,8 @@ class Decoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.hidden = config.hidden_size
         self.eps = config.rms_norm_eps
-        self._eps_sum = self.hidden * self.eps
+        self._eps_sum = torch.tensor(self.hidden * self.eps, device=self.device)
+        self._flash_cpu = self.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
         self.embed = base.model.embed_tokens.weight  # looked up, never copied
         self.slots, self.chunk = slots, chunk
         self.max_positions = getattr(config, "max_position_embeddings", None) or capacity
@@ -191,23 +192,23 @@ class Decoder:
             q = qk[:, :, :heads]
             q = q.view(n, kvh, group, hd) if t == 1 else \
                 q.reshape(n, t, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(n, kvh, group * t, hd)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            attn = self._attention(q, k, v, mask)
             o = attn.reshape(n, 1, heads * hd) if t == 1 else \
                 attn.view(n, kvh, group, t, hd).permute(0, 3, 1, 2, 4).reshape(n, t, heads * hd)
             out = w.o(o)
             if rows is not None:
                 out = rows.add(index, "o", o, out)
-            h = h + out
+            h += out
             a = self._normalized(h)
             gate_up = w.gate_up(a)
             if rows is not None:
                 gate_up = rows.add(index, "gate_up", a, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
-            m = F.silu(gate) * up
+            m = F.silu(gate).mul_(up)
             out = w.down(m)
             if rows is not None:
                 out = rows.add(index, "down", m, out)
-            h = h + out
+            h += out
         if last_only:
             h = h[:, -1]
         h = self._normalized(h)
@@ -222,8 +223,16 @@ class Decoder:
         """RMSNorm without its weight, in the decoder's dtype: ``h / sqrt(mean(h^2) + eps)`` is
         ``sqrt(d) * h / sqrt(|h|^2 + d eps)``, and the weight and ``sqrt(d)`` are folded into the
         weights of the products after it (`lorakit.generation.weights`)."""
-        scale = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().add_(self._eps_sum).rsqrt_()
+        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        scale = torch.addcmul(self._eps_sum, norm, norm).rsqrt_()
         return torch.mul(h, scale, out=torch.empty(h.shape, dtype=self.dtype, device=h.device))
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d)) v``: PyTorch's CPU flash-attention kernel called directly where
+        there is one (the dispatcher's choice of kernel costs more than the kernel for one token)."""
+        if self._flash_cpu and mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _mask(self, start: torch.Tensor, t: int, length: int, group: int) -> torch.Tensor | None:
         """(n, 1, group * T, length) True where a query may attend: keys up to its own position (the

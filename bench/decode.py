@@ -5,7 +5,8 @@ requests as chat prompts (the same token ids for every engine), greedy, --max-ne
 
 - **single stream**, request by request, the engines taking turns on each request: time to first
   token (the prefill and one token) and decode tokens/s (tokens after the first / time after it):
-  lorakit's decoder (bf16 where the CPU multiplies bf16 natively, and fp32; prefix cache off),
+  lorakit's decoder (bf16 where the CPU multiplies bf16 natively, and fp32; prefix cache off; in
+  bf16 also with the adapter run as its own A and B products instead of merged),
   transformers ``generate`` + PEFT (fp32), and llama.cpp through llama-cpp-python (the base as f32
   and bf16 GGUFs written by `lorakit.export.gguf_model`, the adapter from ``lorakit export --format
   gguf-adapter``; skipped with a note where llama_cpp does not import);
@@ -56,11 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 class LorakitEngine:
     """The fast decoder as `lorakit serve` runs it: one `Batcher`, kept warm."""
 
-    def __init__(self, model, tokenizer, dtype, slots: int, prefix_cache: bool = False):
+    def __init__(self, model, tokenizer, dtype, slots: int, prefix_cache: bool = False, merge: bool = True):
         from lorakit.generation.batcher import Batcher
         from lorakit.generation.decoder import Decoder
 
-        self.decoder = Decoder(model, slots=slots, dtype=dtype, prefix_cache_bytes=(256 << 20) if prefix_cache else 0)
+        self.decoder = Decoder(model, slots=slots, dtype=dtype, prefix_cache_bytes=(256 << 20) if prefix_cache else 0,
+                               merge=merge)
         self.batcher = Batcher(model, tokenizer, self.decoder)
 
     def run(self, prompts: list[list[int]], max_new: int) -> tuple[list[list[int]], float, float]:
@@ -186,8 +188,8 @@ def near_ties(model, prompts, reference, answers) -> dict:
 
 
 def long_prompt(tokenizer, examples, request: str, tokens: int = 300) -> list[int]:
-    """A system prompt of instructions and as many worked examples as keep the chat within
-    ``tokens``, and ``request``."""
+    """A system prompt of instructions and worked examples, as few as make the chat at least
+    ``tokens`` long, and ``request``."""
     from lorakit.data.chat import chat_prompt_ids
     from lorakit.data.task_api.generate import SYSTEM
 
@@ -195,7 +197,7 @@ def long_prompt(tokenizer, examples, request: str, tokens: int = 300) -> list[in
         shots = "\n".join(f"Request: {ex.request}\nJSON: {ex.answer}" for ex in examples[:count])
         return chat_prompt_ids(tokenizer, request, system=f"{SYSTEM}\nExamples:\n{shots}")
 
-    count = max(c for c in range(1, len(examples) + 1) if c == 1 or len(prompt(c)) <= tokens)
+    count = next((c for c in range(1, len(examples) + 1) if len(prompt(c)) >= tokens), len(examples))
     return prompt(count)
 
 
@@ -256,8 +258,9 @@ def main(argv=None) -> None:
     val = data.val[:max(sizes + [args.requests])]
     prompts = [chat_prompt_ids(tokenizer, ex.request, system=SYSTEM) for ex in val]
     bf16 = decode_dtype("cpu")
-    engines = {"lorakit (bf16)" if bf16 == torch.bfloat16 else "lorakit (fp32, no native bf16)":
-               LorakitEngine(model, tokenizer, bf16, max(sizes)),
+    label = "bf16" if bf16 == torch.bfloat16 else "fp32, no native bf16"
+    engines = {f"lorakit ({label})": LorakitEngine(model, tokenizer, bf16, max(sizes)),
+               f"lorakit ({label}, adapter not merged)": LorakitEngine(model, tokenizer, bf16, 1, merge=False),
                "lorakit (fp32)": LorakitEngine(model, tokenizer, torch.float32, max(sizes)),
                "transformers + PEFT (fp32)": TransformersEngine(adapter)}
     notes = []

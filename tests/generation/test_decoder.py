@@ -83,6 +83,14 @@ def test_a_chunked_prefill_and_its_steps_equal_the_model(model, adapter, chunk):
     assert decoder.capacity >= 14 and decoder.lengths[0] == 14
 
 
+def test_an_adapter_run_unmerged_equals_it_merged(model):
+    merged, unmerged = (Decoder(model, slots=1, dtype=torch.float32, merge=m) for m in (True, False))
+    prompt = ids(8, 16)
+    close(unmerged.prefill(0, prompt, "a"), merged.prefill(0, prompt, "a"))
+    close(unmerged.step([7], ["a"]), merged.step([7], ["a"]))
+    assert list(merged._packed) == ["a"] and list(unmerged._packed) == [None]  # merged copy vs base weights
+
+
 def test_rows_with_different_adapters_in_one_step_equal_each_alone(model):
     decoder = Decoder(model, slots=3, dtype=torch.float32)
     adapters, prompts = ["a", None, "b"], [ids(7, 2), ids(3, 3), ids(12, 4)]

@@ -69,7 +69,7 @@ class Decoder:
     for at first (the cache grows as rows need, up to the model's ``max_position_embeddings``)."""
 
     def __init__(self, model, *, slots: int = 16, capacity: int = 1024, dtype: torch.dtype | None = None,
-                 chunk: int = 256, prefix_cache_bytes: int = 256 << 20):
+                 chunk: int = 256, prefix_cache_bytes: int = 256 << 20, merge: bool = True):
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"the fast decoder does not run this model: {reason}")
@@ -87,6 +87,7 @@ class Decoder:
         self._flash_cpu = self.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
         self.embed = base.model.embed_tokens.weight  # looked up, never copied
         self.slots, self.chunk = slots, chunk
+        self.merge = merge  # one adapter for every row: merged into the weights (False: run as A and B products)
         self.max_positions = getattr(config, "max_position_embeddings", None) or capacity
         self.capacity = min(capacity, self.max_positions)
         self._layers = len(base.model.layers)
@@ -100,6 +101,7 @@ class Decoder:
         self._prefix_bytes, self.prefix_cache_bytes = 0, prefix_cache_bytes
         self.prefix_hits = 0  # prompt tokens taken from the prefix cache, since the start
 
+    @torch.inference_mode()
     def reserve(self, length: int) -> None:
         """Make room for rows of ``length`` tokens: the cache grows (to twice its size, or to
         ``length``) up to the model's ``max_position_embeddings``."""
@@ -125,8 +127,7 @@ class Decoder:
         self.keys, self.values, self.capacity = keys, values, capacity
         positions = torch.arange(capacity, device=self.device).unsqueeze(0)
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            cos, sin = base_model(self.model).model.rotary_emb(probe, positions)
+        cos, sin = base_model(self.model).model.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         half = self.head_dim // 2
         self._rotate_sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.dtype)
@@ -135,8 +136,8 @@ class Decoder:
     def weights(self, adapters: list[str | None]) -> tuple[Packed, RowAdapters | None]:
         """The packed weights for rows using ``adapters`` (None: the base model), and the rows'
         adapters when they differ (else None: merged, or the base model)."""
-        names = {a for a in adapters}
-        if len(names) == 1:
+        names = set(adapters)
+        if len(names) == 1 and (self.merge or None in names):
             name = next(iter(names))
             if name not in self._packed:
                 for key in [k for k in self._packed if k is not None]:  # one merged copy at a time
@@ -153,7 +154,7 @@ class Decoder:
         return self._packed[None], self._rows[1]
 
     # -- the forward
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, slot0: int, starts: list[int], weights: Packed,
                 rows: RowAdapters | None, last_only: bool = True) -> torch.Tensor:
         """Rows ``slot0 .. slot0 + n - 1`` take ``ids`` (n, T) at positions ``starts[i] ..
@@ -246,7 +247,7 @@ class Decoder:
         return mask.repeat(1, 1, group, 1)
 
     # -- rows
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, slot: int, prompt: list[int], adapter: str | None, *, weights_for: list[str | None] | None = None
                 ) -> torch.Tensor:
         """Write ``prompt`` into ``slot`` (its earlier content dropped) and return the logits after
@@ -268,7 +269,7 @@ class Decoder:
         self._remember(slot, prompt, (adapter, weights.merged))
         return logits
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, tokens: list[int], adapters: list[str | None]) -> torch.Tensor:
         """Rows 0..n-1 take one token each; the logits (n, V), fp32."""
         n = len(tokens)
@@ -279,6 +280,7 @@ class Decoder:
             self.lengths[i] += 1
         return logits
 
+    @torch.inference_mode()
     def move(self, source: int, target: int) -> None:
         """Slot ``target`` becomes a copy of slot ``source`` (its cache and length)."""
         length = self.lengths[source]

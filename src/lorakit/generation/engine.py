@@ -1,6 +1,9 @@
 """The generation engine: many requests in one batch, each with its own adapter and sampling.
 
-All requests run together in one left-padded batch over the model's own KV cache::
+On a Llama-family model the requests run on the fast decoder (`lorakit.generation.decoder`,
+through `lorakit.generation.batcher`): fp32, or bf16 when ``autocast`` is bf16 autocast. Otherwise
+(and with ``fast=False``, or ``as_is``) all requests run together in one left-padded batch over
+the model's own KV cache::
 
     prefill   logits, cache = model(prompts, mask, positions)             # (B, T) -> (B, V)
     decode    logits, cache = model(last tokens, mask + 1, positions + 1) # (B, 1) -> (B, V)

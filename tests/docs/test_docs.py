@@ -46,7 +46,7 @@ FAST_ENV = {"LORAKIT_MAX_STEPS": "3", "LORAKIT_EVAL_EXAMPLES": "8", "LORAKIT_SCO
 RUN_NAMES = ("run", "demo-run", "a", "b")  # runs/<name> placeholders the documents use
 # Blocks run and blocks not run (with a note) per document today: a block that stops being run,
 # or a new runnable one, must show up here. A new document runs without an entry.
-COUNTS = {"README.md": (5, 1), "INFERENCE.md": (9, 0), "PERFORMANCE.md": (0, 15), "SPEEDUP.md": (4, 0),
+COUNTS = {"README.md": (5, 1), "INFERENCE.md": (9, 0), "PERFORMANCE.md": (0, 16), "SPEEDUP.md": (4, 0),
           "SERVING.md": (0, 3), "VARIANTS.md": (0, 0), "QLORA.md": (5, 0), "EXPORT.md": (4, 1),
           "PREFERENCE.md": (4, 1), "DATA.md": (3, 0), "TRACKING.md": (2, 5),
           "RUNS.md": (5, 0), "PLAYGROUND.md": (0, 2)}

@@ -182,3 +182,17 @@ def test_rows_that_join_a_running_batch_give_what_they_give_alone(model):
             dropped = True
     assert got[1] == alone[1] and got[2] == alone[2]
     assert dropped and got[0] == alone[0][:9]
+
+
+def test_generate_batch_steps_at_most_its_row_limit_and_the_rest_join_as_rows_end(model, monkeypatch):
+    """With room for 2 rows, 5 requests of different lengths: each one's tokens are its tokens alone,
+    and the callback sees them in order."""
+    from lorakit.generation import engine
+
+    monkeypatch.setattr(engine, "_MAX_ROWS", 2)
+    requests = [Request(ids(4 + i, 20 + i), ["a", None, "b"][i % 3], Sampling(max_new_tokens=2 + 2 * i))
+                for i in range(5)]
+    seen = {i: [] for i in range(5)}
+    out = generate_batch(model, None, requests, on_token=lambda i, t: seen[i].append(t))
+    assert out == [generate_batch(model, None, [r], fast=False)[0] for r in requests]
+    assert [seen[i] for i in range(5)] == out

@@ -121,19 +121,27 @@ def generate_batch(model, tokenizer, requests: Sequence[Request], *,
 
 
 def _generate_fast(model, tokenizer, requests: list[Request], on_token, dtype: torch.dtype) -> list[list[int]]:
-    """`generate_batch` on the fast decoder: every request joins at the first step."""
+    """`generate_batch` on the fast decoder: up to ``_MAX_ROWS`` requests step together, and each
+    one that ends gives its place to the next waiting (the rows' tokens do not depend on that)."""
     longest = max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in requests)
-    decoder = Decoder(model, slots=len(requests), capacity=longest, dtype=dtype, prefix_cache_bytes=0)
+    decoder = Decoder(model, slots=min(len(requests), _MAX_ROWS), capacity=longest, dtype=dtype,
+                      prefix_cache_bytes=0)
     batcher = Batcher(model, tokenizer, decoder)
-    for i, r in enumerate(requests):
-        batcher.add(i, r)
+    waiting = list(range(len(requests)))[::-1]
     outputs: list[list[int]] = [[] for _ in requests]
-    while len(batcher):
+    while waiting or len(batcher):
+        while waiting and batcher.free:
+            i = waiting.pop()
+            batcher.add(i, requests[i])
         for i, token, ended in sorted(batcher.step()):  # in request order, as the model's loop
             outputs[i].append(token)
             if on_token is not None and on_token(i, token) is False and not ended:
                 batcher.drop(i)
     return outputs
+
+
+_MAX_ROWS = 64
+"""The most rows `generate_batch` steps together on the fast decoder (each holds its own KV cache)."""
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

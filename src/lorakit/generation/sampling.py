@@ -19,6 +19,7 @@ from lorakit.errors import ConfigError
 __all__ = ["Sampling", "Request", "warp_logits", "eos_token_ids", "row_ended", "finish_reason", "next_tokens",
            "generator", "pad_token_id", "is_int"]
 
+
 @dataclass
 class Sampling:
     """How one request picks its tokens."""

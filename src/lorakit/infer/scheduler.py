@@ -29,20 +29,17 @@ worker before it gathers a batch (for tests that must queue several requests fir
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import LorakitError
-from lorakit.generation.batcher import Batcher
-from lorakit.generation.decoder import Decoder, autocast_dtype, unsupported
 from lorakit.generation.engine import Request, eos_token_ids, finish_reason, generate_batch, row_ended
-from lorakit.infer.openai_api import Call, RequestError
-from lorakit.infer.textstream import TextStream
+from lorakit.infer.continuous import ContinuousBatching
+from lorakit.infer.jobs import AdapterChange, Batch, Job, Row, resumed
+from lorakit.infer.openai_api import RequestError
 from lorakit.inject import ModulesToSave, logical_modules, replace_module
 from lorakit.layer import LoraLayer
 from lorakit.model import PeftModel
@@ -52,69 +49,10 @@ __all__ = ["Scheduler", "Job", "Row", "AdapterChange", "Batch"]
 _STOP = object()
 
 
-@dataclass
-class Row:
-    """One prompt of a job: its ids, its text so far, and how it ended."""
-
-    prompt_ids: list[int]
-    stream: TextStream
-    ids: list[int] = field(default_factory=list)  # the generated tokens, as the engine reports them
-    done: bool = False  # ended: its text and finish_reason are final
-    finish_reason: str | None = None
-    completion_tokens: int = 0
 
 
-@dataclass
-class Job:
-    """One HTTP request's generation. ``events`` receives, in order: when streaming,
-    ``("text", row, piece)`` for each piece of a row's text and ``("finish", row, None)`` when the
-    row ends; then ``("done", None, None)`` once every row ended, or ``("error", RequestError, None)``."""
-
-    call: Call
-    adapter: str | None  # None: the base model
-    rows: list[Row]
-    stream: bool
-    events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: bool = False  # the client went away, or the server stopped: stop sending it text
-    answered: bool = False  # "done" was sent (every row ended), or the error
-
-    @classmethod
-    def from_call(cls, call: Call, adapter: str | None, tokenizer) -> "Job":
-        rows = [Row(ids, TextStream(tokenizer, call.stop)) for ids in call.prompts]
-        return cls(call, adapter, rows, call.stream)
-
-    def fail(self, error: RequestError) -> None:
-        if not self.answered:
-            self.answered = True
-            self.events.put(("error", error, None))
-
-
-@dataclass
-class AdapterChange:
-    """Add (``path`` given) or remove an adapter, between batches; ``done`` is set after, with
-    ``error`` holding what went wrong, if anything."""
-
-    name: str
-    path: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    error: Exception | None = None
-
-
-@dataclass(frozen=True)
-class Batch:
-    """The jobs that started a batch together, or a job that joined a running one."""
-
-    requests: int
-    rows: int
-    models: tuple[str | None, ...]  # each request's adapter (None: the base model)
-
-
-class Scheduler:
+class Scheduler(ContinuousBatching):
     """Owns the model; runs queued jobs in batches on one worker thread (see the module docstring)."""
-
-    continuous = True
-    """Run batches continuously on the fast decoder where the model allows; False: one
-    `generate_batch` call a batch (no job joins a running batch)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, autocast: Callable | None = None,
                  adapters: dict[str, str] | None = None):
@@ -139,8 +77,6 @@ class Scheduler:
         self._cancel = False  # drain's deadline passed: running rows end at their next token
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="lorakit-serve-worker", daemon=True)
-        self._batcher: Batcher | None = None  # the continuous batch over the fast decoder, made on first use
-        self._fast: bool | None = None  # whether the model runs on the fast decoder (None: not asked yet)
 
     # -- the request threads' side
     def start(self) -> None:
@@ -227,7 +163,7 @@ class Scheduler:
                     self.model.delete_adapter(name)
                 raise
         self.adapters = {**self.adapters, name: str(Path(path))}  # replaced, never changed: readers see one state
-        self._batcher, self._fast = None, None  # the decoder packs the weights again
+        self._forget_decoder()
 
     def remove_adapter(self, name: str) -> None:
         """Remove an adapter; removing the last one leaves the plain base model."""
@@ -239,7 +175,7 @@ class Scheduler:
         else:
             self.model.delete_adapter(name)
         self.adapters = {n: p for n, p in self.adapters.items() if n != name}
-        self._batcher, self._fast = None, None
+        self._forget_decoder()
 
     # -- the worker
     def _run(self) -> None:
@@ -310,7 +246,7 @@ class Scheduler:
         if self._use_fast():
             return self._run_continuous(live, jobs, admit)
         rows = [(job, row) for job in live for row in job.rows if not row.done]
-        requests = [_resumed(job, row) for job, row in rows]
+        requests = [resumed(job, row) for job, row in rows]
         eos = eos_token_ids(self.model, self.tokenizer)
         seen = [0] * len(rows)
 
@@ -359,62 +295,6 @@ class Scheduler:
         return not row.done
 
     # -- continuous batching on the fast decoder
-    def _use_fast(self) -> bool:
-        if self._fast is None:
-            self._fast = unsupported(self.model) is None
-        return self.continuous and self._fast
-
-    def _continuous(self) -> Batcher:
-        if self._batcher is None:
-            device = next(self.model.parameters()).device
-            decoder = Decoder(self.model, slots=self.max_batch, dtype=autocast_dtype(self.autocast, device))
-            self._batcher = Batcher(self.model, self.tokenizer, decoder)
-        self._batcher.clear()  # rows a failed batch left
-        return self._batcher
-
-    def _run_continuous(self, live: list[Job], jobs: list[Job], admit: bool) -> None:
-        batcher = self._continuous()
-        eos = eos_token_ids(self.model, self.tokenizer)
-        entries: list[tuple[Job, Row]] = []  # a row's key in the batcher is its index here
-
-        def enter(job: Job) -> None:
-            for row in job.rows:
-                if not row.done:
-                    batcher.add(len(entries), _resumed(job, row))
-                    entries.append((job, row))
-
-        for job in live:
-            enter(job)
-        while len(batcher):
-            for key, token_id, ended in batcher.step():
-                job, row = entries[key]
-                if not self._route(job, row, token_id, eos) and not ended:
-                    batcher.drop(key)
-                elif ended and not row.done and not job.cancelled:
-                    self._finish_row(job, row, eos)
-            if admit:
-                self._admit(batcher, jobs, enter)
-
-    def _admit(self, batcher: Batcher, jobs: list[Job], enter: Callable[[Job], None]) -> None:
-        """Jobs waiting in order join the running batch while their rows fit; the first that does
-        not (or an adapter change, or the stop) waits for the batch to end, and so does all behind it."""
-        while self._gate.is_set() and not self._closing and not self._cancel:
-            from_held = bool(self._held)
-            try:
-                item = self._held.pop(0) if from_held else self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if not isinstance(item, Job) or len(item.rows) > batcher.free:
-                if from_held:
-                    self._held.insert(0, item)
-                else:
-                    self._held.append(item)
-                return
-            joining = self._runnable([item])
-            if joining:
-                jobs.append(item)
-                self._record(Batch(1, len(item.rows), (item.adapter,)))
-                enter(item)
 
     def _send(self, job: Job, row: Row, piece: str) -> None:
         if piece and job.stream and not job.cancelled:
@@ -435,14 +315,6 @@ class Scheduler:
             job.events.put(("done", None, None))
 
 
-def _resumed(job: Job, row: Row) -> Request:
-    """The engine's request for a row: its prompt, or (a row that has tokens from a failed batch)
-    its prompt and those tokens, with the new tokens it has left."""
-    sampling = job.call.sampling
-    if not row.ids:
-        return Request(row.prompt_ids, job.adapter, sampling)
-    left = dataclasses.replace(sampling, max_new_tokens=sampling.max_new_tokens - len(row.ids))
-    return Request(row.prompt_ids + row.ids, job.adapter, left)
 
 
 def _generation_error(err: Exception) -> RequestError:

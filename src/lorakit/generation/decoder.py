@@ -68,7 +68,7 @@ class Decoder:
     """See the module docstring. ``slots``: rows at most; ``capacity``: tokens per row to allocate
     for at first (the cache grows as rows need, up to the model's ``max_position_embeddings``)."""
 
-    def __init__(self, model, *, slots: int = 16, capacity: int = 256, dtype: torch.dtype | None = None,
+    def __init__(self, model, *, slots: int = 16, capacity: int = 1024, dtype: torch.dtype | None = None,
                  chunk: int = 256, prefix_cache_bytes: int = 256 << 20, merge: bool = True):
         reason = unsupported(model)
         if reason is not None:

@@ -38,20 +38,15 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.errors import ConfigError
+from lorakit.kernels.precision import native_bf16
 from lorakit.generation.weights import AdapterStack, Packed, RowAdapters, base_model, pack, unsupported
 
 __all__ = ["Decoder", "unsupported", "decode_dtype", "autocast_dtype"]
 
 
 def decode_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 where the hardware multiplies bf16 natively (AVX-512 BF16 or AMX on a CPU, a CUDA GPU
-    with bf16), else fp32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if native else torch.float32
+    """bf16 where the hardware multiplies bf16 natively (`lorakit.kernels.precision`), else fp32."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def autocast_dtype(autocast, device: torch.device | str) -> torch.dtype:

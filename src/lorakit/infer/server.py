@@ -50,10 +50,10 @@ from lorakit.infer import openai_api as api
 from lorakit.infer.openai_api import Limits, RequestError
 from lorakit.infer.connections import HTTPServer, check_exposure
 from lorakit.infer.endpoints import ROUTES, Route
-from lorakit.generation.decoder import decode_dtype
 from lorakit.infer.scheduler import Scheduler
 from lorakit.models.adapters import load_adapted
 from lorakit.models.load import DEFAULT_MODEL
+from lorakit.models.speedup import resolve_precision
 
 __all__ = ["Server", "load_server", "BASE_ALIAS", "check_exposure"]
 
@@ -240,8 +240,7 @@ def load_server(model: str = DEFAULT_MODEL, adapters: Sequence[tuple[str, str | 
         raise ConfigError("--adapter: " + "; ".join(problems))
     loaded, tokenizer = load_adapted(list(adapters), model)
     device = next(loaded.parameters()).device
-    if precision == "auto":  # bf16 where the machine multiplies bf16 natively (the decoder reads half the bytes)
-        precision = "bf16" if decode_dtype(device) == torch.bfloat16 else "fp32"
+    precision = resolve_precision(precision, device)  # auto: bf16 where the machine multiplies bf16 natively
     bf16 = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)  # bf16 autocast, per batch
     scheduler = Scheduler(loaded, tokenizer, max_batch=max_batch, autocast=bf16 if precision == "bf16" else None,
                           adapters={name: str(Path(directory)) for name, directory in adapters})

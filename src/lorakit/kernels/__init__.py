@@ -8,6 +8,7 @@ needs from its caller or from the object that owns it (no module-global switch o
 - `attention`: causal attention as one node; a one-row stream of examples laid out per example.
 - `norms`: RMSNorm as one node.
 - `loss`: cross-entropy through the output head on the label positions only, chunk by chunk.
+- `precision`: whether a device multiplies bf16 natively (every ``precision: auto``).
 
 The bottom of the core: these modules import torch (and `lorakit.errors`) only, never the layers
 that call them; hooking a kernel into a transformers model is `lorakit.models`' job. Nothing is imported here, so that

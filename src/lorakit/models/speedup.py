@@ -39,6 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorakit.errors import ConfigError
 from lorakit.kernels.fused import FusedLayer
+from lorakit.kernels.precision import native_bf16
 from lorakit.layer import LoraLayer
 from lorakit.models.attention import ATTENTION, LAYOUT_KEY, use_lorakit_attention, varlen_inputs
 from lorakit.models.family import in_llama_family, unwrap
@@ -57,11 +58,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" is bf16 where the hardware multiplies bf16 natively, else fp32."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if native else "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:

@@ -32,7 +32,7 @@ from lorakit.train.config import TRAIN_METHODS, TrainConfig, variant_summary
 from lorakit.train.objectives import heldout_metrics
 from lorakit.train.report import plot_losses, read_metrics, write_report
 from lorakit.train.schedule import lr_at
-from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, prepare, restart_command
+from lorakit.train.setup import INITIAL_ADAPTER, Run, TrainState, check_world, prepare, restart_command
 from lorakit.train.status import StatusRecorder
 from lorakit.variants import inits
 
@@ -136,6 +136,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool, status: StatusRecorder) -> RunResult:
+    check_world(config, distributed.started_by_torchrun())  # before the process group: a refusal exits 2 cleanly
     world = distributed.join_world()
     run = prepare(config, resume, world)
     status.start(run.run_dir, run.schedule.total_steps, enabled=world.is_main)

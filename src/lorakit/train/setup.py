@@ -160,6 +160,24 @@ def _remove_stale_writes(run_dir: Path) -> None:
               f"{', '.join(p.name for p in removed)}", flush=True)
 
 
+def check_world(config: TrainConfig, distributed: bool) -> None:
+    """What a run of several processes refuses, from the config alone: `lorakit.train.loop` asks
+    before the process group exists (a rank that refuses then exits 2 with no peer to abort it),
+    and `prepare` asks again for callers that bring their own `World`."""
+    if not distributed:
+        return
+    if config.method == "adalora":
+        raise ConfigError(f"method={config.method}: trains in one process for now (its rank allocation reads "
+                          "every gradient of the step); run it without torchrun / --nproc, or use method lora")
+    if config.strategy == "fsdp" and TRAIN_METHODS[config.method].preference:
+        raise ConfigError(f"method={config.method} with --strategy fsdp: not supported yet (the reference forward "
+                          "runs inside the sharded model's forward); use --strategy ddp")
+    if config.strategy == "fsdp" and config.quantize:
+        raise ConfigError(f"--quantize {config.quantize} with --strategy fsdp: FSDP2 does not shard bitsandbytes' "
+                          "quantized weights; use --strategy ddp (each process holds the whole 4-/8-bit base, "
+                          "a quarter to a half of its bf16 size), or drop --quantize")
+
+
 def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Run:
     """The run directory (config.yaml written), the model with its fresh adapter, the data, the
     optimizer. ``resume``: the run directory must hold checkpoints and the method must resume.
@@ -173,16 +191,7 @@ def prepare(config: TrainConfig, resume: bool, world: World | None = None) -> Ru
         raise CheckpointError(f"resuming is not supported for {method_for(config.peft_type).name} runs: "
                               f"{problem}; start a new run")
     preference = TRAIN_METHODS[config.method].preference
-    if world.distributed and config.method == "adalora":
-        raise ConfigError(f"method={config.method}: trains in one process for now (its rank allocation reads "
-                          "every gradient of the step); run it without torchrun / --nproc, or use method lora")
-    if world.distributed and config.strategy == "fsdp" and preference:
-        raise ConfigError(f"method={config.method} with --strategy fsdp: not supported yet (the reference forward "
-                          "runs inside the sharded model's forward); use --strategy ddp")
-    if world.distributed and config.strategy == "fsdp" and config.quantize:
-        raise ConfigError(f"--quantize {config.quantize} with --strategy fsdp: FSDP2 does not shard bitsandbytes' "
-                          "quantized weights; use --strategy ddp (each process holds the whole 4-/8-bit base, "
-                          "a quarter to a half of its bf16 size), or drop --quantize")
+    check_world(config, world.distributed)
     if resume and not (run_dir / "checkpoints").is_dir():
         saves = f"every {config.save_every} steps" if config.save_every else "only when stopped by SIGINT/SIGTERM"
         raise CheckpointError(f"{run_dir}: the run was stopped before its first checkpoint (it saves one {saves}), "

@@ -41,15 +41,16 @@ _PARTS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn
 
 
 class Matrix:
-    """``x @ W^T (+ bias)`` for one frozen weight W (out, in): on a CPU in bf16, W is packed once
-    into oneDNN's blocked layout (the layout its bf16 kernels read fastest; about twice the
-    bandwidth of ``F.linear`` on a plain bf16 tensor for one row), else ``F.linear``."""
+    """``x @ W^T (+ bias)`` for one frozen weight W (out, in): on a CPU with oneDNN, W (bf16 or
+    fp32) is packed once into oneDNN's blocked layout, the layout its kernels read fastest (for one
+    row, about twice the memory bandwidth of ``F.linear`` on a plain tensor in either dtype:
+    a decode step reads every weight once); elsewhere (CUDA) ``F.linear``."""
 
     __slots__ = ("weight", "bias", "packed")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias, self.packed = weight, bias, None
-        if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _onednn_bf16():
+        if weight.device.type == "cpu" and _onednn(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +60,14 @@ class Matrix:
 
 
 @functools.cache
-def _onednn_bf16() -> bool:
+def _onednn(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed products run ``dtype`` on this CPU (bf16 only where it is native)."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return dtype == torch.float32
     except (AttributeError, RuntimeError):
         return False
 

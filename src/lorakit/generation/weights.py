@@ -52,6 +52,7 @@ class Matrix:
         self.weight, self.bias, self.packed = weight, bias, None
         if weight.device.type == "cpu" and _onednn(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            self.weight = None  # the packed copy is all a product reads: one copy of the weights, not two
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -65,10 +66,16 @@ def _onednn(dtype: torch.dtype) -> bool:
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
             return False
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return dtype == torch.float32
-    except (AttributeError, RuntimeError):
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        if dtype not in (torch.bfloat16, torch.float32):
+            return False
+        # one small product, packed and plain, must agree: a build whose oneDNN cannot pack falls back
+        weight, x = torch.randn(24, 16).to(dtype), torch.randn(2, 16).to(dtype)
+        packed = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(weight, 1), None,
+                                                    "none", [], "")
+        return bool(torch.allclose(packed.float(), F.linear(x, weight).float(), rtol=0.02, atol=0.02))
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 

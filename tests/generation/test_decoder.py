@@ -119,6 +119,58 @@ def test_a_cached_prefix_gives_the_same_logits(model):
     assert decoder.prefix_hits == 9 + len(again) - 1
 
 
+@pytest.mark.parametrize("adapters", [["a", "a", "a"], ["a", None, "b"]], ids=["merged", "mixed"])
+@pytest.mark.parametrize("prefill_tokens", [2048, 3], ids=["one-forward", "a-row-a-forward"])
+def test_prompts_prefilled_together_equal_each_alone(model, adapters, prefill_tokens):
+    """Three prompts of 10, 2 and 6 tokens in chunks of 3: padded chunks, rows that finish early (the
+    second round runs slots 0 and 2 only), and with a budget of 3 positions a forward, one row a forward."""
+    decoder = Decoder(model, slots=4, dtype=torch.float32, chunk=3, prefill_tokens=prefill_tokens)
+    decoder.prefill(3, ids(12, 20), "b")  # a slot not in the call keeps its content
+    prompts = [ids(10, 21), ids(2, 22), ids(6, 23)]
+    logits = decoder.prefill_many([0, 1, 2], prompts, adapters)
+    for got, prompt, adapter in zip(logits, prompts, adapters):
+        close(got, reference(model, prompt, adapter))
+    assert decoder.lengths[:3] == [10, 2, 6]
+    for token in (9, 33):  # the padding's keys were never written where a step reads
+        step = decoder.step([token] * 3, adapters)
+        prompts = [p + [token] for p in prompts]
+        for row, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+            close(step[row], reference(model, prompt, adapter))
+    close(decoder.prefill(3, [7], "b"), reference(model, [7], "b"))
+
+
+def test_padding_near_the_end_of_the_cache_writes_nothing_a_row_reads(model):
+    """A prompt all but its last token in the prefix cache (start 9 of a 10-position cache, one
+    token) padded beside a new 3-token prompt: its two padding positions lie past the cache."""
+    decoder = Decoder(model, slots=3, capacity=10, dtype=torch.float32, chunk=3)
+    long = ids(10, 28)
+    decoder.prefill(0, long, "a")
+    short = ids(3, 29)
+    logits = decoder.prefill_many([1, 2], [long, short], ["a", "a"])
+    assert decoder.prefix_hits == 9 and decoder.capacity == 10
+    close(logits[0], reference(model, long, "a"))
+    close(logits[1], reference(model, short, "a"))
+    decoder.move(2, 0)
+    decoder.move(1, 2)  # slot 2 now holds the padded row, slot 0 the short one
+    step = decoder.step([5, 5, 5], ["a", "a", "a"])
+    close(step[2], reference(model, long + [5], "a"))
+    close(step[0], reference(model, short + [5], "a"))
+
+
+def test_a_prompt_sharing_a_start_with_another_in_the_same_call_copies_it(model):
+    decoder = Decoder(model, slots=3, dtype=torch.float32)
+    system = ids(20, 24)
+    prompts = [system + ids(3, 25), ids(5, 26), system + ids(4, 27)]
+    logits = decoder.prefill_many([0, 1, 2], prompts, ["a", "a", "a"])
+    assert decoder.prefix_hits == 20  # the third waited for the first, then copied the system prompt
+    for got, prompt in zip(logits, prompts):
+        close(got, reference(model, prompt, "a"))
+    off = Decoder(model, slots=3, dtype=torch.float32, prefix_cache_bytes=0)
+    for got, prompt in zip(off.prefill_many([0, 1, 2], prompts, ["a", "a", "a"]), prompts):
+        close(got, reference(model, prompt, "a"))  # no cache: all three at once
+    assert off.prefix_hits == 0
+
+
 def test_a_moved_row_goes_on_as_itself(model):
     decoder = Decoder(model, slots=3, dtype=torch.float32)
     prompt = ids(6, 9)

@@ -8,9 +8,10 @@ as soon as they end.
     batcher.drop(key)                  # a client that went away
 
 Live rows occupy the decoder's slots 0..n-1 in order, so a decode step reads the cache's first n
-slots as they lie; a row that ends gives its slot to the last row (`Decoder.move`). A new row's
-prompt is prefilled into the next free slot (chunked, from the prefix cache where it can) with
-the weights the batch will step with, and its first token is sampled from the prefill's logits.
+slots as they lie; a row that ends gives its slot to the last row (`Decoder.move`). The rows
+that join at a step are prefilled together into the next free slots (`Decoder.prefill_many`:
+chunked, from the prefix cache where it can) with the weights the batch will step with, and each
+one's first token is sampled from its prefill's logits.
 Each row samples with its own `Sampling` and generator (`lorakit.generation.sampling`), ends at
 EOS, at one of its stop tokens or at ``max_new_tokens`` (the same rule as `generate_batch`),
 and keeps its adapter (None: the base model) for all its steps.
@@ -102,13 +103,15 @@ class Batcher:
             live = self.rows[:stepping]
             logits = self.decoder.step([r.ids[-1] for r in live], [r.adapter for r in live])
             events += self._take(live, logits)
-        joining = [r.adapter for r in self.rows] + [r.adapter for r in self.waiting]  # the batch they make
-        while self.waiting:
-            row = self.waiting.popleft()
-            slot = len(self.rows)
-            self.rows.append(row)
-            logits = self.decoder.prefill(slot, list(row.request.prompt_ids), row.adapter, weights_for=joining)
-            events += self._take([row], logits.unsqueeze(0))
+        if self.waiting:
+            joining = list(self.waiting)
+            self.waiting.clear()
+            slots = list(range(len(self.rows), len(self.rows) + len(joining)))
+            self.rows += joining
+            logits = self.decoder.prefill_many(slots, [list(r.request.prompt_ids) for r in joining],
+                                               [r.adapter for r in joining],
+                                               weights_for=[r.adapter for r in self.rows])  # the batch they make
+            events += self._take(joining, torch.stack(logits))
         return events
 
     def _take(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[Hashable, int, bool]]:

@@ -12,19 +12,23 @@ arithmetic with about 20 operators per layer:
     h     += (silu(gate) * up)(rms_norm(h) @ Wgate_up^T) @ Wdown^T
     logits = rms_norm(h[last]) @ Whead^T
 
-- **Rows are slots**: row i of a step is slot i of the cache. `Decoder.prefill` writes a new
-  row's prompt into its slot in chunks of ``chunk`` tokens (the same kernels; attention within a
-  chunk is causal, and every chunk sees the slot's earlier tokens); `Decoder.step` advances every
-  live slot by one token; `Decoder.move` copies a slot to another (the engine keeps its live rows
-  in slots 0..n-1, so a step reads ``cache[:n]`` without gathering).
+- **Rows are slots**: row i of a step is slot i of the cache. `Decoder.prefill_many` writes new
+  rows' prompts into their slots together, in chunks of at most ``chunk`` tokens a row (the same
+  kernels; attention within a chunk is causal, every chunk sees the slot's earlier tokens; a
+  shorter row's chunk is padded, and the padding's keys go to a scratch position that attention
+  never reads); `Decoder.step` advances every live slot by one token; `Decoder.move` copies a slot
+  to another (the engine keeps its live rows in slots 0..n-1, so a step reads ``cache[:n]``
+  without gathering).
 - **Weights** (`lorakit.generation.weights`): frozen, packed, in ``dtype`` (bf16 where the machine
   multiplies bf16 natively: half the bytes read per token). When every live row uses one adapter,
   that adapter is merged into a packed copy (the model's weights are never written, so switching
   is exact); rows with different adapters run the base weights plus each row's adapter from an
   `AdapterStack` (two batched products per packed weight).
-- **Prefix cache**: a prompt's keys and values are kept (up to ``prefix_cache_bytes``) by adapter
-  and tokens; a later prompt that starts with the same tokens (the same system prompt, a chat's
-  earlier turns) copies them and prefills only the rest.
+- **Prefix cache** (`lorakit.generation.prefix`): a prompt's keys and values are kept (up to
+  ``prefix_cache_bytes``) by adapter and tokens; a later prompt that starts with the same tokens
+  (the same system prompt, a chat's earlier turns) copies them and prefills only the rest. Among prompts prefilled together, one
+  that shares a longer start with an earlier one than the cache holds waits for that one, then
+  copies it.
 
 Residuals, norms and the logits are fp32; in bf16 the products, attention and the cache are bf16.
 In fp32 the decoder gives the model's own logits to rounding (tests/generation/test_decoder.py).
@@ -32,13 +36,12 @@ In fp32 the decoder gives the model's own logits to rounding (tests/generation/t
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 
 from lorakit.errors import ConfigError
 from lorakit.kernels.precision import native_bf16
+from lorakit.generation.prefix import PrefixCache, common_start
 from lorakit.generation.weights import AdapterStack, Packed, RowAdapters, base_model, pack, unsupported
 
 __all__ = ["Decoder", "unsupported", "decode_dtype", "autocast_dtype"]
@@ -64,7 +67,8 @@ class Decoder:
     for at first (the cache grows as rows need, up to the model's ``max_position_embeddings``)."""
 
     def __init__(self, model, *, slots: int = 16, capacity: int = 1024, dtype: torch.dtype | None = None,
-                 chunk: int = 256, prefix_cache_bytes: int = 256 << 20, merge: bool = True):
+                 chunk: int = 256, prefill_tokens: int = 2048, prefix_cache_bytes: int = 256 << 20,
+                 merge: bool = True):
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"the fast decoder does not run this model: {reason}")
@@ -82,6 +86,7 @@ class Decoder:
         self._flash_cpu = self.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
         self.embed = base.model.embed_tokens.weight  # looked up, never copied
         self.slots, self.chunk = slots, chunk
+        self.prefill_tokens = max(prefill_tokens, chunk)  # positions (rows x chunk) in one prefill forward at most
         self.merge = merge  # one adapter for every row: merged into the weights (False: run as A and B products)
         self.max_positions = getattr(config, "max_position_embeddings", None) or capacity
         self.capacity = min(capacity, self.max_positions)
@@ -92,9 +97,7 @@ class Decoder:
         self._packed: dict[str | None, Packed] = {}  # None: the base weights; else one merged adapter
         self._stack: AdapterStack | None = None
         self._rows: tuple[tuple, RowAdapters] | None = None  # the row adapters gathered for a batch's rows
-        self._prefixes: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._prefix_bytes, self.prefix_cache_bytes = 0, prefix_cache_bytes
-        self.prefix_hits = 0  # prompt tokens taken from the prefix cache, since the start
+        self.prefixes = PrefixCache(prefix_cache_bytes)
 
     @torch.inference_mode()
     def reserve(self, length: int) -> None:
@@ -109,16 +112,17 @@ class Decoder:
         self._allocate(min(max(length, 2 * self.capacity), self.max_positions))
 
     def _allocate(self, capacity: int) -> None:
-        """The cache (layers, slots, kv heads, capacity, head_dim), keeping what it holds, and cos
-        and sin for every position (capacity, head_dim) from the model's own rotary embedding (so
-        its scaling rules apply)."""
-        shape = (self._layers, self.slots, self.kv_heads, capacity, self.head_dim)
+        """The cache (layers, slots, kv heads, capacity + 1, head_dim), keeping what it holds (the
+        last position is scratch: a padded chunk's padding is written there and never read), and
+        cos and sin for every position (capacity, head_dim) from the model's own rotary embedding
+        (so its scaling rules apply)."""
+        shape = (self._layers, self.slots, self.kv_heads, capacity + 1, self.head_dim)
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        held = self.keys.shape[3] if self.keys.dim() == 5 else 0
+        held = self.capacity if self.keys.dim() == 5 else 0
         if held:
-            keys[:, :, :, :held] = self.keys
-            values[:, :, :, :held] = self.values
+            keys[:, :, :, :held] = self.keys[:, :, :, :held]
+            values[:, :, :, :held] = self.values[:, :, :, :held]
         self.keys, self.values, self.capacity = keys, values, capacity
         positions = torch.arange(capacity, device=self.device).unsqueeze(0)
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
@@ -150,24 +154,35 @@ class Decoder:
 
     # -- the forward
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, slot0: int, starts: list[int], weights: Packed,
-                rows: RowAdapters | None, last_only: bool = True) -> torch.Tensor:
-        """Rows ``slot0 .. slot0 + n - 1`` take ``ids`` (n, T) at positions ``starts[i] ..
-        starts[i] + T - 1``; their keys and values are written to the cache and the logits
+    def forward(self, ids: torch.Tensor, slots: int | list[int], starts: list[int], weights: Packed,
+                rows: RowAdapters | None, last_only: bool = True, counts: list[int] | None = None) -> torch.Tensor:
+        """Row i of ``ids`` (n, T) is slot ``slots[i]`` (``slots`` an int: slots ``slots .. slots + n
+        - 1``) and takes its first ``counts[i]`` tokens (default all T; the rest is padding) at
+        positions ``starts[i]`` on; their keys and values are written to the cache and the logits
         returned, fp32: (n, V) of each row's last token (``last_only``), else (n, T, V)."""
         n, t = ids.shape
         heads, kvh, hd = self.heads, self.kv_heads, self.head_dim
         group = heads // kvh
-        length = max(starts) + t
+        padded = counts is not None and min(counts) < t
+        length = max(s + c for s, c in zip(starts, counts)) if padded else max(starts) + t
         self.reserve(length)
         start = torch.tensor(starts, device=self.device)
         positions = start.unsqueeze(1) + torch.arange(t, device=self.device)  # (n, T)
-        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (n, T, 1, hd)
+        if padded:
+            real = torch.arange(t, device=self.device) < torch.tensor(counts, device=self.device).unsqueeze(1)
+            positions = torch.where(real, positions, self.capacity)  # padding: the scratch position
+        rope = positions.clamp(max=self.capacity - 1) if padded else positions
+        cos, sin = self.cos[rope].unsqueeze(2), self.sin[rope].unsqueeze(2)  # (n, T, 1, hd)
         mask = self._mask(start, t, length, group)
-        # where each row's new keys go in a layer's cache seen as (slots * kvh * capacity, hd), in k's order (n, T, kvh)
-        slot_index = torch.arange(slot0, slot0 + n, device=self.device).view(n, 1, 1)
+        consecutive = isinstance(slots, int)
+        slot0 = slots if consecutive else slots[0]
+        if not consecutive and list(slots) == list(range(slot0, slot0 + n)):
+            consecutive = True
+        slot_index = torch.arange(slot0, slot0 + n, device=self.device) if consecutive else \
+            torch.tensor(slots, device=self.device)
+        # where each row's new keys go in a layer's cache seen as (slots * kvh * (capacity + 1), hd), in k's order (n, T, kvh)
         head_index = torch.arange(kvh, device=self.device).view(1, 1, kvh)
-        write = ((slot_index * kvh + head_index) * self.capacity + positions.unsqueeze(2)).view(-1)
+        write = ((slot_index.view(n, 1, 1) * kvh + head_index) * (self.capacity + 1) + positions.unsqueeze(2)).view(-1)
         h = F.embedding(ids, self.embed).float()  # (n, T, hidden)
         half = hd // 2
         sin = sin * self._rotate_sign  # rotate_half(x) = roll(x, half) with the first half negated
@@ -182,8 +197,10 @@ class Decoder:
             keys, values = self.keys[index], self.values[index]
             keys.view(-1, hd).index_copy_(0, write, qk[:, :, heads:].reshape(-1, hd))
             values.view(-1, hd).index_copy_(0, write, qkv[:, :, heads + kvh:].reshape(-1, hd))
-            k = keys[slot0:slot0 + n, :, :length]  # (n, kvh, length, hd)
-            v = values[slot0:slot0 + n, :, :length]
+            if consecutive:
+                k, v = keys[slot0:slot0 + n, :, :length], values[slot0:slot0 + n, :, :length]  # (n, kvh, length, hd)
+            else:
+                k, v = keys[:, :, :length].index_select(0, slot_index), values[:, :, :length].index_select(0, slot_index)
             # the query heads that share a key head are that head's queries: (n, kvh, group * T, hd)
             q = qk[:, :, :heads]
             q = q.view(n, kvh, group, hd) if t == 1 else \
@@ -206,7 +223,7 @@ class Decoder:
                 out = rows.add(index, "down", m, out)
             h += out
         if last_only:
-            h = h[:, -1]
+            h = h[torch.arange(n), torch.tensor(counts) - 1] if padded else h[:, -1]
         h = self._normalized(h)
         logits = weights.head(h)
         if rows is not None:
@@ -242,27 +259,70 @@ class Decoder:
         return mask.repeat(1, 1, group, 1)
 
     # -- rows
-    @torch.inference_mode()
     def prefill(self, slot: int, prompt: list[int], adapter: str | None, *, weights_for: list[str | None] | None = None
                 ) -> torch.Tensor:
         """Write ``prompt`` into ``slot`` (its earlier content dropped) and return the logits after
-        its last token (V,), fp32. Tokens the prefix cache holds for ``adapter`` are copied, the
-        rest computed in chunks. ``weights_for``: the adapters of the rows that will step together
-        (so the prefill runs the weights the steps will run)."""
-        self.reserve(len(prompt))
-        weights, rows = self.weights(weights_for or [adapter])
-        single = rows if rows is None else self._stack.rows([adapter], self.device)
-        done = self._from_prefix(slot, prompt, (adapter, weights.merged))
-        self.lengths[slot] = done
-        logits = None
-        while done < len(prompt):
-            piece = prompt[done:done + self.chunk]
-            ids = torch.tensor([piece], device=self.device)
-            logits = self.forward(ids, slot, [done], weights, single)[0]
-            done += len(piece)
-        self.lengths[slot] = done
-        self._remember(slot, prompt, (adapter, weights.merged))
+        its last token (V,), fp32. See `prefill_many`."""
+        return self.prefill_many([slot], [prompt], [adapter], weights_for=weights_for)[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: list[int], prompts: list[list[int]], adapters: list[str | None], *,
+                     weights_for: list[str | None] | None = None) -> list[torch.Tensor]:
+        """Write each prompt into its slot (their earlier content dropped) and return the logits
+        after each one's last token ((V,) each, fp32). Tokens the prefix cache holds for a row's
+        adapter are copied; the rest is computed for all rows together, a chunk of each at a time.
+        A prompt that shares a longer start with an earlier prompt of the call than the cache
+        holds is prefilled after it, from the cache. ``weights_for``: the adapters of the rows that
+        will step together (so the prefill runs the weights the steps will run)."""
+        weights, rows = self.weights(weights_for or list(adapters))
+        keys = [(adapter, weights.merged) for adapter in adapters]
+        for prompt in prompts:
+            self.reserve(len(prompt))
+        logits: list[torch.Tensor | None] = [None] * len(prompts)
+        left = list(range(len(prompts)))
+        while left:
+            now, later = [], []
+            for i in left:  # a prompt waits for an earlier one it shares more with than the cache gives
+                cached = self.prefixes.longest(prompts[i], keys[i])[0]
+                shared = max((common_start(prompts[j], prompts[i]) for j in now if keys[j] == keys[i]), default=0)
+                wait = self.prefixes.limit_bytes > 0 and min(shared, len(prompts[i]) - 1) > cached + self._WORTH_WAITING
+                (later if wait else now).append(i)
+            done = [self._from_prefix(slots[i], prompts[i], keys[i]) for i in now]
+            for i, d in zip(now, done):
+                self.lengths[slots[i]] = d
+            self._compute([slots[i] for i in now], [prompts[i] for i in now], done,
+                          [adapters[i] for i in now], weights, rows, logits, now)
+            for i in now:
+                self.lengths[slots[i]] = len(prompts[i])
+                n = len(prompts[i])
+                self.prefixes.add(keys[i], prompts[i], self.keys[:, slots[i], :, :n], self.values[:, slots[i], :, :n])
+            left = later
         return logits
+
+    _WORTH_WAITING = 16  # tokens: a shorter shared start is computed rather than waited for
+
+    def _compute(self, slots, prompts, done, adapters, weights, rows, logits, where) -> None:
+        """Prefill the prompts from ``done`` on, a chunk a row per forward, as many rows per forward as
+        ``prefill_tokens`` allows; each one's last logits go to ``logits[where[i]]``."""
+        done = list(done)
+        while True:
+            active = [i for i in range(len(prompts)) if done[i] < len(prompts[i])]
+            if not active:
+                return
+            pieces = {i: prompts[i][done[i]:done[i] + self.chunk] for i in active}
+            width = max(len(p) for p in pieces.values())
+            per_forward = max(1, self.prefill_tokens // width)
+            for at in range(0, len(active), per_forward):
+                group = active[at:at + per_forward]
+                ids = torch.tensor([pieces[i] + [0] * (width - len(pieces[i])) for i in group], device=self.device)
+                own = rows if rows is None else self._stack.rows([adapters[i] for i in group], self.device)
+                out = self.forward(ids, [slots[i] for i in group], [done[i] for i in group], weights, own,
+                                   counts=[len(pieces[i]) for i in group])
+                for row, i in enumerate(group):
+                    done[i] += len(pieces[i])
+                    if done[i] == len(prompts[i]):
+                        logits[where[i]] = out[row]
+                    self.lengths[slots[i]] = done[i]
 
     @torch.inference_mode()
     def step(self, tokens: list[int], adapters: list[str | None]) -> torch.Tensor:
@@ -283,51 +343,14 @@ class Decoder:
         self.values[:, target, :, :length] = self.values[:, source, :, :length]
         self.lengths[target] = length
 
-    # -- the prefix cache
+    @property
+    def prefix_hits(self) -> int:
+        """Prompt tokens taken from the prefix cache, since the start."""
+        return self.prefixes.hits
+
     def _from_prefix(self, slot: int, prompt: list[int], key) -> int:
-        """Copy the longest cached prefix of ``prompt`` (one token short of it at most: the last
-        token is always computed, for its logits) into ``slot``; how many tokens it gave."""
-        best, best_entry = 0, None
-        for (owner, tokens), entry in self._prefixes.items():
-            if owner != key:
-                continue
-            same = _common(tokens, prompt)
-            if same > best:
-                best, best_entry = same, ((owner, tokens), entry)
-        best = min(best, len(prompt) - 1)
-        if best <= 0:
-            return 0
-        (entry_key, (k, v)) = best_entry
-        self._prefixes.move_to_end(entry_key)
-        self.keys[:, slot, :, :best] = k[:, :, :best]
-        self.values[:, slot, :, :best] = v[:, :, :best]
-        self.prefix_hits += best
+        """Copy the longest cached prefix of ``prompt`` into ``slot``; how many tokens it gave."""
+        best, name = self.prefixes.longest(prompt, key)
+        if best > 0:
+            self.keys[:, slot, :, :best], self.values[:, slot, :, :best] = self.prefixes.take(name, best)
         return best
-
-    def _remember(self, slot: int, prompt: list[int], key) -> None:
-        if self.prefix_cache_bytes <= 0:
-            return
-        entry_key = (key, tuple(prompt))
-        if entry_key in self._prefixes:
-            self._prefixes.move_to_end(entry_key)
-            return
-        n = len(prompt)
-        k = self.keys[:, slot, :, :n].clone()
-        v = self.values[:, slot, :, :n].clone()
-        size = 2 * k.numel() * k.element_size()
-        if size > self.prefix_cache_bytes:
-            return
-        self._prefixes[entry_key] = (k, v)
-        self._prefix_bytes += size
-        while self._prefix_bytes > self.prefix_cache_bytes:
-            _, (old_k, old_v) = self._prefixes.popitem(last=False)
-            self._prefix_bytes -= 2 * old_k.numel() * old_k.element_size()
-
-
-def _common(a: tuple[int, ...], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

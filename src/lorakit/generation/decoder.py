@@ -26,9 +26,9 @@ arithmetic with about 20 operators per layer:
   `AdapterStack` (two batched products per packed weight).
 - **Prefix cache** (`lorakit.generation.prefix`): a prompt's keys and values are kept (up to
   ``prefix_cache_bytes``) by adapter and tokens; a later prompt that starts with the same tokens
-  (the same system prompt, a chat's earlier turns) copies them and prefills only the rest. Among prompts prefilled together, one
-  that shares a longer start with an earlier one than the cache holds waits for that one, then
-  copies it.
+  (the same system prompt, a chat's earlier turns) copies them and prefills only the rest.
+  Among prompts prefilled together, one that shares a longer start with an earlier one than the
+  cache holds waits for that one, then copies it.
 
 Residuals, norms and the logits are fp32; in bf16 the products, attention and the cache are bf16.
 In fp32 the decoder gives the model's own logits to rounding (tests/generation/test_decoder.py).
@@ -223,7 +223,7 @@ class Decoder:
                 out = rows.add(index, "down", m, out)
             h += out
         if last_only:
-            h = h[torch.arange(n), torch.tensor(counts) - 1] if padded else h[:, -1]
+            h = h[torch.arange(n, device=self.device), torch.tensor(counts, device=self.device) - 1] if padded else h[:, -1]
         h = self._normalized(h)
         logits = weights.head(h)
         if rows is not None:
@@ -293,8 +293,7 @@ class Decoder:
             self._compute([slots[i] for i in now], [prompts[i] for i in now], done,
                           [adapters[i] for i in now], weights, rows, logits, now)
             for i in now:
-                self.lengths[slots[i]] = len(prompts[i])
-                n = len(prompts[i])
+                n = self.lengths[slots[i]] = len(prompts[i])
                 self.prefixes.add(keys[i], prompts[i], self.keys[:, slots[i], :, :n], self.values[:, slots[i], :, :n])
             left = later
         return logits

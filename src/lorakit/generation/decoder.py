@@ -173,7 +173,7 @@ class Decoder:
             positions = torch.where(real, positions, self.capacity)  # padding: the scratch position
         rope = positions.clamp(max=self.capacity - 1) if padded else positions
         cos, sin = self.cos[rope].unsqueeze(2), self.sin[rope].unsqueeze(2)  # (n, T, 1, hd)
-        mask = self._mask(start, t, length, group)
+        mask = None if t == 1 and all(s == length - 1 for s in starts) else self._mask(start, t, length, group)
         consecutive = isinstance(slots, int)
         slot0 = slots if consecutive else slots[0]
         if not consecutive and list(slots) == list(range(slot0, slot0 + n)):
@@ -247,12 +247,10 @@ class Decoder:
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def _mask(self, start: torch.Tensor, t: int, length: int, group: int) -> torch.Tensor | None:
+    def _mask(self, start: torch.Tensor, t: int, length: int, group: int) -> torch.Tensor:
         """(n, 1, group * T, length) True where a query may attend: keys up to its own position (the
-        T queries repeated for each query head of a group). None when no row needs one (one token a
-        row, every row at the full length)."""
-        if t == 1 and bool((start == length - 1).all()):
-            return None
+        T queries repeated for each query head of a group). (`forward` needs none for one token a
+        row, every row at the full length.)"""
         keys = torch.arange(length, device=self.device)
         query = start.unsqueeze(1) + torch.arange(t, device=self.device)  # (n, T)
         mask = (keys.view(1, 1, length) <= query.unsqueeze(2)).unsqueeze(1)  # (n, 1, T, length)

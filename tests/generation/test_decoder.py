@@ -248,3 +248,31 @@ def test_generate_batch_steps_at_most_its_row_limit_and_the_rest_join_as_rows_en
     out = generate_batch(model, None, requests, on_token=lambda i, t: seen[i].append(t))
     assert out == [generate_batch(model, None, [r], fast=False)[0] for r in requests]
     assert [seen[i] for i in range(5)] == out
+
+
+@pytest.fixture
+def no_onednn_packing(monkeypatch):
+    """A CPU whose oneDNN cannot pack a weight (the probe in `weights._onednn` sees it fail)."""
+    from lorakit.generation import weights
+
+    def cannot(*args, **kwargs):
+        raise RuntimeError("could not create a primitive")
+
+    weights._onednn.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", cannot)
+    yield
+    monkeypatch.undo()
+    weights._onednn.cache_clear()
+
+
+def test_where_onednn_cannot_pack_the_products_are_plain_and_the_logits_the_same(model, no_onednn_packing):
+    from lorakit.generation.weights import Matrix
+
+    weight, x = torch.randn(6, 4), torch.randn(2, 4)
+    matrix = Matrix(weight)
+    assert matrix.packed is None and matrix.weight is weight
+    torch.testing.assert_close(matrix(x), x @ weight.T)
+    decoder = Decoder(model, slots=1, dtype=torch.float32)
+    prompt = ids(9, 30)
+    close(decoder.prefill(0, prompt, "a"), reference(model, prompt, "a"))
+    assert decoder._packed["a"].head.packed is None

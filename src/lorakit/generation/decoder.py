@@ -46,6 +46,10 @@ from lorakit.generation.weights import AdapterStack, Packed, RowAdapters, base_m
 
 __all__ = ["Decoder", "unsupported", "decode_dtype", "autocast_dtype"]
 
+_WORTH_WAITING = 16
+"""Tokens: among prompts prefilled together, a shorter start shared with an earlier one than this
+(beyond what the prefix cache holds) is computed again rather than waited for."""
+
 
 def decode_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 where the hardware multiplies bf16 natively (`lorakit.kernels.precision`), else fp32."""
@@ -154,17 +158,18 @@ class Decoder:
 
     # -- the forward
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, slots: int | list[int], starts: list[int], weights: Packed,
+    def forward(self, ids: torch.Tensor, slots: list[int], starts: list[int], weights: Packed,
                 rows: RowAdapters | None, last_only: bool = True, counts: list[int] | None = None) -> torch.Tensor:
-        """Row i of ``ids`` (n, T) is slot ``slots[i]`` (``slots`` an int: slots ``slots .. slots + n
-        - 1``) and takes its first ``counts[i]`` tokens (default all T; the rest is padding) at
-        positions ``starts[i]`` on; their keys and values are written to the cache and the logits
-        returned, fp32: (n, V) of each row's last token (``last_only``), else (n, T, V)."""
+        """Row i of ``ids`` (n, T) is slot ``slots[i]`` and takes its first ``counts[i]`` tokens
+        (default all T; the rest is padding) at positions ``starts[i]`` on; their keys and values
+        are written to the cache and the logits returned, fp32: (n, V) of each row's last token
+        (``last_only``), else (n, T, V)."""
         n, t = ids.shape
         heads, kvh, hd = self.heads, self.kv_heads, self.head_dim
         group = heads // kvh
-        padded = counts is not None and min(counts) < t
-        length = max(s + c for s, c in zip(starts, counts)) if padded else max(starts) + t
+        counts = counts or [t] * n
+        padded = min(counts) < t
+        length = max(s + c for s, c in zip(starts, counts))
         self.reserve(length)
         start = torch.tensor(starts, device=self.device)
         positions = start.unsqueeze(1) + torch.arange(t, device=self.device)  # (n, T)
@@ -174,12 +179,9 @@ class Decoder:
         rope = positions.clamp(max=self.capacity - 1) if padded else positions
         cos, sin = self.cos[rope].unsqueeze(2), self.sin[rope].unsqueeze(2)  # (n, T, 1, hd)
         mask = None if t == 1 and all(s == length - 1 for s in starts) else self._mask(start, t, length, group)
-        consecutive = isinstance(slots, int)
-        slot0 = slots if consecutive else slots[0]
-        if not consecutive and list(slots) == list(range(slot0, slot0 + n)):
-            consecutive = True
-        slot_index = torch.arange(slot0, slot0 + n, device=self.device) if consecutive else \
-            torch.tensor(slots, device=self.device)
+        slot0 = slots[0]
+        consecutive = list(slots) == list(range(slot0, slot0 + n))  # read as a slice, else gathered
+        slot_index = torch.tensor(slots, device=self.device)
         # where each row's new keys go in a layer's cache seen as (slots * kvh * (capacity + 1), hd), in k's order (n, T, kvh)
         head_index = torch.arange(kvh, device=self.device).view(1, 1, kvh)
         write = ((slot_index.view(n, 1, 1) * kvh + head_index) * (self.capacity + 1) + positions.unsqueeze(2)).view(-1)
@@ -283,29 +285,26 @@ class Decoder:
             for i in left:  # a prompt waits for an earlier one it shares more with than the cache gives
                 cached = self.prefixes.longest(prompts[i], keys[i])[0]
                 shared = max((common_start(prompts[j], prompts[i]) for j in now if keys[j] == keys[i]), default=0)
-                wait = self.prefixes.limit_bytes > 0 and min(shared, len(prompts[i]) - 1) > cached + self._WORTH_WAITING
+                wait = self.prefixes.limit_bytes > 0 and min(shared, len(prompts[i]) - 1) > cached + _WORTH_WAITING
                 (later if wait else now).append(i)
             done = [self._from_prefix(slots[i], prompts[i], keys[i]) for i in now]
-            for i, d in zip(now, done):
-                self.lengths[slots[i]] = d
-            self._compute([slots[i] for i in now], [prompts[i] for i in now], done,
-                          [adapters[i] for i in now], weights, rows, logits, now)
-            for i in now:
+            computed = self._compute([slots[i] for i in now], [prompts[i] for i in now], done,
+                                     [adapters[i] for i in now], weights, rows)
+            for i, row_logits in zip(now, computed):
+                logits[i] = row_logits
                 n = self.lengths[slots[i]] = len(prompts[i])
                 self.prefixes.add(keys[i], prompts[i], self.keys[:, slots[i], :, :n], self.values[:, slots[i], :, :n])
             left = later
         return logits
 
-    _WORTH_WAITING = 16  # tokens: a shorter shared start is computed rather than waited for
-
-    def _compute(self, slots, prompts, done, adapters, weights, rows, logits, where) -> None:
+    def _compute(self, slots, prompts, done, adapters, weights, rows) -> list[torch.Tensor]:
         """Prefill the prompts from ``done`` on, a chunk a row per forward, as many rows per forward as
-        ``prefill_tokens`` allows; each one's last logits go to ``logits[where[i]]``."""
-        done = list(done)
+        ``prefill_tokens`` allows; each one's logits after its last token."""
+        done, logits = list(done), [None] * len(prompts)
         while True:
             active = [i for i in range(len(prompts)) if done[i] < len(prompts[i])]
             if not active:
-                return
+                return logits
             pieces = {i: prompts[i][done[i]:done[i] + self.chunk] for i in active}
             width = max(len(p) for p in pieces.values())
             per_forward = max(1, self.prefill_tokens // width)
@@ -318,8 +317,7 @@ class Decoder:
                 for row, i in enumerate(group):
                     done[i] += len(pieces[i])
                     if done[i] == len(prompts[i]):
-                        logits[where[i]] = out[row]
-                    self.lengths[slots[i]] = done[i]
+                        logits[i] = out[row]
 
     @torch.inference_mode()
     def step(self, tokens: list[int], adapters: list[str | None]) -> torch.Tensor:
@@ -327,7 +325,7 @@ class Decoder:
         n = len(tokens)
         weights, rows = self.weights(adapters)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
-        logits = self.forward(ids, 0, self.lengths[:n], weights, rows)
+        logits = self.forward(ids, list(range(n)), self.lengths[:n], weights, rows)
         for i in range(n):
             self.lengths[i] += 1
         return logits

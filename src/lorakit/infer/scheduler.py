@@ -49,8 +49,6 @@ __all__ = ["Scheduler", "Job", "Row", "AdapterChange", "Batch"]
 _STOP = object()
 
 
-
-
 class Scheduler(ContinuousBatching):
     """Owns the model; runs queued jobs in batches on one worker thread (see the module docstring)."""
 
